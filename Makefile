@@ -1,0 +1,29 @@
+# lora_kernels — developer entry points. Everything runs on CPU unless a GPU is present.
+PY ?= python
+export TRITON_INTERPRET ?= 1
+
+.PHONY: install demo test test-gpu bench bench-quick lint check-gpu
+
+install:
+	$(PY) -m pip install -q -e ".[test,peft,plot,progress]"
+
+# The main job: fine-tune, merge and serve adapters on a tiny model (CPU by default).
+demo: install
+	TRITON_INTERPRET=0 $(PY) -m lora_kernels.demo
+
+# CPU suite; Triton kernels run through the interpreter (TRITON_INTERPRET=1).
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --durations=15 tests
+
+# On a GPU machine: the whole suite on CUDA for every backend, results under bench/results/.
+check-gpu:
+	TRITON_INTERPRET=0 $(PY) -m lora_kernels.check --gpu
+
+bench:
+	TRITON_INTERPRET=0 $(PY) -m lora_kernels.bench
+
+bench-quick:
+	TRITON_INTERPRET=0 $(PY) -m lora_kernels.bench --quick
+
+lint:
+	$(PY) -m ruff check lora_kernels tests bench

@@ -1,0 +1,111 @@
+"""Argument checks shared by every op. Each raises ``TypeError``/``ValueError`` naming the argument
+and what was expected, before any kernel reads memory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def float_tensor(name: str, t, **kw) -> torch.Tensor:
+    tensor(name, t, **kw)
+    if t.dtype not in FLOAT_DTYPES and t.dtype != torch.float64:
+        raise TypeError(f"{name} must be float32/float16/bfloat16, got {t.dtype}")
+    return t
+
+
+def shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {tuple(expected)}{hint}, got {tuple(t.shape)}")
+
+
+def same_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"{name} must have dtype {ref.dtype} (like {ref_name}), got {t.dtype}")
+
+
+def same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(
+                f"{name} must be on {ref.device} (like {ref_name}), got {t.device}"
+            )
+
+
+def scalar(name: str, v, *, lo: float | None = None, hi: float | None = None,
+           hi_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
+            v = v.item()
+        else:
+            raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
+    v = float(v)
+    if v != v:
+        raise ValueError(f"{name} must not be NaN")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v}")
+    return v
+
+
+def rank(name: str, r, *, max_rank: int | None = None, what: str = "") -> int:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"{name} must be an int, got {type(r).__name__}")
+    if r < 1:
+        raise ValueError(f"{name} must be >= 1, got {r}")
+    if max_rank is not None and r > max_rank:
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"{name} must be <= {max_rank}{hint}, got {r}")
+    return r
+
+
+def linear_args(x, weight, bias) -> tuple[int, int]:
+    """Check ``x (..., in)``, ``weight (out, in)``, ``bias (out,) | None``; return (in, out)."""
+    float_tensor("x", x, min_ndim=1)
+    float_tensor("weight", weight, ndim=2)
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(
+            f"x must have last dim in_features={in_f} (weight is {tuple(weight.shape)}), "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    same_dtype("x", x, weight=weight)
+    same_device("x", x, weight=weight)
+    if bias is not None:
+        float_tensor("bias", bias, ndim=1)
+        shape("bias", bias, (out_f,), "out_features")
+        same_dtype("x", x, bias=bias)
+        same_device("x", x, bias=bias)
+    return in_f, out_f
+
+
+def lora_factors(lora_A, lora_B, x, in_f: int, out_f: int,
+                 names: tuple[str, str] = ("lora_A", "lora_B")) -> int:
+    """Check ``lora_A (r, in)``, ``lora_B (out, r)`` against x; return r."""
+    na, nb = names
+    float_tensor(na, lora_A, ndim=2)
+    float_tensor(nb, lora_B, ndim=2)
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"{na} must have rank >= 1 rows, got shape {tuple(lora_A.shape)}")
+    shape(na, lora_A, (r, in_f), "(r, in_features)")
+    shape(nb, lora_B, (out_f, r), f"(out_features, r) with r={r} from {na}")
+    same_dtype("x", x, **{na: lora_A, nb: lora_B})
+    same_device("x", x, **{na: lora_A, nb: lora_B})
+    return r

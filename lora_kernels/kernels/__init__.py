@@ -1,0 +1,1 @@
+"""Triton kernels (``@triton.jit`` functions only; launchers live in ``lora_kernels.ops``)."""

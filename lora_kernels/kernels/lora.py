@@ -1,0 +1,140 @@
+"""Triton kernels shared by every "base GEMM + low-rank chain" op.
+
+Two kernels cover the LoRA forward and backward (and, through their LoRA-equivalent factors, NoRA,
+CURLoRA and Deep LoRA):
+
+``gemm_lowrank_kernel``  Y[M, N] = drop?(X)[M, K] @ W[N, K]^T  (+ bias[N])
+                                   (+ scale * mask?(S[M, R] @ Bm[N, R]^T))
+    * forward shrink      S  = drop(x) A^T        X=x,  W=A,    fp32 output, dropout on X loads
+    * forward base+expand y  = x W^T + b + s S B^T X=x,  W=W,    S=S, Bm=B
+    * backward shrink     G  = dy B               X=dy, W=B^T (strided view)
+    * backward dX         dx = dy W + s keep/(1-p) (G A)   X=dy, W=W^T, S=G, Bm=A^T, epilogue mask
+  All strides are passed, so transposed views cost nothing. The rank-r intermediate (S, G) is
+  fp32 and tiny (T*r*4 bytes): it never round-trips HBM in low precision.
+  Design choice (DESIGN.md option 2): S is a separate skinny GEMM. Option 1 (accumulate x A^T in
+  the base K-loop) re-computes x A^T once per N-tile: at T=8192, 4096x4096, r=16, BLOCK_N=128 that
+  is 32 * 2*T*in*r = 34 GFLOP extra (~12% of the 275 GFLOP base), against one extra read of x here
+  (64 MiB bf16, ~20 us at 3 TB/s, ~5% of the ~0.35 ms base GEMM).
+
+``tn_kernel``  O[s, M, N] = sum_{t in split s} L[t, M] * drop?(Rt)[t, N]   (fp32 partials)
+    * dA = s G^T drop(x)   (L=G,  Rt=x, dropout on Rt)
+    * dB = s dy^T S        (L=dy, Rt=S)
+  Split-K over tokens with one partial per split, summed by the launcher: deterministic (no
+  atomics), so seeded runs reproduce bit-for-bit.
+
+Dropout masks are never stored: element (t, k) of x keeps iff rand(seed, t*K + k) >= p, with the
+seed read from a device tensor (no host sync, CUDA-graph safe). Forward and backward evaluate the
+same counter, so they see the same mask.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import keep_mask, mma
+
+
+@triton.jit
+def gemm_lowrank_kernel(
+    X, W, Y, BIAS, S, BM, SEED,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    stride_sm, stride_sr, stride_bn, stride_br,
+    scale, p,
+    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+    DROP_X: tl.constexpr, DROP_EPI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # grouped ordering of output tiles: GROUP_M row-tiles share W tiles in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gsize
+    pid_n = (pid % group) // gsize
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mk = kk < K
+        x = tl.load(X + rm64[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mk[None, :], other=0.0)
+        if DROP_X:
+            # mask only; the 1/(1-p) rescale is applied once to the fp32 accumulator
+            keep = keep_mask(SEED, rm[:, None] * K + kk[None, :], p)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        w = tl.load(W + rn64[None, :] * stride_wn + kk[:, None] * stride_wk,
+                    mask=mask_n[None, :] & mk[:, None], other=0.0)
+        acc = mma(x, w, acc, PRECISION, UPCAST)
+    if DROP_X:
+        acc = acc / (1.0 - p)
+
+    if HAS_LOWRANK:
+        # acc += scale * S[rm, :] @ Bm[rn, :]^T, looping over the rank in BLOCK_R chunks
+        rr = tl.arange(0, BLOCK_R)
+        lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            ri = r0 + rr
+            mr = ri < R
+            s = tl.load(S + rm64[:, None] * stride_sm + ri[None, :] * stride_sr,
+                        mask=mask_m[:, None] & mr[None, :], other=0.0).to(tl.float32)
+            b = tl.load(BM + rn64[None, :] * stride_bn + ri[:, None] * stride_br,
+                        mask=mask_n[None, :] & mr[:, None], other=0.0).to(tl.float32)
+            lr = tl.dot(s, b, lr, input_precision=PRECISION)
+        lr = lr * scale
+        if DROP_EPI:
+            keep = keep_mask(SEED, rm[:, None] * N + rn[None, :], p)
+            lr = tl.where(keep, lr / (1.0 - p), 0.0)
+        acc += lr
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn,
+             acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def tn_kernel(
+    L, RT, O, SEED,
+    T, M, N, tokens_per_split,
+    stride_lt, stride_lm, stride_rt, stride_rn, stride_os, stride_om, stride_on,
+    p,
+    DROP_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rt = tl.arange(0, BLOCK_T)
+    mask_m = rm < M
+    mask_n = rn < N
+    t_start = pid_s * tokens_per_split
+    t_end = tl.minimum(t_start + tokens_per_split, T)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        tt = t0 + rt
+        mt = tt < t_end
+        tt64 = tt.to(tl.int64)
+        lt = tl.load(L + tt64[None, :] * stride_lt + rm[:, None] * stride_lm,
+                     mask=mask_m[:, None] & mt[None, :], other=0.0).to(tl.float32)
+        r = tl.load(RT + tt64[:, None] * stride_rt + rn[None, :] * stride_rn,
+                    mask=mt[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        if DROP_R:
+            keep = keep_mask(SEED, tt[:, None] * N + rn[None, :], p)
+            r = tl.where(keep, r / (1.0 - p), 0.0)
+        acc = tl.dot(lt, r, acc, input_precision=PRECISION)
+    tl.store(O + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on,
+             acc, mask=mask_m[:, None] & mask_n[None, :])

@@ -1,0 +1,61 @@
+"""Shared base of every adapter layer: frozen base weight, merge, LoRA-equivalent factors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AdapterLinear(nn.Module):
+    """``y = x W^T + b + delta(x)``, with ``W`` (out, in) and ``b`` (out,) frozen parameters.
+
+    Subclasses implement :meth:`forward`, :meth:`delta_weight` and (except GLoRA, whose delta
+    is not low-rank) :meth:`as_lora`. ``backend`` is passed to the functional op on every call.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str | None = None):
+        super().__init__()
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D (out, in) tensor, got {getattr(weight, 'shape', weight)}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = (nn.Parameter(bias.detach().clone(), requires_grad=False)
+                     if bias is not None else None)
+        self.backend = backend
+
+    @staticmethod
+    def _check_linear(linear) -> None:
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` weight delta this adapter adds (materialised on request)."""
+        raise NotImplementedError
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """The bias delta (None for methods that leave the bias alone)."""
+        return None
+
+    def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Exact LoRA-equivalent factors ``(lora_A (r, in), lora_B (out, r), scaling)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no low-rank form")
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the delta folded in (zero extra inference cost)."""
+        has_bias = self.bias is not None or self.delta_bias() is not None
+        lin = nn.Linear(self.in_features, self.out_features, bias=has_bias,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        lin.weight.copy_((self.weight.double() + self.delta_weight().double()).to(lin.weight.dtype))
+        if has_bias:
+            b = self.bias.double() if self.bias is not None else torch.zeros(
+                self.out_features, dtype=torch.float64, device=self.weight.device)
+            db = self.delta_bias()
+            if db is not None:
+                b = b + db.double()
+            lin.bias.copy_(b.to(lin.bias.dtype))
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, backend={self.backend!r}")

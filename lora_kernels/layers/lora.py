@@ -1,0 +1,54 @@
+"""``LoRALinear``: PEFT-compatible LoRA layer on the fused :func:`lora_kernels.lora_linear`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import _validate as V
+from ..ops.lora import lora_linear
+from .base import AdapterLinear
+
+
+class LoRALinear(AdapterLinear):
+    """``y = x W^T + b + scaling * dropout(x) A^T B^T``.
+
+    Parameters ``lora_A (r, in)`` (kaiming-uniform, as PEFT) and ``lora_B (out, r)`` (zeros, so the
+    layer starts at the base model); ``scaling = alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA.
+    """
+
+    def __init__(self, weight, bias, r: int, alpha: float = 1.0, dropout: float = 0.0,
+                 use_rslora: bool = False, backend: str | None = None):
+        super().__init__(weight, bias, backend)
+        V.rank("r", r)
+        self.r = r
+        self.alpha = V.scalar("alpha", alpha)
+        self.dropout = V.scalar("dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        w = self.weight
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float = 1.0, dropout: float = 0.0,
+                    use_rslora: bool = False, backend: str | None = None) -> LoRALinear:
+        cls._check_linear(linear)
+        return cls(linear.weight, linear.bias, r, alpha, dropout, use_rslora, backend)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p,
+                           generator=generator, backend=self.backend)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def as_lora(self):
+        return self.lora_A, self.lora_B, self.scaling
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r={self.r}, scaling={self.scaling:g}, dropout={self.dropout}"

@@ -1,0 +1,4 @@
+"""Plain-PyTorch references (run them in float64 on CPU to check every backend).
+
+One submodule per op family: ``reference.lora``, ``reference.variants``, ``reference.serving``.
+"""
