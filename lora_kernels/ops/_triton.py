@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._backend import triton_interpret
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """Output allocation for kernels. With ``LORA_KERNELS_POISON=1`` (set by the test suite) the
+    buffer is filled with NaN, so any element a kernel fails to write shows up in the result."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("LORA_KERNELS_POISON", "0") == "1":
+        t.fill_(float("nan"))
+    return t
 
 
 def next_pow2(n: int) -> int:

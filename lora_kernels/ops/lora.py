@@ -25,9 +25,6 @@ from .. import _validate as V
 from .._backend import resolve_backend
 from . import _triton as TR
 
-_EMPTY = torch.empty(0)
-
-
 # ----------------------------------------------------------------------------- torch reference
 def torch_keep_mask(seed: torch.Tensor, shape, p: float, device) -> torch.Tensor:
     """Reference-path dropout mask (bool, True = keep), regenerated from ``seed``."""
@@ -72,7 +69,7 @@ def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed
 
     M, K = x.shape
     N = w.shape[0]
-    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    y = TR.empty((M, N), out_dtype, x.device)
     if M == 0 or N == 0:
         return y
     R = s.shape[1] if s is not None else 1
@@ -111,7 +108,7 @@ def tn(l, rt, *, seed=None, p=0.0, drop_r=False) -> torch.Tensor:
     per = triton_cdiv(max(T, 1), splits)
     per = triton_cdiv(per, bt) * bt
     splits = triton_cdiv(max(T, 1), per)
-    part = torch.empty((splits, M, N), dtype=torch.float32, device=l.device)
+    part = TR.empty((splits, M, N), torch.float32, l.device)
     grid = (triton_cdiv(M, bm), triton_cdiv(N, bn), splits)
     tn_kernel[grid](
         l, rt, part, seed if seed is not None else part, T, M, N, per,

@@ -1,0 +1,39 @@
+"""Test utilities: relative error against float64, poisoning, non-contiguous copies."""
+
+import torch
+
+from conftest import DEVICE, TOL
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN/inf in out -> inf)."""
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    den = ref.norm().item()
+    return (out - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def assert_close(out, ref, dtype, name="", factor=1.0):
+    err = rel_err(out, ref)
+    tol = TOL[dtype] * factor
+    assert err < tol, f"{name}: rel err {err:.3e} >= {tol:.1e} ({dtype})"
+
+
+def noncontig(t: torch.Tensor) -> torch.Tensor:
+    """Same values, non-contiguous storage (every other column of a wider buffer)."""
+    buf = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    buf[..., ::2] = t
+    out = buf[..., ::2]
+    assert not out.is_contiguous() or t.shape[-1] <= 1
+    return out
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, requires_grad=False):
+    t = (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=DEVICE)
+    return t.requires_grad_(requires_grad)
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan"))
