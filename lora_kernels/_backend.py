@@ -14,7 +14,6 @@ only been compiled, or run through Triton's interpreter, is never picked implici
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -33,13 +32,18 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_ERR: list[str | None] = []  # filled on first use (plain cache: dynamo-traceable)
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:  # reported through triton_available()/the backend error, not hidden
-        return f"{type(e).__name__}: {e}"
-    return None
+    if not _TRITON_ERR:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_ERR.append(None)
+        except ImportError as e:  # reported by triton_available()/the backend error, not hidden
+            _TRITON_ERR.append(f"{type(e).__name__}: {e}")
+    return _TRITON_ERR[0]
 
 
 def triton_available() -> bool:
@@ -48,7 +52,7 @@ def triton_available() -> bool:
 
 
 def cuda_available() -> bool:
-    """Whether the compiled CUDA module ``lora_kernels._C`` imports *and* a CUDA device is usable."""
+    """Whether the compiled module ``lora_kernels._C`` imports *and* a CUDA device is usable."""
     from . import _cuda
 
     return _cuda.module_error() is None and torch.cuda.is_available()
@@ -61,8 +65,7 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
         if env:
             if env not in BACKENDS:
                 raise ValueError(
-                    f"{ENV_VAR}={env!r} is not a backend; expected one of {BACKENDS}"
-                )
+                        f"{ENV_VAR}={env!r} is not a backend; expected one of {BACKENDS}")
             backend = env
     if backend is None:
         if device.type == "cuda":

@@ -6,19 +6,19 @@ is reported as a string (``module_error()``), never as an ImportError at package
 
 from __future__ import annotations
 
-import functools
 import importlib
 
+_CACHE: list = []  # (module | None, error | None), filled on first use
 
-@functools.lru_cache(maxsize=1)
+
 def _load():
-    try:
-        return importlib.import_module("lora_kernels._C"), None
-    except ImportError as e:  # the message is surfaced by module_error() and backend='cuda'
-        return None, (
-            f"the compiled module lora_kernels._C is not built ({e}); build it with nvcc present: "
-            "pip install -e ."
-        )
+    if not _CACHE:
+        try:
+            _CACHE.append((importlib.import_module("lora_kernels._C"), None))
+        except ImportError as e:  # surfaced by module_error() and backend='cuda', not hidden
+            _CACHE.append((None, f"the compiled module lora_kernels._C is not built ({e}); "
+                                 "build it with nvcc present: pip install -e ."))
+    return _CACHE[0]
 
 
 def module():

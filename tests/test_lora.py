@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, TOL, backends
-from helpers import assert_close, noncontig, randn
 
 import lora_kernels as lk
 from lora_kernels.reference import lora as ref
+
+from conftest import DEVICE, DTYPES, TOL, backends
+from helpers import assert_close, noncontig, randn
 
 SHAPES = [  # (T, in, out, r)
     (1, 97, 75, 1),

@@ -16,7 +16,8 @@ class AdapterLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str | None = None):
         super().__init__()
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"weight must be a 2-D (out, in) tensor, got {getattr(weight, 'shape', weight)}")
+            got = getattr(weight, "shape", type(weight).__name__)
+            raise ValueError(f"weight must be a 2-D (out, in) tensor, got {got}")
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = (nn.Parameter(bias.detach().clone(), requires_grad=False)

@@ -29,8 +29,9 @@ class LoRALinear(AdapterLinear):
         self.use_rslora = bool(use_rslora)
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         w = self.weight
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        kw = dict(dtype=w.dtype, device=w.device)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     @classmethod
@@ -51,4 +52,5 @@ class LoRALinear(AdapterLinear):
         return self.lora_A, self.lora_B, self.scaling
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", r={self.r}, scaling={self.scaling:g}, dropout={self.dropout}"
+        return (super().extra_repr()
+                + f", r={self.r}, scaling={self.scaling:g}, dropout={self.dropout}")

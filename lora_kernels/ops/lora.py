@@ -25,6 +25,7 @@ from .. import _validate as V
 from .._backend import resolve_backend
 from . import _triton as TR
 
+
 # ----------------------------------------------------------------------------- torch reference
 def torch_keep_mask(seed: torch.Tensor, shape, p: float, device) -> torch.Tensor:
     """Reference-path dropout mask (bool, True = keep), regenerated from ``seed``."""
@@ -92,11 +93,11 @@ def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed
     return y
 
 
-def tn(l, rt, *, seed=None, p=0.0, drop_r=False) -> torch.Tensor:
-    """Launch ``tn_kernel``: fp32 ``l^T @ drop?(rt)`` for l (T, M), rt (T, N); split-K over T."""
+def tn(lhs, rt, *, seed=None, p=0.0, drop_r=False) -> torch.Tensor:
+    """Launch ``tn_kernel``: fp32 ``lhs^T @ drop?(rt)``, lhs (T, M), rt (T, N); split-K over T."""
     from ..kernels.lora import tn_kernel
 
-    T, M = l.shape
+    T, M = lhs.shape
     N = rt.shape[1]
     if TR.triton_interpret():
         bm, bn, bt, splits = 16 if M <= 16 else 32, 16 if N <= 16 else 32, 32, 2
@@ -108,14 +109,14 @@ def tn(l, rt, *, seed=None, p=0.0, drop_r=False) -> torch.Tensor:
     per = triton_cdiv(max(T, 1), splits)
     per = triton_cdiv(per, bt) * bt
     splits = triton_cdiv(max(T, 1), per)
-    part = TR.empty((splits, M, N), torch.float32, l.device)
+    part = TR.empty((splits, M, N), torch.float32, lhs.device)
     grid = (triton_cdiv(M, bm), triton_cdiv(N, bn), splits)
     tn_kernel[grid](
-        l, rt, part, seed if seed is not None else part, T, M, N, per,
-        l.stride(0), l.stride(1), rt.stride(0), rt.stride(1),
+        lhs, rt, part, seed if seed is not None else part, T, M, N, per,
+        lhs.stride(0), lhs.stride(1), rt.stride(0), rt.stride(1),
         part.stride(0), part.stride(1), part.stride(2), float(p),
         DROP_R=drop_r, BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=bt,
-        PRECISION=TR.dot_precision(l.dtype if l.dtype != torch.float32 else rt.dtype),
+        PRECISION=TR.dot_precision(lhs.dtype if lhs.dtype != torch.float32 else rt.dtype),
     )
     return part.sum(0) if splits > 1 else part[0]
 
