@@ -182,18 +182,19 @@ def lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     """Gradients (dx (T, in), dA (r, in), dB (out, r)); an unneeded one is returned empty."""
     dx, dA, dB = _impl(backend)[1](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed,
                                    need_dx, need_dA, need_dB)
-    e = x.new_empty(0)
-    return (dx if dx is not None else e, dA if dA is not None else e,
-            dB if dB is not None else e)
+    def e():  # an unneeded gradient: a fresh empty tensor (outputs may not alias each other)
+        return x.new_empty(0)
+
+    return (dx if dx is not None else e(), dA if dA is not None else e(),
+            dB if dB is not None else e())
 
 
 @lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, backend, need_dx, need_dA,
       need_dB):
-    e = x.new_empty(0)
-    return (x.new_empty(x.shape) if need_dx else e,
-            lora_A.new_empty(lora_A.shape) if need_dA else e,
-            lora_B.new_empty(lora_B.shape) if need_dB else e)
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            lora_A.new_empty(lora_A.shape if need_dA else (0,)),
+            lora_B.new_empty(lora_B.shape if need_dB else (0,)))
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,48 @@
+"""torch.library registration: opcheck on every registered op and fullgraph torch.compile."""
+
+import pytest
+import torch
+from conftest import DEVICE, backends
+from helpers import randn
+from torch.library import opcheck
+
+import lora_kernels as lk
+
+
+def _lora_args(backend, p):
+    x = randn(5, 12)
+    w, b = randn(7, 12), randn(7)
+    a, bb = randn(3, 12, requires_grad=True), randn(7, 3, requires_grad=True)
+    seed = torch.tensor([5], device=DEVICE) if p > 0 else None
+    return x, w, b, a, bb, 0.5, p, seed, backend
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck_lora(backend, p):
+    args = _lora_args(backend, p)
+    opcheck(torch.ops.lora_kernels.lora_fwd.default, args)
+    x, w, b, a, bb, s, p, seed, be = args
+    dy, S = randn(5, 7), randn(5, 3)
+    for needs in [(True, True, True), (False, True, False), (True, False, False)]:
+        opcheck(torch.ops.lora_kernels.lora_bwd.default,
+                (dy, x, w, a.detach(), bb.detach(), S, s, p, seed, be, *needs))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_compile_fullgraph_lora_layer(backend):
+    torch._dynamo.reset()
+    m = lk.LoRALinear.from_linear(torch.nn.Linear(12, 7), r=4, alpha=8).to(DEVICE)
+    m.backend = backend
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = randn(2, 3, 12)
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y = cm(x)
+    y.square().sum().backward()
+    g = m.lora_A.grad.clone()
+    m.lora_A.grad = None
+    y0 = m(x)
+    y0.square().sum().backward()
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(g, m.lora_A.grad)
