@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, keep=None, dropout_p=0.0):
     """``x W^T + b + scaling * (keep * x / (1-p)) A^T B^T`` with an explicit keep-mask (or None)."""
