@@ -22,6 +22,10 @@ CURLoRA and Deep LoRA):
   Split-K over tokens with one partial per split, summed by the launcher: deterministic (no
   atomics), so seeded runs reproduce bit-for-bit.
 
+``gemm_lowrank_autotuned`` is the same kernel under ``triton.autotune`` (GPU only; the
+interpreter launches the plain kernel with fixed small tiles). ``M_BUCKET`` (next power of two of
+M, capped) is an autotune key only, so a new token count does not re-tune every call.
+
 Dropout masks are never stored: element (t, k) of x keeps iff rand(seed, t*K + k) >= p, with the
 seed read from a device tensor (no host sync, CUDA-graph safe). Forward and backward evaluate the
 same counter, so they see the same mask.
@@ -36,7 +40,7 @@ from .common import keep_mask, mma
 @triton.jit
 def gemm_lowrank_kernel(
     X, W, Y, BIAS, S, BM, SEED,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     stride_sm, stride_sr, stride_bn, stride_br,
     scale, p,
@@ -138,3 +142,33 @@ def tn_kernel(
         acc = tl.dot(lt, r, acc, input_precision=PRECISION)
     tl.store(O + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on,
              acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (a skinny rank-r N, a decode-sized M)."""
+    M, N = named_args["M"], named_args["N"]
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(N))
+            and c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(M))]
+    return keep or configs[-1:]
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+# Candidate tiles (unmeasured on a GPU so far): the usual Hopper/Ampere bf16 GEMM shapes, plus
+# skinny-N tiles for the rank-r shrink and small-M tiles for decode.
+GEMM_CONFIGS = [
+    _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4),
+    _cfg(32, 64, 128, 4, 4), _cfg(128, 32, 128, 4, 4), _cfg(256, 16, 64, 8, 3),
+    _cfg(128, 16, 128, 4, 4), _cfg(64, 16, 256, 4, 3), _cfg(32, 16, 256, 4, 3),
+]
+
+gemm_lowrank_autotuned = triton.autotune(
+    configs=GEMM_CONFIGS,
+    key=["M_BUCKET", "N", "K", "R", "HAS_LOWRANK", "DROP_X", "DROP_EPI"],
+    prune_configs_by={"early_config_prune": _prune},
+)(gemm_lowrank_kernel)

@@ -35,21 +35,11 @@ def upcast(*dtypes: torch.dtype) -> bool:
     return triton_interpret() and torch.bfloat16 in dtypes
 
 
-def gemm_tiles(M: int, N: int, K: int) -> dict:
-    """Tile sizes for ``gemm_lowrank_kernel``.
-
-    Interpreter: the smallest tiles tl.dot accepts (16) keep numpy work per program small.
-    GPU: 128x128x64 / 8 warps / 3 stages is the usual Hopper/Ampere bf16 sweet spot for large
-    GEMMs; skinny N (the rank-r shrink) gets a BLOCK_N just covering r. Not tuned on a GPU yet
-    (no GPU run so far; see README "Status").
-    """
-    if triton_interpret():
-        return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=16 if N <= 16 else 32, BLOCK_K=32,
-                    GROUP_M=4)
-    bm = 64 if M <= 64 else 128
-    bn = min(128, max(16, next_pow2(N)))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8,
-                num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+def interpreter_tiles(M: int, N: int) -> dict:
+    """Fixed tiles for the interpreter: the smallest tl.dot accepts (16), so numpy work per
+    program stays small. On a GPU the kernels are autotuned instead (kernels.lora)."""
+    return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=16 if N <= 16 else 32, BLOCK_K=32,
+                GROUP_M=4)
 
 
 def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

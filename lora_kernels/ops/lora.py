@@ -66,7 +66,7 @@ def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed
 
     x (M, K), w (N, K), s (M, R) fp32, bm (N, R); any strides. Returns (M, N) in ``out_dtype``.
     """
-    from ..kernels.lora import gemm_lowrank_kernel
+    from ..kernels.lora import gemm_lowrank_autotuned, gemm_lowrank_kernel
 
     M, K = x.shape
     N = w.shape[0]
@@ -74,13 +74,19 @@ def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed
     if M == 0 or N == 0:
         return y
     R = s.shape[1] if s is not None else 1
-    cfg = TR.gemm_tiles(M, N, K)
-    grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
+    if TR.triton_interpret():
+        kernel, cfg = gemm_lowrank_kernel, TR.interpreter_tiles(M, N)
+    else:
+        kernel, cfg = gemm_lowrank_autotuned, {}
+
+    def grid(meta):
+        return (triton_cdiv(M, meta["BLOCK_M"]) * triton_cdiv(N, meta["BLOCK_N"]),)
+
     dummy = y
-    gemm_lowrank_kernel[grid](
+    kernel[grid](
         x, w, y, bias if bias is not None else dummy, s if s is not None else dummy,
         bm if bm is not None else dummy, seed if seed is not None else dummy,
-        M, N, K, R,
+        M, N, K, R, min(TR.next_pow2(M), 8192),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
         s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
         bm.stride(0) if bm is not None else 0, bm.stride(1) if bm is not None else 0,
