@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import DEVICE, backends
-from helpers import randn
 from torch.library import opcheck
 
 import lora_kernels as lk
+
+from conftest import DEVICE, backends
+from helpers import randn
 
 
 def _lora_args(backend, p):

@@ -172,3 +172,7 @@ gemm_lowrank_autotuned = triton.autotune(
     key=["M_BUCKET", "N", "K", "R", "HAS_LOWRANK", "DROP_X", "DROP_EPI"],
     prune_configs_by={"early_config_prune": _prune},
 )(gemm_lowrank_kernel)
+
+# GPU tile configs that tests/test_triton_aot.py compiles ahead of time for sm_80/sm_90 (the
+# largest shared-memory footprint and the skinny shrink tile).
+AOT_CONFIGS = {"gemm_lowrank_kernel": [GEMM_CONFIGS[0], GEMM_CONFIGS[-3]]}
