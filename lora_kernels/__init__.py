@@ -6,7 +6,16 @@ Importing this package makes no GPU query and needs no compiled code; the CUDA m
 
 from ._backend import BACKENDS, cuda_available, resolve_backend, triton_available
 from .layers import METHODS, AdapterLinear, LoRALinear
+from .layers.cur import CURLoRALinear
+from .layers.deep import DeepLoRALinear
+from .layers.glora import GLoRALinear
+from .layers.nora import NoRALinear
+from .ops.cur import cur_linear
+from .ops.deep import deep_lora_linear
+from .ops.glora import glora_linear
 from .ops.lora import lora_linear
+from .ops.nora import nora_linear
+from .params import count_trainable, param_table, print_param_table, trainable_params
 
 __version__ = "0.1.0"
 
@@ -19,4 +28,9 @@ __all__ = [
     "lora_linear",
     "resolve_backend",
     "triton_available",
+]
+__all__ += [
+    "CURLoRALinear", "DeepLoRALinear", "GLoRALinear", "NoRALinear", "count_trainable",
+    "cur_linear", "deep_lora_linear", "glora_linear", "nora_linear", "param_table",
+    "print_param_table", "trainable_params",
 ]

@@ -1,0 +1,72 @@
+"""``CURLoRALinear``: CUR decomposition adapter, only the r x r core ``U`` trains."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _validate as V
+from ..ops.cur import _cur_linear, cur_factors, sample_cur_indices
+from .base import AdapterLinear
+
+
+class CURLoRALinear(AdapterLinear):
+    """``y = x W0^T + b + scaling * x (C U R)^T``, ``C = W0[:, col_idx]``, ``R = W0[row_idx, :]``.
+
+    ``col_idx``/``row_idx`` (rank,) int64 are buffers (saved in the state dict, so a checkpoint
+    reloads the same C and R), sampled with replacement from CURLoRA's *inverted* norm
+    probabilities (:func:`lora_kernels.ops.cur.inverted_probabilities`: low-norm columns/rows are
+    likely). C and R are gathered from the frozen ``weight`` (W0) on every call, never stored.
+    ``U (rank, rank)`` is zero-initialised (the layer starts at the base model) and is the only
+    trainable tensor (``rank^2`` parameters). ``scaling = alpha``.
+    """
+
+    def __init__(self, weight, bias, rank: int, alpha: float = 1.0,
+                 generator: torch.Generator | None = None, backend: str | None = None):
+        super().__init__(weight, bias, backend)
+        V.rank("rank", rank, max_rank=min(self.in_features, self.out_features),
+               what="min(in_features, out_features)")
+        self.rank = rank
+        self.alpha = V.scalar("alpha", alpha)
+        self.scaling = self.alpha
+        cols, rows = sample_cur_indices(self.weight, rank, generator)
+        self.register_buffer("col_idx", cols)
+        self.register_buffer("row_idx", rows)
+        w = self.weight
+        self.U = nn.Parameter(torch.zeros(rank, rank, dtype=w.dtype, device=w.device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float = 1.0,
+                    generator: torch.Generator | None = None, backend: str | None = None
+                    ) -> CURLoRALinear:
+        cls._check_linear(linear)
+        return cls(linear.weight, linear.bias, rank, alpha, generator, backend)
+
+    def _indices_key(self):
+        c, r = self.col_idx, self.row_idx
+        return (c.data_ptr(), c._version, c.device, r.data_ptr(), r._version, r.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # indices are bounds-checked (one host sync) only when they changed since the last check:
+        # new tensors (load_state_dict, .to()) or an in-place edit (bumps the tensor's _version)
+        key = None if torch.compiler.is_compiling() else self._indices_key()
+        check = key is not None and key != getattr(self, "_checked_key", None)
+        y = _cur_linear(x, self.weight, self.bias, self.col_idx, self.row_idx, self.U,
+                        self.scaling, self.backend, check)
+        if check:
+            self._checked_key = key
+        return y
+
+    def as_lora(self):
+        """Exact rank-``rank`` factors ``(U W0[row_idx], W0[:, col_idx], scaling)``."""
+        with torch.no_grad():
+            P, Q = cur_factors(self.weight, self.col_idx, self.row_idx, self.U)
+        return P, Q, self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        P, Q, s = self.as_lora()
+        ct = torch.promote_types(P.dtype, torch.float32)
+        return (s * (Q.to(ct) @ P.to(ct))).to(P.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rank={self.rank}, scaling={self.scaling:g}"
