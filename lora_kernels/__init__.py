@@ -5,6 +5,8 @@ Importing this package makes no GPU query and needs no compiled code; the CUDA m
 """
 
 from ._backend import BACKENDS, cuda_available, resolve_backend, triton_available
+from .compose import lora_cosine, rms_cosine, sum_adapters, sum_loras
+from .inject import inject
 from .layers import METHODS, AdapterLinear, LoRALinear
 from .layers.cur import CURLoRALinear
 from .layers.deep import DeepLoRALinear
@@ -14,8 +16,11 @@ from .ops.cur import cur_linear
 from .ops.deep import deep_lora_linear
 from .ops.glora import glora_linear
 from .ops.lora import lora_linear
+from .ops.multi_lora import multi_lora_add_, multi_lora_linear
 from .ops.nora import nora_linear
 from .params import count_trainable, param_table, print_param_table, trainable_params
+from .peft_io import load_peft_adapter, save_peft_adapter
+from .serving import AdapterPool, MultiAdapterModel
 
 __version__ = "0.1.0"
 
@@ -33,4 +38,9 @@ __all__ += [
     "CURLoRALinear", "DeepLoRALinear", "GLoRALinear", "NoRALinear", "count_trainable",
     "cur_linear", "deep_lora_linear", "glora_linear", "nora_linear", "param_table",
     "print_param_table", "trainable_params",
+]
+__all__ += [
+    "AdapterPool", "MultiAdapterModel", "inject", "load_peft_adapter", "lora_cosine",
+    "multi_lora_add_", "multi_lora_linear", "rms_cosine", "save_peft_adapter", "sum_adapters",
+    "sum_loras",
 ]

@@ -1,0 +1,290 @@
+"""PEFT LoRA adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Read with ``safetensors`` only (a pickle-based ``adapter_model.bin`` is refused, never loaded).
+The config is validated field by field against what PEFT (0.13 .. 0.21) writes for a LoRA:
+
+* used: ``peft_type`` (must be ``"LORA"``), ``r``, ``lora_alpha``, ``use_rslora``,
+  ``rank_pattern``, ``alpha_pattern`` (PEFT's matching rule: pattern ``p`` applies to module
+  ``m`` when ``re.match(rf"(.*\\.)?({p})$", m)``; first match wins);
+* metadata / training-time only, ignored: see :data:`IGNORED_FIELDS` (the weights file, not
+  ``target_modules``, says which modules have an adapter);
+* fields that change what the adapter computes and that we do not implement must be unset
+  (None / False / empty / their default): see :data:`UNSUPPORTED_FIELDS`; e.g. DoRA, biases,
+  ``fan_in_fan_out`` (GPT-2 Conv1D layout), ``modules_to_save``, embedding LoRA, init methods that
+  rewrite the base weights (PiSSA, OLoRA, LoftQ, CorDA);
+* any other field is refused (``ValueError`` naming it): it may change the adapter's meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from . import _validate as V
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PREFIX = "base_model.model."
+
+USED_FIELDS = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"}
+IGNORED_FIELDS = {
+    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "megatron_core", "qalora_group_size", "init_lora_weights",
+    "ensure_weight_tying", "eva_config", "lora_ga_config",
+}
+# field -> the values that mean "not used"
+UNSUPPORTED_FIELDS = {
+    "fan_in_fan_out": (False, None),
+    "bias": ("none", None),
+    "use_dora": (False, None),
+    "modules_to_save": (None, []),
+    "layer_replication": (None, []),
+    "lora_bias": (False, None),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "use_qalora": (False, None),
+    "alora_invocation_tokens": (None, []),
+    "megatron_config": (None, {}),
+    "loftq_config": (None, {}),
+    "corda_config": (None, {}),
+    "velora_config": (None, {}),
+    "monteclora_config": (None, {}),
+    "arrow_config": (None, {}),
+    "kasa_config": (None, {}),
+    "use_bdlora": (None, False),
+}
+# init_lora_weights values that leave the base model untouched (others rewrite the base weights,
+# so the adapter only makes sense on a modified base model)
+SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<which>A|B)\.weight$")
+
+
+def _is_unset(v, allowed) -> bool:
+    return any(v is a or (type(v) is type(a) and v == a) for a in allowed)
+
+
+def validate_config(cfg) -> dict:
+    """Check a parsed ``adapter_config.json``; return it. ``ValueError``/``TypeError`` naming the
+    offending field otherwise."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{CONFIG_NAME} must hold a JSON object, got {type(cfg).__name__}")
+    pt = cfg.get("peft_type")
+    if pt != "LORA":
+        raise ValueError(f"{CONFIG_NAME}: peft_type must be 'LORA' (only LoRA adapters are "
+                         f"supported), got {pt!r}")
+    unknown = sorted(set(cfg) - USED_FIELDS - IGNORED_FIELDS - set(UNSUPPORTED_FIELDS))
+    if unknown:
+        raise ValueError(f"{CONFIG_NAME}: unknown field(s) {unknown}: refusing to guess what "
+                         "they change (a newer PEFT feature?)")
+    for f, unset in UNSUPPORTED_FIELDS.items():
+        if f in cfg and not _is_unset(cfg[f], unset):
+            raise ValueError(f"{CONFIG_NAME}: {f}={cfg[f]!r} is not supported (must be one of "
+                             f"{list(unset)})")
+    init = cfg.get("init_lora_weights", True)
+    if not any(init is s or (isinstance(init, str) and init == s) for s in SAFE_INITS):
+        raise ValueError(f"{CONFIG_NAME}: init_lora_weights={init!r} rewrites the base model's "
+                         f"weights, which this loader does not do (supported: {list(SAFE_INITS)})")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{CONFIG_NAME}: r must be a positive int, got {r!r}")
+    alpha = cfg.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{CONFIG_NAME}: lora_alpha must be a finite number, got {alpha!r}")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise ValueError(f"{CONFIG_NAME}: use_rslora must be a bool, got {cfg['use_rslora']!r}")
+    for f, num in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        pat = cfg.get(f) or {}
+        if not isinstance(pat, dict):
+            raise ValueError(f"{CONFIG_NAME}: {f} must be an object, got {type(pat).__name__}")
+        for k, v in pat.items():
+            if isinstance(v, bool) or not isinstance(v, num) or (f == "rank_pattern" and v < 1):
+                raise ValueError(f"{CONFIG_NAME}: {f}[{k!r}] must be a positive number, got {v!r}")
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ValueError(f"{CONFIG_NAME}: {f} key {k!r} is not a valid regex: "
+                                 f"{e}") from None
+    return cfg
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``(.*\\.)?(p)$`` matching."""
+    for key, v in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return v
+    return default
+
+
+def read_config(path) -> dict:
+    """Read and validate ``path/adapter_config.json``."""
+    fn = os.path.join(os.fspath(path), CONFIG_NAME)
+    if not os.path.isfile(fn):
+        raise ValueError(f"path {os.fspath(path)!r} has no {CONFIG_NAME}")
+    try:
+        with open(fn, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{fn} is not valid JSON: {e}") from None
+    return validate_config(cfg)
+
+
+def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -> dict:
+    """Load a PEFT LoRA directory as ``{module name: (lora_A (r, in), lora_B (out, r), scaling)}``.
+
+    Module names are the base model's (PEFT's ``base_model.model.`` prefix stripped), so they
+    match ``model.named_modules()`` of the model the adapter was trained on. ``scaling`` is
+    ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) with ``rank_pattern`` / ``alpha_pattern``
+    applied per module. Tensors are read with safetensors only; ``dtype`` converts them.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if dtype is not None and dtype not in V.FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"dtype must be a float dtype or None, got {dtype}")
+    cfg = read_config(path)
+    wfn = os.path.join(os.fspath(path), WEIGHTS_NAME)
+    if not os.path.isfile(wfn):
+        pick = [n for n in PICKLE_NAMES if os.path.isfile(os.path.join(os.fspath(path), n))]
+        if pick:
+            raise ValueError(f"path {os.fspath(path)!r} holds only {pick[0]} (a pickle file, which "
+                             f"is never loaded): re-save it as {WEIGHTS_NAME} "
+                             "(PEFT: save_pretrained(..., safe_serialization=True))")
+        raise ValueError(f"path {os.fspath(path)!r} has no {WEIGHTS_NAME}")
+    try:
+        tensors = load_file(wfn, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{wfn} is not a valid safetensors file: {e}") from None
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            what = ("DoRA magnitude" if "lora_magnitude_vector" in key else
+                    "embedding LoRA" if "lora_embedding" in key else
+                    "LoRA bias" if re.search(r"\.lora_B\.bias$", key) else "unexpected tensor")
+            raise ValueError(f"{wfn}: tensor {key!r} ({what}) is not supported; only "
+                             "'<module>.lora_A.weight' / '<module>.lora_B.weight' are")
+        mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
+        factors.setdefault(mod, {})[m["which"]] = t
+    if not factors:
+        raise ValueError(f"{wfn} holds no LoRA tensors")
+    out = {}
+    for mod, ab in factors.items():
+        if set(ab) != {"A", "B"}:
+            miss = "lora_B" if "A" in ab else "lora_A"
+            raise ValueError(f"{wfn}: module {mod!r} has no {miss}.weight")
+        A, B = ab["A"], ab["B"]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"{wfn}: module {mod!r} has lora_A {tuple(A.shape)} and lora_B "
+                             f"{tuple(B.shape)}; expected (r, in) and (out, r)")
+        if not (A.is_floating_point() and B.is_floating_point()):
+            raise ValueError(f"{wfn}: module {mod!r} factors must be floating point, got "
+                             f"{A.dtype}/{B.dtype}")
+        r = _pattern_value(cfg.get("rank_pattern") or {}, mod, cfg["r"])
+        if A.shape[0] != r:
+            raise ValueError(f"{wfn}: module {mod!r} has rank {A.shape[0]} but the config says "
+                             f"r={r}")
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, mod, cfg.get("lora_alpha", 8))
+        scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora", False) else r)
+        A = A.to(device=device, dtype=dtype or A.dtype)
+        B = B.to(device=device, dtype=dtype or B.dtype)
+        out[mod] = (A, B, float(scaling))
+    return out
+
+
+def adapter_dict(model: nn.Module) -> dict:
+    """``{module name: as_lora()}`` of every adapter layer of ``model`` (LoRA-equivalent factors,
+    so NoRA/CURLoRA/Deep LoRA export as plain LoRA); ``ValueError`` for a layer without one."""
+    from .layers import AdapterLinear
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, AdapterLinear):
+            try:
+                A, B, s = mod.as_lora()
+            except NotImplementedError:
+                raise ValueError(f"module {name!r} ({type(mod).__name__}) has no LoRA form and "
+                                 "cannot be saved as a PEFT LoRA adapter") from None
+            out[name] = (A.detach(), B.detach(), float(s))
+    return out
+
+
+def _patterns(values: dict, default) -> dict:
+    """Per-module overrides for PEFT's ``rank_pattern``/``alpha_pattern``. A key ``p`` also
+    matches every module named ``*.p``, so such modules are listed too, and keys go longest first
+    (PEFT takes the first match): each module then matches its own key first."""
+    keys = {n for n, v in values.items() if v != default}
+    keys |= {m for m in values for p in keys if m.endswith("." + p)}
+    return {n: values[n] for n in sorted(keys, key=lambda n: (-len(n), n))}
+
+
+def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+    """Write ``path/adapter_config.json`` + ``path/adapter_model.safetensors`` loadable by
+    ``peft.PeftModel.from_pretrained(base_model, path)`` (and :func:`load_peft_adapter`).
+
+    ``model_or_dict``: a model whose adapter layers are saved (module names are its
+    ``named_modules()`` names, so save the model as PEFT would see it: the same class PEFT wraps)
+    or ``{module name: (lora_A, lora_B, scaling)}``. Ranks and scalings may differ per module:
+    ``r``/``lora_alpha`` are the most common ones and the others go in ``rank_pattern`` /
+    ``alpha_pattern`` keyed by full module name (``lora_alpha = scaling * r``). The factors are
+    stored unchanged (``dtype`` converts them), so PEFT computes exactly our delta.
+    """
+    from safetensors.torch import save_file
+
+    if isinstance(model_or_dict, nn.Module):
+        ad = adapter_dict(model_or_dict)
+        if not ad:
+            raise ValueError("model_or_dict: the model has no adapter layers to save")
+    elif isinstance(model_or_dict, Mapping):
+        ad = dict(model_or_dict)
+        if not ad:
+            raise ValueError("model_or_dict: the adapter dict is empty")
+    else:
+        raise TypeError(f"model_or_dict must be an nn.Module or a dict, got "
+                        f"{type(model_or_dict).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if dtype is not None and dtype not in V.FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"dtype must be a float dtype or None, got {dtype}")
+    from .compose import _factors
+
+    tensors, ranks, alphas = {}, {}, {}
+    for name, entry in ad.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"model_or_dict keys must be module names, got {name!r}")
+        A, B, s = _factors(f"model_or_dict[{name!r}]", entry)
+        if not math.isfinite(s):
+            raise ValueError(f"model_or_dict[{name!r}]: scaling must be finite, got {s}")
+        r = A.shape[0]
+        ranks[name], alphas[name] = r, s * r
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.detach().to(
+            "cpu", dtype or A.dtype).contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.detach().to(
+            "cpu", dtype or B.dtype).contiguous()
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    a0 = Counter(alphas.values()).most_common(1)[0][0]
+    cfg = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": r0, "lora_alpha": a0, "use_rslora": False,
+        "rank_pattern": _patterns(ranks, r0), "alpha_pattern": _patterns(alphas, a0),
+        "target_modules": sorted(ad), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    os.makedirs(os.fspath(path), exist_ok=True)
+    save_file(tensors, os.path.join(os.fspath(path), WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(os.fspath(path), CONFIG_NAME), "w", encoding="utf-8") as f:
+        # not sort_keys: the order of the pattern keys matters (PEFT takes the first match)
+        json.dump(dict(sorted(cfg.items())), f, indent=2)
