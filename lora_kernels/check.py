@@ -1,0 +1,132 @@
+"""``python -m lora_kernels.check --gpu``: the whole test suite on the GPU, for every backend.
+
+Runs ``pytest tests`` with ``LORA_KERNELS_TEST_DEVICE=cuda`` and ``TRITON_INTERPRET=0`` (the suite
+parametrises over every backend runnable on the device: torch, triton, and cuda when the compiled
+module is present), reads pytest's junit XML, and writes
+``bench/results/check-<device-slug>.json`` (device name, versions, counts, every test's outcome,
+duration and failure message) and prints a summary. Optional extra passes re-run the suite with
+``LORA_KERNELS_BACKEND`` set (``--env-backends triton,cuda``), so that code paths taking the default
+backend run on those kernels too.
+
+Without a usable CUDA device it exits with status 2 and says so; it never falls back to CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+
+def parse_junit(path: Path) -> list[dict]:
+    """Per-test results from a pytest junit XML file."""
+    root = ET.parse(path).getroot()
+    out = []
+    for tc in root.iter("testcase"):
+        outcome, message = "passed", None
+        for tag in ("failure", "error", "skipped"):
+            el = tc.find(tag)
+            if el is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                message = (el.get("message") or el.text or "")[:500]
+                break
+        out.append({"test": f"{tc.get('classname', '')}::{tc.get('name', '')}",
+                    "outcome": outcome, "time_s": float(tc.get("time") or 0.0),
+                    "message": message})
+    return out
+
+
+def run_pass(label: str, extra_env: dict, args, repo: Path) -> dict:
+    env = dict(os.environ)
+    env.update(LORA_KERNELS_TEST_DEVICE="cuda", TRITON_INTERPRET="0", **extra_env)
+    with tempfile.TemporaryDirectory() as td:
+        xml = Path(td) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", str(repo / "tests"), "-q", "-p", "no:cacheprovider",
+               f"--junitxml={xml}", "-o", "junit_family=xunit2", *args.pytest_args]
+        if args.workers > 1:
+            cmd += ["-n", str(args.workers)]
+        print(f"\n== pass {label}: {' '.join(cmd)}\n   env: LORA_KERNELS_TEST_DEVICE=cuda "
+              f"TRITON_INTERPRET=0 {' '.join(f'{k}={v}' for k, v in extra_env.items())}",
+              flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=repo, env=env)
+        tests = parse_junit(xml) if xml.exists() else []
+    counts: dict[str, int] = {}
+    for t in tests:
+        counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+    return {"label": label, "env": extra_env, "returncode": proc.returncode,
+            "wall_s": round(time.time() - t0, 1), "counts": counts, "tests": tests}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lora_kernels.check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="run the suite on the CUDA device")
+    ap.add_argument("--out", default="bench/results", help="results folder")
+    ap.add_argument("--env-backends", default="",
+                    help="extra passes with LORA_KERNELS_BACKEND set, e.g. triton,cuda")
+    ap.add_argument("--workers", type=int, default=1, help="pytest-xdist workers (default 1)")
+    ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = ap.parse_args(argv)
+    if not args.gpu:
+        ap.error("nothing to do: pass --gpu (the CPU suite is `make test`)")
+    if not torch.cuda.is_available():
+        print("lora_kernels.check --gpu: no CUDA device is usable here "
+              f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, "
+              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); nothing was run. "
+              "Run it on a machine with an NVIDIA GPU; on CPU use `make test`.", file=sys.stderr)
+        return 2
+
+    import lora_kernels
+    from lora_kernels.bench.harness import device_info
+
+    repo = Path(__file__).resolve().parents[1]
+    info = device_info(torch.device("cuda"))
+    info["cuda_module"] = {"available": lora_kernels.cuda_available()}
+    passes = [run_pass("default", {}, args, repo)]
+    for be in [b.strip() for b in args.env_backends.split(",") if b.strip()]:
+        if be == "cuda" and not lora_kernels.cuda_available():
+            passes.append({"label": "LORA_KERNELS_BACKEND=cuda", "skipped":
+                           "lora_kernels._C not built/usable", "counts": {}, "tests": []})
+            continue
+        passes.append(run_pass(f"LORA_KERNELS_BACKEND={be}", {"LORA_KERNELS_BACKEND": be},
+                               args, repo))
+    ok = all(p.get("skipped") or (p["returncode"] == 0 and p["counts"].get("passed"))
+             for p in passes)
+    doc = {"device": info["name"], "device_info": info, "versions": info["versions"],
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "ok": bool(ok), "passes": passes}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"check-{info['slug']}.json"
+    path.write_text(json.dumps(doc, indent=1))
+
+    print(f"\n== lora_kernels.check on {info['name']} (torch {info['versions']['torch']}, "
+          f"triton {info['versions']['triton']}, CUDA {info['versions']['cuda']}, "
+          f"_C {'yes' if lora_kernels.cuda_available() else 'no'})")
+    for p in passes:
+        if p.get("skipped"):
+            print(f"  {p['label']:<30} skipped: {p['skipped']}")
+            continue
+        c = p["counts"]
+        print(f"  {p['label']:<30} passed {c.get('passed', 0)}, failed {c.get('failed', 0)}, "
+              f"errors {c.get('error', 0)}, skipped {c.get('skipped', 0)}  ({p['wall_s']} s, "
+              f"pytest rc {p['returncode']})")
+        for t in p["tests"]:
+            if t["outcome"] in ("failed", "error"):
+                print(f"    {t['outcome'].upper()}: {t['test']}: {(t['message'] or '')[:160]}")
+    print(f"results: {path}\n{'ALL PASSED' if ok else 'FAILURES'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
