@@ -415,6 +415,8 @@ def _glora_forward(m, x, L):
             sup[k] = (L(getattr(m, f"{k}_down")), L(getattr(m, f"{k}_up")))
         elif f == "none":
             sup[k] = None
+        elif f == "scalar":  # stored (1,) for FSDP2, passed 0-d
+            sup[k] = L(getattr(m, k)).reshape(())
         else:
             sup[k] = L(getattr(m, k))
     bias = L.once(m.bias)
@@ -422,6 +424,8 @@ def _glora_forward(m, x, L):
         if bias is None and m.bias is not None:
             bias = torch.zeros(m.out_features, dtype=x.dtype, device=x.device)
         sup["E"] = L.once(getattr(m, "E", None)) if m.config["E"] != "none" else None
+        if sup["E"] is not None and m.config["E"] == "scalar":
+            sup["E"] = sup["E"].reshape(())
     return glora_linear(x, L(m.weight), bias, **sup, backend=m.backend)
 
 

@@ -119,11 +119,7 @@ def _launch(world: int, outdir: str, names: list[str] | None = None) -> dict:
 
 # Known limitations outside this package, as strict xfails: scenario -> (error text, reason).
 # The test fails if the scenario passes (remove the entry) or fails any other way.
-KNOWN = {
-    "fsdp_glora_v": ("fully_shard doesn't support scalar parameters",
-                     "torch FSDP2 rejects 0-d parameters; GLoRALinear stores scalar supports "
-                     "as shape () (storing them as (1,) would lift this)"),
-}
+KNOWN: dict[str, tuple[str, str]] = {}
 
 
 def _check(res: dict, name: str) -> None:

@@ -63,7 +63,9 @@ class GLoRALinear(AdapterLinear):
     ``config`` picks each support's form (:data:`FORMS`, default :data:`DEFAULT_CONFIG`). The
     trainable parameters are named ``A_down (out, r)`` / ``A_up (r, in)`` for a low-rank A (same
     for B; C: ``C_down (in, r)``, ``C_up (r, 1)``) and ``A`` (``()`` or ``(out,)``; C: ``(in,)``)
-    for scalar/vector forms. Init: every "down" factor, vector and scalar is zero (the layer
+    for scalar/vector forms; a scalar support is stored as shape ``(1,)`` (FSDP2's ``fully_shard``
+    refuses 0-d parameters) and passed to :func:`glora_linear` as a 0-d view. Init: every "down"
+    factor, vector and scalar is zero (the layer
     starts exactly at the base model); "up" factors are kaiming-uniform like PEFT's lora_A.
     ``merged()`` folds everything into a plain ``nn.Linear``; there is no ``as_lora()`` (``W*A``
     is not low-rank).
@@ -90,7 +92,7 @@ class GLoRALinear(AdapterLinear):
             elif f == "vector":
                 setattr(self, k, nn.Parameter(torch.zeros(i if k == "C" else o, **kw)))
             elif f == "scalar":
-                setattr(self, k, nn.Parameter(torch.zeros((), **kw)))
+                setattr(self, k, nn.Parameter(torch.zeros(1, **kw)))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, config: dict | None = None,
@@ -106,6 +108,8 @@ class GLoRALinear(AdapterLinear):
                 out[k] = (getattr(self, f"{k}_down"), getattr(self, f"{k}_up"))
             elif f == "none":
                 out[k] = None
+            elif f == "scalar":
+                out[k] = getattr(self, k).reshape(())
             else:
                 out[k] = getattr(self, k)
         return out
