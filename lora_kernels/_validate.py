@@ -95,6 +95,31 @@ def linear_args(x, weight, bias) -> tuple[int, int]:
     return in_f, out_f
 
 
+_ALL_FLOATS = frozenset((*FLOAT_DTYPES, torch.float64))
+
+
+def lora_args(x, weight, bias, lora_A, lora_B) -> tuple[int, int]:
+    """:func:`linear_args` + :func:`lora_factors` for the common valid case in one expression
+    (~4 us instead of ~25 us on a 2-core CPU: the per-call cost of a decode-size layer); any
+    failed condition falls back to the detailed checks, which raise the precise error."""
+    T = torch.Tensor
+    if (isinstance(x, T) and isinstance(weight, T) and isinstance(lora_A, T)
+            and isinstance(lora_B, T) and (bias is None or isinstance(bias, T))):
+        dt, dev = x.dtype, x.device
+        ws, As, Bs = weight.shape, lora_A.shape, lora_B.shape
+        if (dt in _ALL_FLOATS and len(ws) == 2 and len(As) == 2 and len(Bs) == 2
+                and x.dim() >= 1 and x.shape[-1] == ws[1] and As[1] == ws[1] and As[0] >= 1
+                and Bs[0] == ws[0] and Bs[1] == As[0]
+                and weight.dtype == dt and lora_A.dtype == dt and lora_B.dtype == dt
+                and weight.device == dev and lora_A.device == dev and lora_B.device == dev
+                and (bias is None or (bias.shape == ws[:1] and bias.dtype == dt
+                                      and bias.device == dev))):
+            return ws[1], ws[0]
+    in_f, out_f = linear_args(x, weight, bias)
+    lora_factors(lora_A, lora_B, x, in_f, out_f)
+    return in_f, out_f
+
+
 def lora_factors(lora_A, lora_B, x, in_f: int, out_f: int,
                  names: tuple[str, str] = ("lora_A", "lora_B")) -> int:
     """Check ``lora_A (r, in)``, ``lora_B (out, r)`` against x; return r."""

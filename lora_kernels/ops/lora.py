@@ -37,25 +37,27 @@ def torch_keep_mask(seed: torch.Tensor, shape, p: float, device) -> torch.Tensor
 def _torch_fwd(x2, weight, bias, A, B, scaling, p, seed):
     xd = x2 if p == 0.0 else x2 * torch_keep_mask(seed, x2.shape, p, x2.device) / (1.0 - p)
     s = F.linear(xd, A)
-    y = torch.addmm(F.linear(x2, weight, bias), s, B.t(), alpha=scaling)
+    # in place on the fresh base output: one (T, out) buffer, scaling folded into addmm's alpha
+    y = F.linear(x2, weight, bias).addmm_(s, B.t(), alpha=scaling)
     return y, s.float()
 
 
 def _torch_bwd(dy, x2, weight, A, B, s, scaling, p, seed, need_dx, need_dA, need_dB):
+    # scaling is applied to the small (T, r) operands only: no extra pass over (T, in|out)
     dx = dA = dB = None
     keep = None if p == 0.0 else torch_keep_mask(seed, x2.shape, p, x2.device)
     if need_dx or need_dA:
-        g = dy @ B
+        gs = (dy @ B).mul_(scaling)                                   # s * G (T, r)
     if need_dx:
-        lr = (g @ A) * scaling
-        if keep is not None:
-            lr = lr * keep / (1.0 - p)
-        dx = torch.addmm(lr, dy, weight)
+        if keep is None:
+            dx = torch.mm(dy, weight).addmm_(gs, A)
+        else:
+            dx = torch.mm(dy, weight).add_((gs @ A) * keep, alpha=1.0 / (1.0 - p))
     if need_dA:
         xd = x2 if keep is None else x2 * keep / (1.0 - p)
-        dA = (g.t() @ xd) * scaling
+        dA = gs.t() @ xd
     if need_dB:
-        dB = (dy.t() @ s.to(dy.dtype)) * scaling
+        dB = dy.t() @ (s * scaling).to(dy.dtype)
     return dx, dA, dB
 
 
@@ -270,8 +272,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
     Returns:
         ``(..., out)`` in x's dtype; gradients flow to every input that requires them.
     """
-    in_f, out_f = V.linear_args(x, weight, bias)
-    V.lora_factors(lora_A, lora_B, x, in_f, out_f)
+    in_f, out_f = V.lora_args(x, weight, bias, lora_A, lora_B)
     scaling = V.scalar("scaling", scaling)
     p = V.scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -280,10 +281,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
     if be != "torch" and x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
     seed = TR.draw_seed(generator, x.device) if p > 0.0 else None
-    x2 = x.reshape(-1, in_f)
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)  # 2-D: no view node in the autograd graph
     if torch.compiler.is_compiling():
         y, _ = torch.ops.lora_kernels.lora_fwd(x2, weight, bias, lora_A, lora_B, scaling, p, seed,
                                                be)
     else:
         y = LoRAFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, p, seed, be)
-    return y.reshape(*x.shape[:-1], out_f)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
