@@ -47,6 +47,27 @@ def _adapter_name(name) -> str:
     return name
 
 
+@torch.library.custom_op("lora_kernels::check_ids", mutates_args=())
+def _check_ids_op(ids: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """``ids`` copied to ``ranks``' device after checking each is -1 or a slot with a nonzero
+    rank (``ValueError`` otherwise): the validation :meth:`AdapterPool.check_ids` runs under
+    ``torch.compile``, where a data-dependent ``if`` would break the graph."""
+    maxa = ranks.shape[0]
+    clamped = ids.clamp(0, maxa - 1).long().to(ranks.device)
+    bad = ((ids < -1) | (ids >= maxa)).to(ranks.device)
+    free = (ids.to(ranks.device) >= 0) & ~bad & (ranks[clamped] == 0)
+    if bool((bad | free).any()):
+        t = int((bad | free).nonzero()[0, 0])
+        raise ValueError(f"adapter_ids[{t}] = {int(ids[t])} is not -1 or a loaded slot of the "
+                         f"pool (max_adapters={maxa})")
+    return ids.to(ranks.device, copy=True)
+
+
+@_check_ids_op.register_fake
+def _(ids, ranks):
+    return torch.empty_like(ids, device=ranks.device)
+
+
 class AdapterPool:
     """Stacked storage for up to ``max_adapters`` LoRA adapters of one ``in -> out`` layer.
 
@@ -158,6 +179,8 @@ class AdapterPool:
             raise ValueError(f"{name} must have shape ({num_tokens},) (one id per token of x), "
                              f"got {tuple(ids.shape)}")
         maxa = self.max_adapters
+        if torch.compiler.is_compiling():  # data-dependent: checked inside one opaque op
+            return torch.ops.lora_kernels.check_ids(ids, self.ranks)
         if ids.device.type == "cpu":
             bad = (ids < -1) | (ids >= maxa)
             used = ids >= 0

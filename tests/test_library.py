@@ -47,3 +47,26 @@ def test_compile_fullgraph_lora_layer(backend):
     y0.square().sum().backward()
     torch.testing.assert_close(y, y0)
     torch.testing.assert_close(g, m.lora_A.grad)
+
+
+# every registered op -> the test that runs torch.library.opcheck on it
+OPCHECKED = {
+    "lora_kernels::lora_fwd": "test_library.py::test_opcheck_lora",
+    "lora_kernels::lora_bwd": "test_library.py::test_opcheck_lora",
+    "lora_kernels::glora_fwd": "test_glora.py::test_opcheck_registered_ops",
+    "lora_kernels::glora_bwd": "test_glora.py::test_opcheck_registered_ops",
+    "lora_kernels::multi_lora_fwd": "test_multi_lora.py::test_registered_ops_opcheck",
+    "lora_kernels::multi_lora_bwd": "test_multi_lora.py::test_registered_ops_opcheck",
+    "lora_kernels::multi_lora_add_": "test_multi_lora.py::test_registered_ops_opcheck",
+    "lora_kernels::check_ids": "test_multi_lora.py::test_registered_ops_opcheck",
+}
+
+
+def test_every_registered_op_is_opchecked():
+    """A new op registered without an opcheck test (listed above) fails here."""
+    import lora_kernels  # noqa: F401  (registers every op)
+
+    names = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lora_kernels::")}
+    assert names == set(OPCHECKED), (f"registered but not listed: {sorted(names - set(OPCHECKED))}"
+                                     f"; listed but not registered: "
+                                     f"{sorted(set(OPCHECKED) - names)}")

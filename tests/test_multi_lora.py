@@ -412,6 +412,35 @@ def test_registered_ops_opcheck():
                           (randn(T, OUT), x, w, *p, "torch", True, True, False))
     torch.library.opcheck(torch.ops.lora_kernels.multi_lora_add_,
                           (randn(T, OUT), x, *p, "torch", "decode"))
+    torch.library.opcheck(torch.ops.lora_kernels.check_ids, (ids.cpu(), pool.ranks))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_compile_fullgraph(backend):
+    """``multi_lora_linear`` traces with ``fullgraph=True`` (the id check runs inside the
+    ``lora_kernels::check_ids`` op): same values and gradients as eager, and a bad id still raises
+    inside the compiled graph."""
+    torch._dynamo.reset()
+    pool = _pool(torch.float32).requires_grad_()
+    T = 11
+    ids = _ids(pool, T)
+    x = randn(T, IN, requires_grad=True)
+    w, b = randn(OUT, IN), randn(OUT)
+
+    def f(x, ids):
+        return lk.multi_lora_linear(x, w, b, pool, ids, backend=backend)
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, ids)
+    g = torch.autograd.grad(y.sum(), [x, pool.lora_A, pool.lora_Bt])
+    y2 = f(x, ids)
+    g2 = torch.autograd.grad(y2.sum(), [x, pool.lora_A, pool.lora_Bt])
+    assert_close(y, y2.double(), torch.float32, "y")
+    for a, c in zip(g, g2):
+        assert_close(a, c.double(), torch.float32, "grad")
+    bad = ids.clone()
+    bad[3] = 1  # the freed slot
+    with pytest.raises(ValueError, match="adapter_ids"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(x, bad)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="host-sync and CUDA-graph checks need a GPU")
