@@ -23,3 +23,16 @@ def keep_mask(seed_ptr, offs, p):
     """Dropout keep-mask (True = keep) for element counters ``offs``; seed read on device."""
     seed = tl.load(seed_ptr)
     return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of a 1-D GEMM grid in grouped order: GROUP_M consecutive row tiles walk
+    the column tiles together, so they share each W tile while it is in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group) % gsize, (pid % group) // gsize

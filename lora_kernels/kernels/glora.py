@@ -27,7 +27,7 @@ sm_80/sm_90 by tests/test_glora.py, not timed or verified on hardware.
 import triton
 import triton.language as tl
 
-from .common import mma
+from .common import grouped_tile, mma
 from .lora import GEMM_CONFIGS, _prune
 
 
@@ -91,14 +91,7 @@ def glora_gemm_kernel(
     BLOCK_RA: tl.constexpr, BLOCK_RB: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % gsize
-    pid_n = (pid % group) // gsize
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -34,7 +34,7 @@ same counter, so they see the same mask.
 import triton
 import triton.language as tl
 
-from .common import keep_mask, mma
+from .common import grouped_tile, keep_mask, mma
 
 
 @triton.jit
@@ -50,15 +50,7 @@ def gemm_lowrank_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # grouped ordering of output tiles: GROUP_M row-tiles share W tiles in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % gsize
-    pid_n = (pid % group) // gsize
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -30,8 +30,12 @@ class AdapterLinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense ``(out, in)`` weight delta this adapter adds (materialised on request)."""
-        raise NotImplementedError
+        """The dense ``(out, in)`` weight delta this adapter adds (materialised on request).
+        Default, for every method with a low-rank form: ``s * Q @ P`` from :meth:`as_lora`,
+        multiplied in (at least) fp32 and returned in the factors' dtype."""
+        P, Q, s = self.as_lora()
+        ct = torch.promote_types(P.dtype, torch.float32)
+        return (s * (Q.to(ct) @ P.to(ct))).to(P.dtype)
 
     def delta_bias(self) -> torch.Tensor | None:
         """The bias delta (None for methods that leave the bias alone)."""

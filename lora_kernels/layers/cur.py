@@ -63,10 +63,5 @@ class CURLoRALinear(AdapterLinear):
             P, Q = cur_factors(self.weight, self.col_idx, self.row_idx, self.U)
         return P, Q, self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
-        P, Q, s = self.as_lora()
-        ct = torch.promote_types(P.dtype, torch.float32)
-        return (s * (Q.to(ct) @ P.to(ct))).to(P.dtype)
-
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}, scaling={self.scaling:g}"

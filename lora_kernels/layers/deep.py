@@ -85,11 +85,6 @@ class DeepLoRALinear(AdapterLinear):
             P, Q = deep_factors(list(self.factors))
         return P, Q.detach(), self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
-        P, Q, s = self.as_lora()
-        ct = torch.promote_types(P.dtype, torch.float32)
-        return (s * (Q.to(ct) @ P.to(ct))).to(P.dtype)
-
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", rank={self.rank}, depth={self.depth}, "
                 f"eps={self.eps:g}, compressed={self.compressed}")

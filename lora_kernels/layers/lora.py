@@ -45,9 +45,6 @@ class LoRALinear(AdapterLinear):
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p,
                            generator=generator, backend=self.backend)
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B @ self.lora_A)
-
     def as_lora(self):
         return self.lora_A, self.lora_B, self.scaling
 

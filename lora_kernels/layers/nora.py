@@ -97,11 +97,6 @@ class NoRALinear(AdapterLinear):
             P, Q = nora_factors(self.outer_A, self.inner_A, self.inner_B, self.outer_B)
         return P, Q, self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
-        P, Q, s = self.as_lora()
-        ct = torch.promote_types(P.dtype, torch.float32)
-        return (s * (Q.to(ct) @ P.to(ct))).to(P.dtype)
-
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", outer_rank={self.outer_rank}, "
                 f"inner_rank={self.inner_rank}, scaling={self.scaling:g}")
