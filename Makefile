@@ -17,7 +17,7 @@ demo: install
 
 # CPU suite; Triton kernels run through the interpreter (TRITON_INTERPRET=1).
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --durations=15 tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --benchmark-disable --durations=15 tests
 
 # On a GPU machine: the whole suite on CUDA for every backend, results under bench/results/.
 check-gpu:

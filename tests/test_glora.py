@@ -1,9 +1,5 @@
 """GLoRA: op (every support form, every gradient), layer, compile, GPU compile, config search."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -288,40 +284,12 @@ def test_bad_inputs_raise_naming_the_argument(i):
         lk.glora_linear(x, w, b, **kw)
 
 
-# ----------------------------------------------------------------------------- GPU compile (AOT)
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or DEVICE.type != "cpu",
-                    reason="records launches through the interpreter; on a GPU they simply run")
-def test_glora_kernel_compiles_for_sm80_sm90(tmp_path):
-    """The GLoRA kernel (every support mode, forward and transposed dx launch, 3 dtypes) goes
-    through Triton's real GPU compiler: catches what the interpreter accepts but ptxas rejects.
-    Compiled is not verified: nothing runs on a GPU here."""
-    sys.path.insert(0, str(HERE))
-    from aot_tools import dedupe, record_launches
-
-    launches = []
-    with record_launches(launches):
-        for cfg, dtype in ((FULL, torch.bfloat16), (CONFIGS["vec-scalar"], torch.float16),
-                           (CONFIGS["mixed"], torch.float32)):
-            x = randn(5, 24, dtype=dtype, requires_grad=True)
-            w = randn(20, 24, dtype=dtype)
-            sup = {k: _shrink(v) for k, v in _supports({**cfg, "C": "none"}, 3, dtype).items()}
-            lk.glora_linear(x, w, None, **sup, backend="triton").sum().backward()
-    launches = [ln for ln in dedupe(launches) if ln["name"] == "glora_gemm_kernel"]
-    modes = {(ln["constexprs"]["A_MODE"], ln["constexprs"]["B_MODE"]) for ln in launches}
-    assert modes == {(4, 4), (2, 1), (3, 1), (1, 2), (1, 3)}, modes
-    path = tmp_path / "launches.json"
-    path.write_text(json.dumps(launches, default=str))
-    pypath = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1",
-           "PYTHONPATH": pypath}
-    proc = subprocess.run([sys.executable, str(HERE / "aot_tools.py"), "compile", str(path)],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "AOT OK" in proc.stdout
+# The GLoRA kernel's ahead-of-time GPU compile (every support mode) is part of
+# tests/test_triton_aot.py, which compiles every kernel's recorded launches in one process.
 
 
 def _shrink(v):
-    """Cut (OUT, IN)-sized supports down to the 20 x 24 AOT problem."""
+    """Cut (OUT, IN)-sized supports down to the 20 x 24 AOT problem (tests/test_triton_aot.py)."""
     if v is None:
         return None
     if isinstance(v, tuple):

@@ -29,7 +29,10 @@ HERE = Path(__file__).parent
 
 
 def _calls():
-    """One call per kernel role and dtype, small shapes."""
+    """One call per kernel role and dtype, small shapes: LoRA (fwd, bwd, dropout), GLoRA (every
+    support mode), multi-LoRA (decode, prefill, backward)."""
+    from test_glora import CONFIGS, FULL, _shrink, _supports
+
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = torch.randn(5, 24, dtype=dtype, requires_grad=True)
         w, b = torch.randn(20, 24, dtype=dtype), torch.randn(20, dtype=dtype)
@@ -39,6 +42,23 @@ def _calls():
         for p in (0.0, 0.1):
             y = lk.lora_linear(x, w, b, a, bb, 0.5, p, generator=g, backend="triton")
             y.sum().backward()
+
+        pool = lk.AdapterPool(24, 20, 3, 8, dtype=dtype)
+        pool.add("a", torch.randn(3, 24), torch.randn(20, 3), 0.5)
+        pool.add("b", torch.randn(5, 24), torch.randn(20, 5), 2.0)
+        pool.requires_grad_()
+        for T, path in ((5, "decode"), (40, "prefill")):
+            xm = torch.randn(T, 24, dtype=dtype, requires_grad=True)
+            ids = torch.tensor([0, 1, -1, 1, 0] * (T // 5))
+            y = lk.multi_lora_linear(xm, w, b, pool, ids, backend="triton", path=path)
+            y.sum().backward()
+
+    for cfg, dtype in ((FULL, torch.bfloat16), (CONFIGS["vec-scalar"], torch.float16),
+                       (CONFIGS["mixed"], torch.float32)):
+        x = torch.randn(5, 24, dtype=dtype, requires_grad=True)
+        w = torch.randn(20, 24, dtype=dtype)
+        sup = {k: _shrink(v) for k, v in _supports({**cfg, "C": "none"}, 3, dtype).items()}
+        lk.glora_linear(x, w, None, **sup, backend="triton").sum().backward()
 
 
 def test_all_kernels_compile_for_sm80_sm90(tmp_path):
@@ -50,7 +70,13 @@ def test_all_kernels_compile_for_sm80_sm90(tmp_path):
         _calls()
     launches = dedupe(launches)
     names = {ln["name"] for ln in launches}
-    assert {"gemm_lowrank_kernel", "tn_kernel"} <= names, names
+    assert names == {"gemm_lowrank_kernel", "tn_kernel", "glora_gemm_kernel", "bgmv_kernel",
+                     "sgmv_kernel", "seg_tn_kernel"}, names
+    modes = {(ln["constexprs"]["A_MODE"], ln["constexprs"]["B_MODE"]) for ln in launches
+             if ln["name"] == "glora_gemm_kernel"}
+    assert modes == {(4, 4), (2, 1), (3, 1), (1, 2), (1, 3)}, modes
+    assert {ln["constexprs"]["STORE_S"] for ln in launches if ln["name"] == "sgmv_kernel"} == {
+        True, False}
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(launches, default=str))
     root = str(HERE.parent)
