@@ -37,3 +37,14 @@ def randn(*shape, dtype=torch.float32, scale=1.0, requires_grad=False):
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
+
+
+def tiny_llama(seed: int = 1):
+    """A randomly initialised 2-layer Llama (no downloads) on DEVICE, in eval mode."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()

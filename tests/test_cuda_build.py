@@ -37,9 +37,10 @@ import lora_kernels
 from lora_kernels import _cuda
 from lora_kernels.reference.lora import lora_linear as ref_lora_linear
 
+from conftest import DTYPES
+from helpers import assert_close as check
+
 ROOT = Path(__file__).resolve().parent.parent
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def find_nvcc() -> str | None:
@@ -236,20 +237,6 @@ def test_wheel_contains_module(tmp_path):
 
 
 # ============================================================================ kernels: helpers
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.detach().to(torch.float64).cpu()
-    ref = ref.detach().to(torch.float64).cpu()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    den = ref.norm().item()
-    return (out - ref).norm().item() / (den if den > 0 else 1.0)
-
-
-def check(out, ref, dtype, name, factor=1.0):
-    err = rel_err(out, ref)
-    assert err < TOL[dtype] * factor, f"{name}: rel err {err:.3e} ({dtype})"
-
-
 def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     """Same values in another memory layout (2-D t): 'contig'; 'rowpad' (row stride > width, rows
     stay 16-byte aligned: vector path with ld != width); 'offset' (starts one element into the

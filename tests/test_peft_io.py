@@ -13,6 +13,7 @@ import torch
 import lora_kernels as lk
 
 from conftest import DEVICE
+from helpers import tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -22,11 +23,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 @pytest.fixture(scope="module")
 def base():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(1)
-    return transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
+    return tiny_llama()
 
 
 def _ids(batch=3, length=7):

@@ -10,6 +10,7 @@ from torch import nn
 import lora_kernels as lk
 
 from conftest import DEVICE, backends
+from helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,11 +20,7 @@ TARGETS = ATTN + ["gate_proj", "up_proj", "down_proj"]
 
 @pytest.fixture(scope="module")
 def base():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(1)
-    return transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
+    return tiny_llama()
 
 
 def _adapter(model, targets, ranks, scale, seed):
