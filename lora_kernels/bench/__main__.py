@@ -129,7 +129,8 @@ def main(argv=None) -> int:
                      if v.get("ours_ms") else f"   ({v.get('reason')})"))
         if "worst" in cc:
             print(f"  worst {cc['worst']:.3f}, geomean {cc['geomean']:.3f}, "
-                  f"no slower on every shape: {cc['no_slower_all']}")
+                  f"no slower on every shape: {cc['no_slower_all']}; significantly slower "
+                  f"(beyond half the p20-p80 spread): {cc['significantly_slower'] or 'none'}")
     n_bad = sum(r.get("status") == "error" for r in rows)
     if n_bad:
         print(f"\n{n_bad} row(s) errored (see 'error' in {json_path}); "

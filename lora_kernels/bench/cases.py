@@ -46,6 +46,16 @@ GROUPS = ("train", "layer", "methods", "decode", "prefill")
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _linear_of(d: dict, device) -> nn.Linear:
+    """An ``nn.Linear`` holding a case's base weight ``d["W"]`` and bias ``d["b"]``."""
+    N, K = d["W"].shape
+    lin = nn.Linear(K, N, device=device, dtype=d["W"].dtype)
+    with torch.no_grad():
+        lin.weight.copy_(d["W"])
+        lin.bias.copy_(d["b"])
+    return lin
+
 def _gen(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
@@ -190,12 +200,8 @@ def _impl_lora_layer(name, backend) -> Impl:
 
         layers = []
         for d in sets:
-            N, K = d["W"].shape
             r = d["A"].shape[0]
-            lin = nn.Linear(K, N, device=device, dtype=d["W"].dtype)
-            with torch.no_grad():
-                lin.weight.copy_(d["W"])
-                lin.bias.copy_(d["b"])
+            lin = _linear_of(d, device)
             layer = LoRALinear.from_linear(lin, r, alpha=d["s"] * r, backend=backend)
             with torch.no_grad():
                 layer.lora_A.copy_(d["A"])
@@ -286,12 +292,8 @@ def _impl_method(method: str, backend: str | None, flops=None, nbytes=None) -> I
         cls = getattr(lora_kernels, cls_name)
         layers = []
         for k, d in enumerate(sets):
-            N, K = d["W"].shape
             r = d["A"].shape[0]
-            lin = nn.Linear(K, N, device=device, dtype=d["W"].dtype)
-            with torch.no_grad():
-                lin.weight.copy_(d["W"])
-                lin.bias.copy_(d["b"])
+            lin = _linear_of(d, device)
             layer = cls.from_linear(lin, **kw(r))
             layer.backend = backend
             g = _gen(device, 77 + k)
