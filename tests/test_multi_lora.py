@@ -130,10 +130,10 @@ def test_rows_are_isolated(backend, path):
 
 @pytest.mark.parametrize("backend,path", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 41])
-def test_gradients(backend, path, dtype, T):
+@pytest.mark.parametrize("T,order", [(1, "random"), (41, "random"), (41, "sorted")])
+def test_gradients(backend, path, dtype, T, order):
     pool = _pool(dtype).requires_grad_()
-    ids = _ids(pool, T)
+    ids = _ids(pool, T, order)
     if T > 1:
         assert len(set(ids.tolist())) >= 4      # a real mix
     x = randn(T, IN, dtype=dtype, requires_grad=True)

@@ -242,14 +242,17 @@ def _gather(ids, ranks, scalings, maxa):
 
 def _cpu_segments(ids, ranks, scalings):
     """CPU only (a host read costs nothing there): ``[(adapter, rows, rank, scaling)]`` for each
-    adapter present with a nonzero rank; rows (int64) in token order."""
+    adapter present with a nonzero rank; rows are a ``slice`` when the ids are already grouped
+    (sorted: prefill batches usually are; views, no gather copy), else int64 indices."""
     ids64 = ids.long()
-    order = torch.argsort(ids64, stable=True)
-    uniq, counts = torch.unique_consecutive(ids64[order], return_counts=True)
+    grouped = ids64.shape[0] < 2 or bool((ids64[1:] >= ids64[:-1]).all())
+    order = None if grouped else torch.argsort(ids64, stable=True)
+    sorted_ids = ids64 if grouped else ids64[order]
+    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     ranks_h, sc_h = ranks.tolist(), scalings.tolist()
     out, start = [], 0
     for a, c in zip(uniq.tolist(), counts.tolist()):
-        rows = order[start:start + c]
+        rows = slice(start, start + c) if grouped else order[start:start + c]
         start += c
         if 0 <= a < len(ranks_h) and ranks_h[a] > 0:
             out.append((a, rows, ranks_h[a], sc_h[a]))
@@ -264,7 +267,9 @@ def _cpu_add_(y, x, P, Q, ranks, scalings, ids):
     for a, rows, r, sc in _cpu_segments(ids, ranks, scalings):
         v = x[rows].to(acc) @ P[a, :r].to(acc).t()
         d = (v * sc) @ Q[a, :r].to(acc)
-        if y.dtype == acc:
+        if isinstance(rows, slice) and y.dtype == acc:
+            y[rows] += d
+        elif y.dtype == acc:
             y.index_add_(0, rows, d)
         else:
             y[rows] = (y[rows].to(acc) + d).to(y.dtype)
