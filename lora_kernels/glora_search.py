@@ -23,7 +23,6 @@ Workflow::
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from torch import nn
 
 from . import _validate as V
 from .layers.base import AdapterLinear
-from .layers.glora import FORMS, GLoRALinear, check_config, support_params
+from .layers.glora import FORMS, GLoRALinear, check_config, init_support, support_params
 from .ops.glora import glora_linear
 
 
@@ -48,17 +47,8 @@ class GLoRASupernetLinear(AdapterLinear):
         kw = dict(dtype=self.weight.dtype, device=self.weight.device)
         for k, forms in FORMS.items():
             for f in forms:
-                if f == "lora":
-                    rows, cols = (i, 1) if k == "C" else (o, i)
-                    up = torch.empty(rank, cols, **kw)
-                    nn.init.kaiming_uniform_(up, a=math.sqrt(5))
-                    setattr(self, f"{k}_lora_down", nn.Parameter(torch.zeros(rows, rank, **kw)))
-                    setattr(self, f"{k}_lora_up", nn.Parameter(up))
-                elif f == "vector":
-                    setattr(self, f"{k}_vector",
-                            nn.Parameter(torch.zeros(i if k == "C" else o, **kw)))
-                elif f == "scalar":
-                    setattr(self, f"{k}_scalar", nn.Parameter(torch.zeros((), **kw)))
+                for suffix, param in init_support(k, f, i, o, rank, **kw).items():
+                    setattr(self, f"{k}_{f}{suffix}", param)
         self.config = {k: "none" for k in FORMS}
 
     @classmethod
@@ -77,6 +67,8 @@ class GLoRASupernetLinear(AdapterLinear):
                 out[k] = None
             elif f == "lora":
                 out[k] = (getattr(self, f"{k}_lora_down"), getattr(self, f"{k}_lora_up"))
+            elif f == "scalar":  # stored (1,), passed 0-d
+                out[k] = getattr(self, f"{k}_scalar").reshape(())
             else:
                 out[k] = getattr(self, f"{k}_{f}")
         return out

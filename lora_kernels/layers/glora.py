@@ -57,6 +57,26 @@ def support_params(config: dict, in_features: int, out_features: int, rank: int)
     return n
 
 
+def init_support(k: str, form: str, in_features: int, out_features: int, rank: int,
+                 **kw) -> dict[str, nn.Parameter]:
+    """Fresh trainable tensors of support ``k`` in ``form``, keyed by name suffix:
+    ``{"_down": (rows, r) zeros, "_up": (r, cols) kaiming-uniform}`` for "lora" (C: rows = in,
+    cols = 1; A/B: rows = out, cols = in), ``{"": zeros}`` of shape ``(out,)`` (C: ``(in,)``) for
+    "vector" and ``(1,)`` for "scalar" (FSDP2's ``fully_shard`` refuses 0-d parameters), ``{}`` for
+    "none". Zero "down" parts, vectors and scalars: the layer starts at the base model."""
+    i, o = in_features, out_features
+    if form == "lora":
+        rows, cols = (i, 1) if k == "C" else (o, i)
+        up = torch.empty(rank, cols, **kw)
+        nn.init.kaiming_uniform_(up, a=math.sqrt(5))
+        return {"_down": nn.Parameter(torch.zeros(rows, rank, **kw)), "_up": nn.Parameter(up)}
+    if form == "vector":
+        return {"": nn.Parameter(torch.zeros(i if k == "C" else o, **kw))}
+    if form == "scalar":
+        return {"": nn.Parameter(torch.zeros(1, **kw))}
+    return {}
+
+
 class GLoRALinear(AdapterLinear):
     """``y = x (W + W*A + B)^T + b + b*D + E + W@C`` (frozen ``weight``/``bias``).
 
@@ -80,19 +100,10 @@ class GLoRALinear(AdapterLinear):
         if needs_rank:
             V.rank("rank", rank, max_rank=min(i, o), what="min(in_features, out_features)")
         self.rank = rank
-        w = self.weight
-        kw = dict(dtype=w.dtype, device=w.device)
+        kw = dict(dtype=self.weight.dtype, device=self.weight.device)
         for k, f in self.config.items():
-            if f == "lora":
-                rows, cols = (i, 1) if k == "C" else (o, i)
-                up = torch.empty(rank, cols, **kw)
-                nn.init.kaiming_uniform_(up, a=math.sqrt(5))
-                setattr(self, f"{k}_down", nn.Parameter(torch.zeros(rows, rank, **kw)))
-                setattr(self, f"{k}_up", nn.Parameter(up))
-            elif f == "vector":
-                setattr(self, k, nn.Parameter(torch.zeros(i if k == "C" else o, **kw)))
-            elif f == "scalar":
-                setattr(self, k, nn.Parameter(torch.zeros(1, **kw)))
+            for suffix, param in init_support(k, f, i, o, rank, **kw).items():
+                setattr(self, k + suffix, param)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, config: dict | None = None,
