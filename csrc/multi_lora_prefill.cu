@@ -53,7 +53,10 @@ void multi_lora_prefill(const void* x, int64_t ldx, void* y, int64_t ldy, const 
   require(T >= 0 && K >= 0 && N >= 0 && max_rank >= 1 && M >= 1, name,
           "need T, K, N >= 0 and max_rank, max_adapters >= 1");
   require(ldx >= K && ldy >= N, name, "leading dimensions must be >= the row lengths");
-  require(cdiv(T, shrink_cfg::BT) + M < (int64_t{1} << 31) &&
+  // grid.x of both launches is ceil(T / BT) + min(M, T): bound it with seg_expand's tile, the
+  // smaller one (32 vs 64 tokens), whose grid is the larger (gridDim.x <= 2^31 - 1).
+  static_assert(expand_cfg::BT <= shrink_cfg::BT, "seg_expand must have the larger grid");
+  require(cdiv(T, expand_cfg::BT) + (M < T ? M : T) < (int64_t{1} << 31) &&
               cdiv(max_rank, shrink_cfg::RT) <= 65535 && cdiv(N, expand_cfg::BN) <= 65535,
           name, "problem too large for one launch");
   if (T == 0 || N == 0) return;

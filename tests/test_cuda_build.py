@@ -202,6 +202,9 @@ def test_launcher_errors_map_to_python_exceptions():
         C.lora_shrink(16, 8, 4, 8, 16, 2, 16, 2, 16, 1.5, 0, 0, 0)
     with pytest.raises(ValueError, match="seed"):
         C.lora_shrink(16, 8, 4, 8, 16, 2, 16, 2, 0, 0.5, 0, 0, 0)
+    # grid limits: seg_expand's 32-token tiles give 2^31 blocks for T = 2^36 (gridDim.x limit)
+    with pytest.raises(ValueError, match="too large"):
+        C.multi_lora_prefill(0, 8, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1 << 36, 8, 8, 4, 2, 0, 0, 0)
     assert C.grad_ldp(5) == 8 and C.grad_ldp(8) == 8
     if torch.cuda.is_available():
         return  # the rest would launch on fake pointers
@@ -482,6 +485,24 @@ def test_multi_lora_bad_ids_rejected(kdev):
     multi_lora_cuda.add_lora_(y, x, A, Bt, rk, sc, torch.tensor([5, -3, 7], device=dev),
                               check_ids=False)
     assert torch.equal(y, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_multi_lora_y_is_x(kdev, mode):
+    """In place on x itself (in == out). 2 tokens on the emulated 4 SMs (or a GPU's) make the
+    decode kernel split each token's 512 columns over several blocks, each re-reading x[t]: the
+    wrapper must give it a copy of x, or one slice's writes reach another slice's shrink."""
+    from lora_kernels.ops import multi_lora_cuda
+
+    dev = kdev
+    T, n = 2, 512
+    A, Bt, rk, sc = make_pool(3, 8, n, n, [8, 5, 0], torch.float32, dev)
+    x0 = rnd(T, n, dtype=torch.float32, device=dev)
+    ids = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+    want = multi_reference(x0, x0, A, Bt, rk, sc, ids)
+    x = x0.clone()
+    assert multi_lora_cuda.add_lora_(x, x, A, Bt, rk, sc, ids, mode=mode) is x
+    check(x, want, torch.float32, f"y is x ({mode})")
 
 
 @gpu

@@ -506,3 +506,20 @@ def test_gather_path_on_cpu(dtype, T):
             assert (g == 0).all(), name
         else:
             assert_close(g, gr, dtype, name)
+
+
+@pytest.mark.parametrize("backend,path", CASES)
+def test_add_inplace_y_is_x(backend, path):
+    """``multi_lora_add_(y, y, ...)`` (in == out): every row's delta is computed from the
+    original x, although the kernels split each token's columns over several programs."""
+    pool = lk.AdapterPool(IN, IN, 3, 8, device=DEVICE)
+    pool.add("a", torch.randn(5, IN) / 10, torch.randn(IN, 5) / 10, 1.5)
+    pool.add("b", torch.randn(8, IN) / 10, torch.randn(IN, 8) / 10, 0.5)
+    T = 37
+    ids = torch.tensor([0, 1, -1] * 12 + [1])
+    x = randn(T, IN)
+    want = x.double().cpu() + _ref_linear(x, None, None, pool, ids)
+    y = x.clone()
+    with torch.no_grad():
+        lk.multi_lora_add_(y, y, pool, ids, backend=backend, path=path)
+    assert_close(y, want, torch.float32, "y += delta(y)")

@@ -619,6 +619,10 @@ def multi_lora_add_(y, x, pool, adapter_ids, *, backend=None, path=None):
         except RuntimeError as e:
             raise ValueError(f"y must be viewable as (T, out_features) to be updated in place "
                              f"(got strides {y.stride()}): {e}") from None
+    if x2.numel() and x2.untyped_storage().data_ptr() == y2.untyped_storage().data_ptr():
+        # y in x's memory (in place with in == out): the kernels split a token's output columns
+        # over programs that each re-read the whole row x[t], so read from a copy
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     torch.ops.lora_kernels.multi_lora_add_(y2, x2, pool.lora_A, pool.lora_Bt, pool.ranks,
                                            pool.scalings, ids, pool.max_active_rank, be, path)
     return y

@@ -74,6 +74,11 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two non-empty tensors are views of one storage (no sync, capturable)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def check_ids_in_range(adapter_ids: torch.Tensor, max_adapters: int) -> None:
     """Host-side bounds check (one device sync): every id is -1 or in [0, max_adapters)."""
     if adapter_ids.numel() == 0:
@@ -90,7 +95,7 @@ def add_lora_(y, x, lora_A, lora_Bt, ranks, scalings, adapter_ids, *, mode=None,
 
     Args:
         y: ``(T, out)`` updated in place (unit stride along ``out``).
-        x: ``(T, in)``, same dtype (fp32/fp16/bf16) and device; any strides.
+        x: ``(T, in)``, same dtype (fp32/fp16/bf16) and device; any strides; may be ``y`` itself.
         lora_A, lora_Bt, ranks, scalings: the pool (module doc). ``r_i = min(ranks[i], max_rank)``.
         adapter_ids: ``(T,)`` int32/int64; ``-1`` leaves ``y[t]`` unchanged.
         mode: ``None`` (decode for ``T <= DECODE_MAX_TOKENS``, else prefill), ``"decode"`` or
@@ -112,6 +117,12 @@ def add_lora_(y, x, lora_A, lora_Bt, ranks, scalings, adapter_ids, *, mode=None,
     if T == 0 or out_f == 0:
         return y
     C = _cuda.module()
+    if mode == "decode" and _shares_memory(x, y):
+        # The decode kernel splits a token's output columns over several concurrent blocks, each
+        # re-reading the whole row x[t] for its shrink: with y in x's memory (in place, in == out),
+        # one block's writes to y[t] would reach another's reads of x[t]. Read from a copy.
+        # (prefill is safe: its shrink kernel has read all of x before the expand writes y.)
+        x = x.clone(memory_format=torch.contiguous_format)
     xr, ldx = as_rows(x)
     ids = adapter_ids if adapter_ids.is_contiguous() else adapter_ids.contiguous()
     ldy = leading_dim(y)
