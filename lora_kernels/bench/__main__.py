@@ -136,8 +136,14 @@ def main(argv=None) -> int:
         print(f"\n{n_bad} row(s) errored (see 'error' in {json_path}); "
               "LORA_KERNELS_BENCH_TRACEBACK=1 prints tracebacks")
     if not args.no_plot:
-        png = report.plot(rows, out_dir / f"{stem}.png",
-                          f"lora_kernels bench on {info['name']} ({stem})")
+        # the JSON is complete by now: a plotting failure (matplotlib missing or broken on the
+        # device machine) must not turn a finished GPU run into a failed one
+        try:
+            png = report.plot(rows, out_dir / f"{stem}.png",
+                              f"lora_kernels bench on {info['name']} ({stem})")
+        except Exception as e:  # noqa: BLE001 - reported, the results are already written
+            png = None
+            print(f"plot skipped: {type(e).__name__}: {e}", file=sys.stderr)
         if png:
             print(f"plot: {png}")
     print(f"results: {json_path}  ({time.time() - t0:.0f} s)")

@@ -11,7 +11,10 @@ Groups (``--only`` takes these names):
              effective rank.
 ``decode``   multi-adapter decode (one token per request) against a gather-BMM baseline, PEFT's
              mixed-batch ``adapter_names`` loop and the base GEMM alone; uniform / Zipf /
-             identical / distinct adapter popularity; timed by CUDA-graph replay on GPU.
+             identical / distinct adapter popularity; timed by CUDA-graph replay on GPU. The
+             ``*_adapters`` rows time the adapter part alone (``multi_lora_add_`` in place, no
+             base GEMM), rotating over more input sets: DESIGN.md's decode bandwidth goal is on
+             the adapter bytes.
 ``prefill``  segments of tokens per adapter against the base GEMM alone, PEFT's mixed batch and a
              per-segment PyTorch loop.
 
@@ -362,11 +365,24 @@ def _multi_inputs(T, K, N, r, n_pool, dtype, ids_fn):
     return make
 
 
-def _impl_multi_ours(name, backend) -> Impl:
-    def prepare(sets, device):
-        from lora_kernels import AdapterPool, multi_lora_linear
+def _impl_multi_ours(name, backend, *, adapters_only=False, flops=None, nbytes=None,
+                     set_bytes=None) -> Impl:
+    """Ours on the pool: ``multi_lora_linear`` (base GEMM + adapters), or with ``adapters_only``
+    the adapter part alone, ``multi_lora_add_(y, x, pool, ids)`` in place on a preallocated ``y``
+    (what ``decode_hbm_bandwidth_util`` divides the adapter bytes by; ``y`` keeps accumulating
+    over the timed repetitions, which changes its values, not the work).
 
-        pools, slot_ids = [], []
+    Adapter ids are passed the way a server passes them, so the per-call validation costs what it
+    costs there: eagerly as a CPU tensor (checked against the pool's host mirror, then an async
+    copy: no device sync; ids already on the GPU would cost one sync per call, which stalls the
+    launch queue and would be timed as kernel time), and while a CUDA graph is being captured as
+    a device tensor (a host-to-device copy from pageable memory cannot be captured; the pool
+    skips the check during capture).
+    """
+    def prepare(sets, device):
+        from lora_kernels import AdapterPool, multi_lora_add_, multi_lora_linear
+
+        pools, ids_host, ids_dev, ys = [], [], [], []
         for d in sets:
             n_pool, r, K = d["As"].shape
             N = d["Bs"].shape[1]
@@ -374,13 +390,24 @@ def _impl_multi_ours(name, backend) -> Impl:
             slots = [pool.add(f"a{j}", d["As"][j], d["Bs"][j], float(d["sc"][j]))
                      for j in range(n_pool)]
             pools.append(pool)
-            slot_ids.append(torch.tensor(slots, dtype=torch.long, device=device)[d["ids"]])
+            host = torch.tensor(slots, dtype=torch.long)[d["ids"].cpu()]
+            ids_host.append(host)
+            ids_dev.append(host.to(device))
+            if adapters_only:
+                ys.append(torch.zeros(d["x"].shape[0], N, dtype=d["x"].dtype, device=device))
+        cuda = device.type == "cuda"
 
         def step(i):
             d = sets[i]
-            return multi_lora_linear(d["x"], d["W"], d["b"], pools[i], slot_ids[i],
-                                     backend=backend)
+            ids = ids_dev[i] if cuda and torch.cuda.is_current_stream_capturing() else ids_host[i]
+            if adapters_only:
+                return multi_lora_add_(ys[i], d["x"], pools[i], ids, backend=backend)
+            return multi_lora_linear(d["x"], d["W"], d["b"], pools[i], ids, backend=backend)
         return step
+    if adapters_only:
+        return Impl(name, prepare, flops=flops, bytes=nbytes, check=False, set_bytes=set_bytes,
+                    note=f"adapter part alone: multi_lora_add_(y, x, pool, ids, "
+                         f"backend={backend!r}) in place, no base GEMM")
     return Impl(name, prepare, note=f"AdapterPool + multi_lora_linear(backend={backend!r})")
 
 
@@ -432,8 +459,15 @@ def decode_case(T, K, N, r, n_pool, popularity, dtype, device) -> Case:
     n_used = int(ids0.unique().numel())
     flops, nbytes = multi_counts(T, K, N, r, n_used, e)
     bf, bb = base_gemm_counts(T, K, N, e)
+    adapter_bytes = e * n_used * r * (K + N)
+    # the adapter part alone: used adapters' factors, x read, y read + written, ids
+    af, ab = 2.0 * T * r * (K + N), adapter_bytes + e * (T * K + 2.0 * T * N) + 8.0 * T
     impls = [_impl_multi_ours(n, be) if sk is None else Impl(n, None, skip=sk)
              for n, be, sk in _ours_backends(device)]
+    impls += [_impl_multi_ours(n + "_adapters", be, adapters_only=True, flops=af, nbytes=ab,
+                               set_bytes=ab)
+              if sk is None else Impl(n + "_adapters", None, skip=sk)
+              for n, be, sk in _ours_backends(device)]
     impls += [_impl_gather_bmm(), _impl_peft_loop(), _impl_base_gemm(bf, bb)]
     set_bytes = e * (N * K + T * (K + N) + n_pool * r * (K + N))
     return Case("decode", "multi_lora_decode", decode_key(T, K, N, r, n_pool, popularity, dtype),
@@ -441,7 +475,7 @@ def decode_case(T, K, N, r, n_pool, popularity, dtype, device) -> Case:
                      popularity=popularity, distinct_used=n_used), dtype, flops, nbytes,
                 _multi_inputs(T, K, N, r, n_pool, dtype, lambda k: ids0),
                 impls, ref="gather_bmm", baseline="peft_loop", grad=False, graph=True,
-                set_bytes=set_bytes, extra={"adapter_bytes": e * n_used * r * (K + N)})
+                set_bytes=set_bytes, extra={"adapter_bytes": adapter_bytes})
 
 
 def _impl_segment_loop(seg_len: int) -> Impl:
@@ -485,37 +519,45 @@ HEAD_PREFILL = (4, 1024, 4096, 4096, 16, torch.bfloat16)
 
 
 def gpu_cases(device, quick: bool) -> list[Case]:
+    """The GPU sweep; ``--quick`` is exactly the three DESIGN.md headline points.
+
+    Order: the cheap headline points first (decode, prefill: seconds each), then the training
+    point (~18 autotuned Triton GEMM configs plus ~20 s of Inductor compile for the
+    ``torch.compile`` baseline, its last implementation), the other shapes after them and the
+    methods cases (the most autotuning) last. The JSON is rewritten after every implementation on
+    a GPU, so a run cut short by a time limit (``bench/gpu_session.sh`` gives ``--quick`` 150 s)
+    keeps every headline row it finished. ``--quick`` leaves the methods case out: its
+    autotuning alone (GLoRA's own GEMM, forward and dX: ~28 more Triton compiles, ~40-50 s)
+    would leave no margin; ``--only methods`` runs it.
+    """
     bf16, fp16 = torch.bfloat16, torch.float16
     T0, K0, N0, r0, dt0 = HEAD_TRAIN
-    cases = [train_case(*HEAD_TRAIN, device,
-                        compile_skip="quick sweep: torch.compile not timed" if quick else None)]
-    if not quick:
-        shapes = [(T, K0, N0, r0) for T in (512, 2048, 16384)]
-        shapes += [(T0, h, h, r0) for h in (2048, 8192)]
-        shapes += [(T0, K0, N0, r) for r in (8, 64, 128)]
-        cases += [train_case(*s, bf16, device, compile_skip="compile timed at the headline shapes "
-                             "only (compile time)") for s in shapes]
-        cases.append(train_case(T0, K0, N0, r0, fp16, device))
+    cases = [decode_case(*HEAD_DECODE, device),
+             prefill_case(*HEAD_PREFILL, device),
+             train_case(*HEAD_TRAIN, device)]
+    if quick:
+        return cases
+    shapes = [(T, K0, N0, r0) for T in (512, 2048, 16384)]
+    shapes += [(T0, h, h, r0) for h in (2048, 8192)]
+    shapes += [(T0, K0, N0, r) for r in (8, 64, 128)]
+    cases += [train_case(*s, bf16, device, compile_skip="compile timed at the headline shapes "
+                         "only (compile time)") for s in shapes]
+    cases.append(train_case(T0, K0, N0, r0, fp16, device))
+    cases.append(decode_case(1, 4096, 4096, 16, 64, "identical", bf16, device))
+    for T in (16, 64, 256):
+        for pop in ("distinct", "uniform", "zipf", "identical"):
+            n_pool = T if pop == "distinct" else 64
+            if (T, n_pool, pop) != (64, 64, "distinct"):
+                cases.append(decode_case(T, 4096, 4096, 16, n_pool, pop, bf16, device))
+    cases.append(decode_case(256, 4096, 4096, 16, 256, "uniform", bf16, device))
+    for r in (8, 64):
+        cases.append(decode_case(64, 4096, 4096, r, 64, "distinct", bf16, device))
+    cases.append(decode_case(64, 4096, 4096, 16, 64, "distinct", fp16, device))
+    for n_seg, seg_len in ((1, 1024), (16, 256), (4, 256), (16, 1024)):
+        cases.append(prefill_case(n_seg, seg_len, 4096, 4096, 16, bf16, device))
+    cases.append(prefill_case(4, 1024, 4096, 4096, 16, fp16, device))
     cases.append(methods_case(*HEAD_TRAIN, device))
-    if not quick:
-        cases.append(methods_case(T0, K0, N0, 64, bf16, device))
-    cases.append(decode_case(*HEAD_DECODE, device))
-    if not quick:
-        cases.append(decode_case(1, 4096, 4096, 16, 64, "identical", bf16, device))
-        for T in (16, 64, 256):
-            for pop in ("distinct", "uniform", "zipf", "identical"):
-                n_pool = T if pop == "distinct" else 64
-                if (T, n_pool, pop) != (64, 64, "distinct"):
-                    cases.append(decode_case(T, 4096, 4096, 16, n_pool, pop, bf16, device))
-        cases.append(decode_case(256, 4096, 4096, 16, 256, "uniform", bf16, device))
-        for r in (8, 64):
-            cases.append(decode_case(64, 4096, 4096, r, 64, "distinct", bf16, device))
-        cases.append(decode_case(64, 4096, 4096, 16, 64, "distinct", fp16, device))
-    cases.append(prefill_case(*HEAD_PREFILL, device))
-    if not quick:
-        for n_seg, seg_len in ((1, 1024), (16, 256), (4, 256), (16, 1024)):
-            cases.append(prefill_case(n_seg, seg_len, 4096, 4096, 16, bf16, device))
-        cases.append(prefill_case(4, 1024, 4096, 4096, 16, fp16, device))
+    cases.append(methods_case(T0, K0, N0, 64, bf16, device))
     return cases
 
 

@@ -65,6 +65,11 @@ class Impl:
     (e.g. the base GEMM alone). ``graph=False`` forbids CUDA-graph capture (host-side loops).
     ``skip`` (a reason) records a row without running; ``check=False`` for implementations that
     compute something else on purpose (the base GEMM alone), so no ``rel_err_vs_ref``.
+    ``set_bytes``: the bytes one step of this implementation reads, when that is far less than the
+    case's (e.g. the adapter part of a decode alone, without the base weight): it then rotates
+    over more input sets (the case builds as many as its most demanding implementation needs and
+    each implementation gets the first ``n`` it needs), so its own working set still exceeds the
+    cache several times instead of being served from L2.
     """
 
     name: str
@@ -75,6 +80,7 @@ class Impl:
     skip: str | None = None
     note: str = ""
     check: bool = True
+    set_bytes: float | None = None
 
 
 @dataclass
@@ -215,7 +221,9 @@ class Budget:
     @classmethod
     def for_run(cls, device: torch.device, quick: bool) -> Budget:
         if device.type == "cuda":
-            return cls(10.0, 40.0, 10, 500) if quick else cls(25.0, 100.0, 10, 1000)
+            # --quick on a GPU times the headline points: same budget as a full run (timing is
+            # ~0.2 s per implementation; autotuning and compiles dominate its wall time)
+            return cls(25.0, 100.0, 10, 1000)
         return cls(20.0, 300.0, 7, 60) if quick else cls(50.0, 1000.0, 10, 200)
 
 
@@ -364,13 +372,16 @@ def rel_err(out, ref) -> float | None:
 
 
 # ----------------------------------------------------------------------------- the runner
-def rotation_sets(set_bytes: float, device: torch.device) -> int:
-    """Input sets needed so that together they exceed the last-level cache three times."""
-    cap = 16 if device.type == "cuda" else 4
+def rotation_sets(set_bytes: float, device: torch.device, mem_bytes: float | None = None) -> int:
+    """Input sets needed so that together they exceed the last-level cache three times.
+
+    ``set_bytes``: what one step reads; ``mem_bytes`` (default ``set_bytes``): what one set
+    occupies, which bounds the count to a quarter of the free device memory."""
+    cap = 32 if device.type == "cuda" else 4
     n = max(1, math.ceil(3 * cache_bytes(device) / max(set_bytes, 1.0)))
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        n = min(n, max(1, int(0.25 * free / max(set_bytes, 1.0))))
+        n = min(n, max(1, int(0.25 * free / max(mem_bytes or set_bytes, 1.0))))
     return int(min(n, cap))
 
 
@@ -417,16 +428,18 @@ def _fail(row: dict, e: BaseException) -> None:
         traceback.print_exc()
 
 
-def time_cpu_interleaved(steps: dict[str, Callable[[int], Any]], n_sets: int, budget: Budget,
-                         rounds: int | None = None) -> dict[str, Timing]:
+def time_cpu_interleaved(steps: dict[str, Callable[[int], Any]], n_sets: int | dict[str, int],
+                         budget: Budget, rounds: int | None = None) -> dict[str, Timing]:
     """CPU: time several implementations in alternating rounds, so load from other processes on a
-    shared machine falls on all of them alike; per-implementation median over all rounds."""
+    shared machine falls on all of them alike; per-implementation median over all rounds.
+    ``n_sets``: input sets each step rotates over (one count, or one per implementation)."""
     rounds = rounds or max(1, min(10, budget.min_reps))
+    n_of = n_sets if isinstance(n_sets, dict) else {k: n_sets for k in steps}
     times: dict[str, list[float]] = {k: [] for k in steps}
     est = {}
     for k, step in steps.items():
         t0 = time.perf_counter()
-        step(1 % n_sets)
+        step(1 % n_of[k])
         est[k] = max(time.perf_counter() - t0, 1e-6) * 1e3
     for r in range(rounds):
         for k, step in steps.items():
@@ -434,10 +447,10 @@ def time_cpu_interleaved(steps: dict[str, Callable[[int], Any]], n_sets: int, bu
             reps = max(1, -(-reps // rounds))   # ceil: every round times every implementation
             if r == 0:
                 for i in range(max(1, int(budget.warmup_ms / est[k]))):
-                    step(i % n_sets)
+                    step(i % n_of[k])
             for i in range(reps):
                 t0 = time.perf_counter()
-                step(i % n_sets)
+                step(i % n_of[k])
                 times[k].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for k, ts in times.items():
@@ -448,13 +461,26 @@ def time_cpu_interleaved(steps: dict[str, Callable[[int], Any]], n_sets: int, bu
 
 
 def run_case(case: Case, device: torch.device, peaks: Peaks, budget: Budget,
-             progress: Callable[[str], None] | None = None) -> list[dict]:
+             progress: Callable[[str], None] | None = None,
+             on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Time every implementation of one case; rows in the case's impl order.
 
     CUDA: each implementation is prepared, checked, timed and freed in turn (one at a time in
-    memory). CPU: all are prepared and checked first, then timed in interleaved rounds.
+    memory), and ``on_rows(rows_done_so_far)`` is called after each, so a run killed by a time
+    limit in the middle of a long case (autotuning, torch.compile) keeps the rows it finished.
+    CPU: all are prepared and checked first, then timed in interleaved rounds.
+    Each implementation rotates over the first ``n_of[name]`` input sets (``Impl.set_bytes``).
     """
-    n_sets = rotation_sets(case.set_bytes or case.bytes, device)
+    def rates(impl: Impl, row: dict) -> None:
+        if row.get("status") == "ok":
+            _fill_rates(row, impl.flops if impl.flops is not None else case.flops,
+                        impl.bytes if impl.bytes is not None else case.bytes, case.dtype, peaks)
+
+    case_bytes = case.set_bytes or case.bytes
+    n_case = rotation_sets(case_bytes, device)
+    n_of = {im.name: max(n_case, rotation_sets(im.set_bytes, device, case_bytes))
+            if im.set_bytes else n_case for im in case.impls}
+    n_sets = max([n_of[im.name] for im in case.impls if not im.skip], default=n_case)
     cuda = device.type == "cuda"
     rows: dict[str, dict] = {}
     ref_out = None
@@ -469,7 +495,8 @@ def run_case(case: Case, device: torch.device, peaks: Peaks, budget: Budget,
     cpu_steps: dict[str, Callable[[int], Any]] = {}
     for impl in order:
         row = _row_base(case, impl)
-        row["n_sets"] = n_sets
+        n = n_of[impl.name]
+        row["n_sets"] = n
         if impl.note:
             row["note"] = impl.note
         rows[impl.name] = row
@@ -481,7 +508,7 @@ def run_case(case: Case, device: torch.device, peaks: Peaks, budget: Budget,
         step = None
         try:
             with torch.set_grad_enabled(case.grad):
-                step = impl.prepare(sets, device)
+                step = impl.prepare(sets[:n], device)
                 out = step(0)
                 sync(device)
                 if case.ref is not None:
@@ -503,33 +530,34 @@ def run_case(case: Case, device: torch.device, peaks: Peaks, budget: Budget,
                 timing = None
                 if case.graph and impl.graph:
                     try:
-                        timing = time_cuda_graph(step, n_sets, budget)
+                        timing = time_cuda_graph(step, n, budget)
                     except Exception as e:  # noqa: BLE001 - recorded, then timed eagerly
                         row["graph_error"] = _err_text(e)
                         torch.cuda.synchronize()
                 if timing is None:
-                    timing = time_cuda(step, n_sets, budget)
+                    timing = time_cuda(step, n, budget)
             _timing_fields(row, timing)
+            rates(impl, row)
         except Exception as e:  # noqa: BLE001 - recorded in the row, the sweep goes on
             _fail(row, e)
         finally:
             del step
             if cuda:
                 _clean(device)
+        if cuda and on_rows is not None:
+            on_rows([rows[im.name] for im in case.impls if im.name in rows])
     if cpu_steps:
         try:
             with torch.set_grad_enabled(case.grad):
-                timings = time_cpu_interleaved(cpu_steps, n_sets, budget)
+                timings = time_cpu_interleaved(cpu_steps, n_of, budget)
             for name, timing in timings.items():
                 _timing_fields(rows[name], timing)
+            for impl in case.impls:
+                if impl.name in cpu_steps:
+                    rates(impl, rows[impl.name])
         except Exception as e:  # noqa: BLE001 - recorded in the rows
             for name in cpu_steps:
                 _fail(rows[name], e)
-    for impl in case.impls:
-        row = rows[impl.name]
-        if row.get("status") == "ok":
-            _fill_rates(row, impl.flops if impl.flops is not None else case.flops,
-                        impl.bytes if impl.bytes is not None else case.bytes, case.dtype, peaks)
     del ref_out, sets, cpu_steps
     _clean(device)
     base_row = rows.get(case.baseline) if case.baseline else None
@@ -543,7 +571,8 @@ def run_case(case: Case, device: torch.device, peaks: Peaks, budget: Budget,
 def run_cases(cases: list[Case], device: torch.device, peaks: Peaks, budget: Budget, *,
               show_progress: bool = True,
               on_case: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """Run every case; ``on_case(rows_so_far)`` after each (used to write partial results)."""
+    """Run every case; ``on_case(rows_so_far)`` after each case and, on CUDA, after each
+    implementation (used to write partial results)."""
     total = sum(len(c.impls) for c in cases)
     bar = None
     if show_progress:
@@ -559,7 +588,8 @@ def run_cases(cases: list[Case], device: torch.device, peaks: Peaks, budget: Bud
 
     try:
         for case in cases:
-            rows.extend(run_case(case, device, peaks, budget, progress))
+            part = None if on_case is None else (lambda case_rows: on_case(rows + case_rows))
+            rows.extend(run_case(case, device, peaks, budget, progress, part))
             if on_case is not None:
                 on_case(rows)
     finally:
