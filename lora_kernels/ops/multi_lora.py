@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .. import _validate as V
 from .._backend import resolve_backend, triton_available
 from . import _triton as TR
+from .lora import _needs_grad
 
 PATHS = ("decode", "prefill")
 # decode when the batch has at most this many tokens per adapter on average (or T <= 16)
@@ -523,7 +524,9 @@ def apply(x2, weight, bias, pool, ids, backend: str, path: str) -> torch.Tensor:
             pool.max_active_rank, backend, path)
     if torch.compiler.is_compiling():
         return torch.ops.lora_kernels.multi_lora_fwd(*args)
-    return MultiLoRAFunction.apply(*args)
+    if _needs_grad(x2, weight, bias, pool.lora_A, pool.lora_Bt):
+        return MultiLoRAFunction.apply(*args)
+    return _fwd(*args)  # inference (serving): no autograd node
 
 
 # ----------------------------------------------------------------------------- public API
