@@ -12,9 +12,13 @@ SUITE_S=${1:-330}
 BENCH_S=${2:-150}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PY:-python3}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 
-cap=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')")
+if ! cap=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')" \
+      2>/dev/null); then
+  echo "gpu_session.sh: no usable CUDA device here; on CPU run 'make test'" >&2
+  exit 2
+fi
 t0=$(date +%s)
 LORA_KERNELS_CUDA_ARCHS=$cap CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
   "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 5
