@@ -523,3 +523,31 @@ def test_add_inplace_y_is_x(backend, path):
     with torch.no_grad():
         lk.multi_lora_add_(y, y, pool, ids, backend=backend, path=path)
     assert_close(y, want, torch.float32, "y += delta(y)")
+
+
+@pytest.mark.parametrize("backend,path", CASES)
+def test_large_ranks(backend, path):
+    """Ranks up to 256 in one pool (rank loops in RB chunks, decode's smaller tiles for large RB),
+    forward and gradients against the float64 reference."""
+    dtype = torch.float32
+    pool = lk.AdapterPool(IN, OUT, 3, 256, dtype=dtype, device=DEVICE)
+    for k, r in enumerate((256, 1, 130)):
+        pool.add(f"a{k}", torch.randn(r, IN) / math.sqrt(IN), torch.randn(OUT, r) / math.sqrt(r),
+                 0.5 + k)
+    pool.requires_grad_()
+    T = 23
+    ids = torch.tensor([0, 1, 2, -1] * 5 + [2, 0, 1])
+    x = randn(T, IN, requires_grad=True)
+    y = lk.multi_lora_linear(x, None, None, pool, ids, backend=backend, path=path)
+    assert_close(y, _ref_linear(x, None, None, pool, ids), dtype, "y")
+    dy = randn(T, OUT)
+    got = torch.autograd.grad(y, [x, pool.lora_A, pool.lora_Bt], dy)
+    A = pool.lora_A.detach().double().cpu().requires_grad_()
+    Bt = pool.lora_Bt.detach().double().cpu().requires_grad_()
+    x64 = x.detach().double().cpu().requires_grad_()
+    ads = {pool.slot(n): (A[pool.slot(n), :pool.rank(n)], Bt[pool.slot(n), :pool.rank(n)].t(),
+                          pool.scaling(n)) for n in pool.names()}
+    yr = ref.multi_lora_linear(x64, None, None, ads, ids) + 0 * (A.sum() + Bt.sum())
+    want = torch.autograd.grad(yr, [x64, A, Bt], dy.double().cpu())
+    for name, g, gr in zip(["dx", "dA", "dBt"], got, want):
+        assert_close(g, gr, dtype, name)
