@@ -305,7 +305,7 @@ def test_reference_philox_known_answers():
 
 # ============================================================================ kernels: LoRA
 LORA_SHAPES = [(1, 97, 75, 1), (3, 64, 80, 7), (130, 97, 75, 16), (300, 256, 136, 33),
-               (70, 128, 520, 64)]
+               (70, 128, 520, 64), (6, 40, 24, 256)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -471,6 +471,22 @@ def test_multi_lora_vs_float64(kdev, dtype, shape, mode, id_dtype):
     check(y, multi_reference(y0, x, A, Bt, rk, sc, ids), dtype, f"y ({mode})")
     skipped = ids == -1
     assert torch.equal(y[skipped], y0[skipped])
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_multi_lora_large_ranks(kdev, mode):
+    """Ranks up to 256 in one pool (decode's rank-r shared buffer, prefill's rank tiles)."""
+    from lora_kernels.ops import multi_lora_cuda
+
+    dev = kdev
+    T, in_f, out_f = 11, 48, 40
+    A, Bt, rk, sc = make_pool(3, 256, in_f, out_f, [256, 1, 130], torch.float32, dev)
+    ids = torch.tensor([0, 1, 2, -1, 2, 0, 1, 0, 2, 2, -1], device=dev)
+    x = rnd(T, in_f, dtype=torch.float32, device=dev)
+    y0 = rnd(T, out_f, dtype=torch.float32, device=dev)
+    y = y0.clone()
+    multi_lora_cuda.add_lora_(y, x, A, Bt, rk, sc, ids, mode=mode)
+    check(y, multi_reference(y0, x, A, Bt, rk, sc, ids), torch.float32, f"y ({mode})")
 
 
 def test_multi_lora_bad_ids_rejected(kdev):
