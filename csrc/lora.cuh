@@ -90,17 +90,7 @@ __global__ void __launch_bounds__(tn_cfg::NT, 3)
       lr.load(Rm, ldr, nullptr, t0 + TC, t_end, n0, N, vec_r, drop, N);
     }
 #pragma unroll 4
-    for (int t = 0; t < TC; ++t) {
-      const float4 l4 = *reinterpret_cast<const float4*>(&Ls[t * RJ + jy * 4]);
-      const float4 b0 = *reinterpret_cast<const float4*>(&Rs[t * BN + nx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&Rs[t * BN + 128 + nx * 4]);
-      const float lv[4] = {l4.x, l4.y, l4.z, l4.w};
-      const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int c = 0; c < 8; ++c) acc[i][c] = fmaf(lv[i], bv[c], acc[i][c]);
-    }
+    for (int t = 0; t < TC; ++t) fma_4x8(&Ls[t * RJ + jy * 4], &Rs[t * BN + nx * 4], acc);
   }
 
   // every (j < RL, n < ldp) element of this split's partial is written, zeros included

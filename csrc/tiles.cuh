@@ -115,6 +115,21 @@ namespace shrink_cfg {
 constexpr int BT = 64, RT = 16, BK = 128, NT = 256, SLD = BK + 4;
 }
 
+// acc[i][c] += a[i] * b[c] for the 4 x 8 register tile of the expand and grad kernels: a is one
+// float4 of the staged rank-side operand, b two float4s 128 floats apart (a thread owns columns
+// 4*nx..4*nx+3 and 128+4*nx..128+4*nx+3 of a 256-wide block).
+__device__ __forceinline__ void fma_4x8(const float* a4, const float* b8, float acc[4][8]) {
+  const float4 a = *reinterpret_cast<const float4*>(a4);
+  const float4 b0 = *reinterpret_cast<const float4*>(b8);
+  const float4 b1 = *reinterpret_cast<const float4*>(b8 + 128);
+  const float av[4] = {a.x, a.y, a.z, a.w};
+  const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < 8; ++c) acc[i][c] = fmaf(av[i], bv[c], acc[i][c]);
+}
+
 template <typename T>
 __device__ __forceinline__ void shrink_tile(const T* __restrict__ x, int64_t ldx,
                                             const int64_t* __restrict__ rowmap, int64_t r0,
@@ -228,17 +243,7 @@ __device__ __forceinline__ void expand_tile(const float* __restrict__ S, int64_t
     __syncthreads();
     const int jn = static_cast<int>(R - j0 < RC ? R - j0 : RC);
 #pragma unroll 4
-    for (int j = 0; j < jn; ++j) {
-      const float4 s = *reinterpret_cast<const float4*>(&Ss[j * SSLD + ty * 4]);
-      const float4 b0 = *reinterpret_cast<const float4*>(&Bs[j * BN + nx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&Bs[j * BN + 128 + nx * 4]);
-      const float sv[4] = {s.x, s.y, s.z, s.w};
-      const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int c = 0; c < 8; ++c) acc[i][c] = fmaf(sv[i], bv[c], acc[i][c]);
-    }
+    for (int j = 0; j < jn; ++j) fma_4x8(&Ss[j * SSLD + ty * 4], &Bs[j * BN + nx * 4], acc);
   }
 
 #pragma unroll
