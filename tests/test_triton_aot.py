@@ -47,7 +47,7 @@ def _calls():
         pool.add("a", torch.randn(3, 24), torch.randn(20, 3), 0.5)
         pool.add("b", torch.randn(5, 24), torch.randn(20, 5), 2.0)
         pool.requires_grad_()
-        for T, path in ((5, "decode"), (40, "prefill")):
+        for T, path in ((5, "decode"), (40, "prefill"), (40, "prefill_fused")):
             xm = torch.randn(T, 24, dtype=dtype, requires_grad=True)
             ids = torch.tensor([0, 1, -1, 1, 0] * (T // 5))
             y = lk.multi_lora_linear(xm, w, b, pool, ids, backend="triton", path=path)
@@ -71,7 +71,7 @@ def test_all_kernels_compile_for_sm80_sm90(tmp_path):
     launches = dedupe(launches)
     names = {ln["name"] for ln in launches}
     assert names == {"gemm_lowrank_kernel", "tn_kernel", "glora_gemm_kernel", "bgmv_kernel",
-                     "sgmv_kernel", "seg_tn_kernel"}, names
+                     "sgmv_kernel", "seg_tn_kernel", "sgmv_gemm_kernel"}, names
     modes = {(ln["constexprs"]["A_MODE"], ln["constexprs"]["B_MODE"]) for ln in launches
              if ln["name"] == "glora_gemm_kernel"}
     assert modes == {(4, 4), (2, 1), (3, 1), (1, 2), (1, 3)}, modes

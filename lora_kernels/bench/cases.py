@@ -366,7 +366,7 @@ def _multi_inputs(T, K, N, r, n_pool, dtype, ids_fn):
 
 
 def _impl_multi_ours(name, backend, *, adapters_only=False, flops=None, nbytes=None,
-                     set_bytes=None) -> Impl:
+                     set_bytes=None, path=None) -> Impl:
     """Ours on the pool: ``multi_lora_linear`` (base GEMM + adapters), or with ``adapters_only``
     the adapter part alone, ``multi_lora_add_(y, x, pool, ids)`` in place on a preallocated ``y``
     (what ``decode_hbm_bandwidth_util`` divides the adapter bytes by; ``y`` keeps accumulating
@@ -402,13 +402,15 @@ def _impl_multi_ours(name, backend, *, adapters_only=False, flops=None, nbytes=N
             ids = ids_dev[i] if cuda and torch.cuda.is_current_stream_capturing() else ids_host[i]
             if adapters_only:
                 return multi_lora_add_(ys[i], d["x"], pools[i], ids, backend=backend)
-            return multi_lora_linear(d["x"], d["W"], d["b"], pools[i], ids, backend=backend)
+            return multi_lora_linear(d["x"], d["W"], d["b"], pools[i], ids, backend=backend,
+                                     path=path)
         return step
     if adapters_only:
         return Impl(name, prepare, flops=flops, bytes=nbytes, check=False, set_bytes=set_bytes,
                     note=f"adapter part alone: multi_lora_add_(y, x, pool, ids, "
                          f"backend={backend!r}) in place, no base GEMM")
-    return Impl(name, prepare, note=f"AdapterPool + multi_lora_linear(backend={backend!r})")
+    return Impl(name, prepare, note=f"AdapterPool + multi_lora_linear(backend={backend!r}"
+                                    + (f", path={path!r})" if path else ")"))
 
 
 def _impl_gather_bmm() -> Impl:
@@ -502,6 +504,8 @@ def prefill_case(n_seg, seg_len, K, N, r, dtype, device) -> Case:
     ids = torch.arange(n_seg).repeat_interleave(seg_len)
     impls = [_impl_multi_ours(n, be) if sk is None else Impl(n, None, skip=sk)
              for n, be, sk in _ours_backends(device)]
+    if device.type == "cuda":  # the opt-in fused path (base GEMM in Triton, expand in its epilogue)
+        impls.append(_impl_multi_ours("ours_triton_fused", "triton", path="prefill_fused"))
     impls += [_impl_base_gemm(bf, bb), _impl_peft_loop(per_sequence=seg_len),
               _impl_segment_loop(seg_len)]
     return Case("prefill", "multi_lora_prefill", prefill_key(n_seg, seg_len, K, N, r, dtype),

@@ -121,6 +121,10 @@ def headline(rows: list[dict]) -> tuple[dict, dict]:
                 if c is not None and o is not None:
                     d["with_ours_cuda"] = (c["time_ms"] / o["time_ms"] if spec["num"] ==
                                            "ours_triton" else o["time_ms"] / c["time_ms"])
+                # prefill: the opt-in fused path (path="prefill_fused") alongside
+                f, _ = _usable(rows, spec["group"], spec["key"], "ours_triton_fused")
+                if f is not None and o is not None and spec["num"] == "ours_triton":
+                    d["with_ours_triton_fused"] = f["time_ms"] / o["time_ms"]
         if d["value"] is not None:
             d["met"] = bool(spec["ok"](d["value"]))
         else:

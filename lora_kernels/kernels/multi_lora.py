@@ -164,6 +164,60 @@ def sgmv_kernel(
 
 
 @triton.jit
+def sgmv_gemm_kernel(
+    X, W, BIAS, Y, S, Q, RANKS, SCALES, PERM, TILE_ADAPTER, TILE_START, TILE_END,
+    K, N, MAXA,
+    stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_yn, stride_st, stride_sr,
+    stride_qa, stride_qr, stride_qn,
+    HAS_BIAS: tl.constexpr, RB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Fused prefill: ``Y[rows] = X[rows] W^T + b + s_a S[rows] Q_a`` over the tile table of
+    ``segments(..., include_base=True)`` (tile_adapter -1: base-only rows; empty tiles exit).
+    S (T, RB) fp32 = X A^T comes from ``sgmv_kernel`` with STORE_S. Against cuBLAS + sgmv this
+    removes the read-modify-write of Y (2*T*N*elt bytes) and the per-column-slice recompute of
+    the shrink; it costs running the base GEMM in Triton over adapter-sorted row tiles."""
+    g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    row0 = tl.load(TILE_START + g)
+    row1 = tl.load(TILE_END + g)
+    if row1 > row0:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        mm = rows < row1
+        tok = tl.load(PERM + rows, mask=mm, other=0).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = rn < N
+        rn64 = rn.to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            mk = kk < K
+            xv = tl.load(X + tok[:, None] * stride_xt + kk[None, :] * stride_xk,
+                         mask=mm[:, None] & mk[None, :], other=0.0)
+            wv = tl.load(W + rn64[None, :] * stride_wn + kk[:, None] * stride_wk,
+                         mask=mn[None, :] & mk[:, None], other=0.0)
+            acc = mma(xv, wv, acc, PRECISION, UPCAST)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        aid = tl.load(TILE_ADAPTER + g).to(tl.int64)
+        ok = (aid >= 0) & (aid < MAXA)
+        a = tl.where(ok, aid, 0)
+        rank = tl.where(ok, tl.load(RANKS + a), 0)
+        if rank > 0:
+            rr = tl.arange(0, RB)
+            mr = rr < rank
+            sv = tl.load(S + tok[:, None] * stride_st + rr[None, :] * stride_sr,
+                         mask=mm[:, None] & mr[None, :], other=0.0)
+            qv = tl.load(Q + a * stride_qa + rr[:, None] * stride_qr + rn64[None, :] * stride_qn,
+                         mask=mr[:, None] & mn[None, :], other=0.0).to(tl.float32)
+            acc += tl.load(SCALES + a) * tl.dot(sv, qv, input_precision=PRECISION)
+        tl.store(Y + tok[:, None] * stride_yt + rn64[None, :] * stride_yn,
+                 acc.to(Y.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
 def seg_tn_kernel(
     L, R, O, RANKS, SCALES, PERM, SEG_START, SEG_COUNT,
     N, MAXR,
@@ -206,4 +260,6 @@ AOT_CONFIGS = {
     "sgmv_kernel": [triton.Config(dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=128), num_warps=4,
                                   num_stages=3)],
     "seg_tn_kernel": [triton.Config(dict(BLOCK_T=64, BLOCK_N=128), num_warps=4)],
+    "sgmv_gemm_kernel": [triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), num_warps=8,
+                                       num_stages=3)],
 }
