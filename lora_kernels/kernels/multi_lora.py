@@ -104,6 +104,14 @@ def bgmv_kernel(
 
 
 @triton.jit
+def tile_tokens(PERM, row0, row1, BLOCK_M: tl.constexpr):
+    """(row mask, int64 token index) of the sorted rows ``[row0, row1)`` of one tile."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    mm = rows < row1
+    return mm, tl.load(PERM + rows, mask=mm, other=0).to(tl.int64)
+
+
+@triton.jit
 def sgmv_kernel(
     X, Y, S, P, Q, RANKS, SCALES, PERM, TILE_ADAPTER, TILE_START, TILE_END,
     K, N, MAXA, n_per_split,
@@ -127,9 +135,7 @@ def sgmv_kernel(
     if go:
         row0 = tl.load(TILE_START + g)
         row1 = tl.load(TILE_END + g)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        mm = rows < row1
-        tok = tl.load(PERM + rows, mask=mm, other=0).to(tl.int64)
+        mm, tok = tile_tokens(PERM, row0, row1, BLOCK_M)
         rr = tl.arange(0, RB)
         mr = rr < rank
         rk = tl.arange(0, BLOCK_K)
@@ -183,9 +189,7 @@ def sgmv_gemm_kernel(
     row0 = tl.load(TILE_START + g)
     row1 = tl.load(TILE_END + g)
     if row1 > row0:
-        rows = row0 + tl.arange(0, BLOCK_M)
-        mm = rows < row1
-        tok = tl.load(PERM + rows, mask=mm, other=0).to(tl.int64)
+        mm, tok = tile_tokens(PERM, row0, row1, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = rn < N
         rn64 = rn.to(tl.int64)
