@@ -113,8 +113,12 @@ def qgemm(x, qw, *, trans_w: bool, out_dtype, bias=None, s=None, bm=None, scale=
     (``trans_w=True``: x (M, out) -> (M, in)), plus the optional bias / low-rank epilogue
     (``+ scale * mask?(s @ bm^T)``, s (M, R) fp32, bm (N, R)). ``splits`` forces a split-K factor
     (tests); None picks one (decode only, GPU only)."""
-    from ..kernels.quant import (DECODE_TILE, qgemm_lowrank_autotuned, qgemm_lowrank_kernel,
-                                 splitk_epilogue_kernel)
+    from ..kernels.quant import (
+        DECODE_TILE,
+        qgemm_lowrank_autotuned,
+        qgemm_lowrank_kernel,
+        splitk_epilogue_kernel,
+    )
 
     out_f, in_f = qw.shape
     M, K = x.shape
