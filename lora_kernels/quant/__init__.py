@@ -222,8 +222,10 @@ def _quantize_blockwise8(a: torch.Tensor, code: torch.Tensor, blocksize: int):
     absmax = blocks.abs().amax(dim=1)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1)
     bounds = (code[:-1] + code[1:]) / 2
-    q = torch.bucketize(scaled.reshape(-1)[:n], bounds, out_int32=True).to(torch.uint8)
-    return q, absmax
+    q = torch.bucketize(scaled.reshape(-1)[:n], bounds, out_int32=True)
+    # an all-zero block (absmax 0): bnb's kernels compute 0/0 and store index 0
+    q = torch.where((absmax == 0).repeat_interleave(blocksize)[:n], 0, q)
+    return q.to(torch.uint8), absmax
 
 
 class NF4Weight(QuantizedWeight):
