@@ -12,19 +12,11 @@ from torch import nn
 import lora_kernels as lk
 
 from conftest import DEVICE
-from helpers import rel_err, tiny_llama
+from helpers import rel_err, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
-
-
-def tiny_gpt2(seed: int = 1):
-    """A randomly initialised 2-layer GPT-2 (Conv1D projections) on DEVICE, in eval mode."""
-    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-    torch.manual_seed(seed)
-    return transformers.GPT2LMHeadModel(cfg).to(DEVICE).eval()
 
 
 def _ids(batch=3, length=7):
