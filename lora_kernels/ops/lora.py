@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
-from .._backend import resolve_backend
+from .._backend import compact_rows_for_cpu_gemm, resolve_backend
 from . import _triton as TR
 from ._register import define_op, needs_grad
 
@@ -90,10 +90,12 @@ def _torch_bwd(dy, saved: Saved, need: Needs):
 
 # ----------------------------------------------------------------------------- Triton launchers
 def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed=None, p=0.0,
-                 drop_x=False, drop_epi=False) -> torch.Tensor:
-    """Launch ``gemm_lowrank_kernel``: ``drop?(x) @ w^T (+bias) (+scale*mask?(s @ bm^T))``.
+                 drop_x=False, drop_epi=False, row_scale=None, x_scale=None) -> torch.Tensor:
+    """Launch ``gemm_lowrank_kernel``:
+    ``rows? * (drop?(x * xs?) @ w^T + scale*mask?(s @ bm^T)) (+bias)``.
 
-    x (M, K), w (N, K), s (M, R) fp32, bm (N, R); any strides. Returns (M, N) in ``out_dtype``.
+    x (M, K), w (N, K), s (M, R) fp32, bm (N, R); any strides. ``row_scale`` (N,) and ``x_scale``
+    (K,) are contiguous fp32 vectors or None (DoRA). Returns (M, N) in ``out_dtype``.
     """
     from ..kernels.lora import gemm_lowrank_autotuned, gemm_lowrank_kernel
 
@@ -115,6 +117,7 @@ def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed
     kernel[grid](
         x, w, y, bias if bias is not None else dummy, s if s is not None else dummy,
         bm if bm is not None else dummy, seed if seed is not None else dummy,
+        row_scale if row_scale is not None else dummy, x_scale if x_scale is not None else dummy,
         M, N, K, R, min(TR.next_pow2(M), 8192),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
         s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
@@ -123,7 +126,8 @@ def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed
         HAS_BIAS=bias is not None, HAS_LOWRANK=s is not None,
         DROP_X=drop_x, DROP_EPI=drop_epi,
         BLOCK_R=max(16, min(64, TR.next_pow2(R))),
-        PRECISION=TR.dot_precision(x.dtype), UPCAST=TR.upcast(x.dtype, w.dtype), **cfg,
+        PRECISION=TR.dot_precision(x.dtype), UPCAST=TR.upcast(x.dtype, w.dtype),
+        ROW_SCALE=row_scale is not None, X_SCALE=x_scale is not None, **cfg,
     )
     return y
 
@@ -281,5 +285,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
     seed = TR.draw_seed(generator, x.device) if p > 0.0 else None
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)  # 2-D: no view node in the autograd graph
+    x2 = compact_rows_for_cpu_gemm(x2)  # row-padded bf16/fp16 on CPU: see its docstring
     y, _ = LORA_OP(x2, weight, bias, lora_A, lora_B, scaling, p, seed, be)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
