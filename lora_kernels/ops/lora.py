@@ -18,6 +18,8 @@ The dropout mask is regenerated from ``seed`` in backward, never stored.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -43,21 +45,45 @@ def _torch_fwd(x2, weight, bias, A, B, scaling, p, seed):
     return y, s.float()
 
 
-def _torch_bwd(dy, x2, weight, A, B, s, scaling, p, seed, need_dx, need_dA, need_dB):
+class Saved(NamedTuple):
+    """What every backend's backward reads (saved by the forward): ``x`` (T, in),
+    ``weight`` (out, in), ``A`` (r, in), ``B`` (out, r), ``s = drop(x) A^T`` (T, r) fp32,
+    ``scaling``, dropout ``p`` and its ``seed`` (int64 (1,) or None)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    s: torch.Tensor
+    scaling: float
+    p: float
+    seed: torch.Tensor | None
+
+
+class Needs(NamedTuple):
+    """Which of the low-rank backward's gradients to compute."""
+
+    dx: bool
+    dA: bool
+    dB: bool
+
+
+def _torch_bwd(dy, saved: Saved, need: Needs):
     # scaling is applied to the small (T, r) operands only: no extra pass over (T, in|out)
+    x2, weight, A, B, s, scaling, p, seed = saved
     dx = dA = dB = None
     keep = None if p == 0.0 else torch_keep_mask(seed, x2.shape, p, x2.device)
-    if need_dx or need_dA:
+    if need.dx or need.dA:
         gs = (dy @ B).mul_(scaling)                                   # s * G (T, r)
-    if need_dx:
+    if need.dx:
         if keep is None:
             dx = torch.mm(dy, weight).addmm_(gs, A)
         else:
             dx = torch.mm(dy, weight).add_((gs @ A) * keep, alpha=1.0 / (1.0 - p))
-    if need_dA:
+    if need.dA:
         xd = x2 if keep is None else x2 * keep / (1.0 - p)
         dA = gs.t() @ xd
-    if need_dB:
+    if need.dB:
         dB = dy.t() @ (s * scaling).to(dy.dtype)
     return dx, dA, dB
 
@@ -145,17 +171,18 @@ def _triton_fwd(x2, weight, bias, A, B, scaling, p, seed):
     return y, s
 
 
-def _triton_bwd(dy, x2, weight, A, B, s, scaling, p, seed, need_dx, need_dA, need_dB):
+def _triton_bwd(dy, saved: Saved, need: Needs):
+    x2, weight, A, B, s, scaling, p, seed = saved
     dx = dA = dB = None
     drop = p > 0.0
-    if need_dx or need_dA:
+    if need.dx or need.dA:
         g = gemm_lowrank(dy, B.t(), out_dtype=torch.float32)                  # (T, r)
-    if need_dx:
+    if need.dx:
         dx = gemm_lowrank(dy, weight.t(), out_dtype=x2.dtype, s=g, bm=A.t(), scale=scaling,
                           seed=seed, p=p, drop_epi=drop)
-    if need_dA:
+    if need.dA:
         dA = (tn(g, x2, seed=seed, p=p, drop_r=drop) * scaling).to(A.dtype)  # (r, in)
-    if need_dB:
+    if need.dB:
         dB = (tn(dy, s) * scaling).to(B.dtype)                                # (out, r)
     return dx, dA, dB
 
@@ -190,8 +217,8 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.
          seed: torch.Tensor | None, backend: str, need_dx: bool, need_dA: bool,
          need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx (T, in), dA (r, in), dB (out, r)); None (the op: empty) where unneeded."""
-    return _impl(backend)[1](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed,
-                             need_dx, need_dA, need_dB)
+    return _impl(backend)[1](dy, Saved(x, weight, lora_A, lora_B, s, scaling, dropout_p, seed),
+                             Needs(need_dx, need_dA, need_dB))
 
 
 def _bwd_fake(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, backend, need_dx,
