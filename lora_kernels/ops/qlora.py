@@ -225,7 +225,8 @@ def _bwd_impl(dy, x2, qw, A, B, s, scaling, p, seed, backend, need_dx, need_dA, 
         w = _dense(qw, x2.dtype, x2.device, backend == "cuda")
     else:  # the reference backward reads W only for dx
         w = torch.empty(0, dtype=x2.dtype, device=x2.device)
-    return L._impl(backend)[1](dy, x2, w, A, B, s, scaling, p, seed, need_dx, need_dA, need_dB)
+    return L._impl(backend)[1](dy, L.Saved(x2, w, A, B, s, scaling, p, seed),
+                               L.Needs(need_dx, need_dA, need_dB))
 
 
 # ----------------------------------------------------------------------------- registered op
