@@ -356,3 +356,16 @@ def quant_linear(x, qweight, bias=None, *, backend="torch"):
     be = "triton" if backend == "triton" else "torch"
     y = _QLinear.apply(x2, bias, qweight, be)
     return y.reshape(*x.shape[:-1], out_f)
+
+
+def dense_weight(weight, like: torch.Tensor | None = None):
+    """``weight`` itself, or, for a quantized one, ``deq(W)`` in ``like``'s dtype (checked against
+    ``like (..., in)``). The hook of the methods whose fused kernels read W densely several times
+    per call (DoRA's norm and two GEMMs, GLoRA's Hadamard tile ``W * A``): on a quantized base they
+    dequantise W once per call into a transient dense copy."""
+    if isinstance(weight, QuantizedWeight):
+        if like is None:
+            return weight.dequantize()
+        check_quantized("weight", weight, like)
+        return weight.dequantize(like.dtype)
+    return weight

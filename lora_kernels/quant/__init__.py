@@ -143,6 +143,11 @@ class QuantizedWeight(nn.Module):
     def dim(self) -> int:
         return 2
 
+    def double(self) -> torch.Tensor:
+        """The dense float64 weight (as ``w.double()`` of a dense one: merges and references
+        read the base this way). Unlike ``nn.Module.double`` this returns a tensor."""
+        return self.dequantize(torch.float64)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ``(out, in)`` weight in ``dtype`` (default :attr:`dtype`)."""
         raise NotImplementedError
@@ -150,6 +155,19 @@ class QuantizedWeight(nn.Module):
     def requantize(self, w: torch.Tensor) -> QuantizedWeight:
         """A new weight of this format and these settings quantising the dense ``w``."""
         raise NotImplementedError
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        """``dequantize().index_select(dim, index)`` without the dense weight: only the selected
+        rows (dim 0) or columns (dim 1) are dequantised (CURLoRA's R and C, every call)."""
+        out_f, in_f = self._shape
+        dev = self.device
+        if dim == 0:
+            w = _gather(self, index, torch.arange(in_f, device=dev))
+        elif dim == 1:
+            w = _gather(self, torch.arange(out_f, device=dev), index)
+        else:
+            raise ValueError(f"dim must be 0 or 1, got {dim}")
+        return w.to(self._dtype)
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to / .cuda / .half reach here. Codes and scales keep their dtypes (a bf16
@@ -489,3 +507,62 @@ def quantize(w: torch.Tensor, fmt: str, **kwargs) -> QuantizedWeight:
 def bytes_per_weight(qw: QuantizedWeight) -> float:
     """Stored bytes per weight element (NF4 blocksize 64: 0.5 + 4/64 = 0.5625)."""
     return qw.nbytes / math.prod(qw.shape)
+
+
+# =============================================================================== layers
+def is_bnb_linear4bit(module) -> bool:
+    """Whether ``module`` is a bitsandbytes ``Linear4bit`` (checked by its weight's type name, so
+    bitsandbytes is not imported)."""
+    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
+
+
+def layer_base(linear, quantize: str | None):
+    """``(linear_for_init, qweight)`` for an adapter layer's ``from_linear``.
+
+    * a bnb ``Linear4bit``: its weight wrapped as it is (:meth:`NF4Weight.from_bnb`); ``quantize``
+      must be None or ``"nf4"``;
+    * ``quantize="nf4" | "int8" | "fp8"`` with an ``nn.Linear``: ``quantize(linear.weight, fmt)``
+      (NF4: bnb's ``Linear4bit`` defaults, blocksize 64 with double quantisation);
+    * otherwise ``(linear, None)``.
+
+    ``linear_for_init`` is an ``nn.Linear`` holding the *dequantised* weight, for the layer's
+    constructor only: methods that read W at init (NoRA's SVD, CURLoRA's index sampling, DoRA's
+    column norms) see deq(W) once; the layer then swaps its weight for the quantized one.
+    """
+    if is_bnb_linear4bit(linear):
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"a bitsandbytes Linear4bit is already NF4; quantize must be None "
+                             f"or 'nf4', got {quantize!r}")
+        qw = NF4Weight.from_bnb(linear.weight)
+    elif quantize is None:
+        return linear, None
+    else:
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"quantize= needs an nn.Linear, got {type(linear).__name__}")
+        kw = dict(blocksize=64, compress_statistics=True) if quantize == "nf4" else {}
+        qw = _quantize(linear.weight, quantize, **kw)
+    dense = qw.dequantize()
+    proxy = nn.Linear(qw.in_features, qw.out_features, bias=False, device="meta")
+    proxy.weight = nn.Parameter(dense, requires_grad=False)
+    bias = getattr(linear, "bias", None)
+    proxy.bias = (nn.Parameter(bias.detach().to(dense.dtype), requires_grad=False)
+                  if bias is not None else None)
+    return proxy, qw
+
+
+_quantize = quantize  # layer_base's argument shadows the function
+
+
+def _gather(qw: QuantizedWeight, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """fp32 ``W[rows[:, None], cols[None, :]]`` dequantising only those elements."""
+    rows = rows.to(torch.int64)
+    cols = cols.to(torch.int64)
+    if qw.fmt == "nf4":
+        f = rows[:, None] * qw.in_features + cols[None, :]
+        byte = qw.packed.reshape(-1)[f // 2].to(torch.int64)
+        q = torch.where(f % 2 == 0, byte >> 4, byte & 15)
+        return qw.code[q] * qw.absmax_fp32()[f // qw.blocksize]
+    q = qw.qweight[rows[:, None], cols[None, :]].float()
+    if qw.fmt == "fp8" and qw.block_size is not None:
+        return q * qw.scale[(rows // FP8_BLOCK)[:, None], (cols // FP8_BLOCK)[None, :]]
+    return q * qw.scale[rows][:, None]
