@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     print(report.format_headline(final["headline_detail"]))
     if "cpu_checks" in final:
         cc = final["cpu_checks"]
-        print("\nCPU check (issue 6): our default LoRALinear fwd+bwd / PEFT lora.Linear:")
+        print("\nCPU check: our default LoRALinear fwd+bwd / PEFT lora.Linear:")
         for k, v in cc["lora_layer_fwd_bwd_vs_peft"].items():
             print(f"  {k:<28} {_fmt(v.get('ours_over_peft'))}"
                   + (f"   (ours {v['ours_ms']:.3f} ms, peft {v['peft_ms']:.3f} ms)"
