@@ -1,6 +1,7 @@
 """Candidate (issue 10): a persistent, TMA-descriptor Triton GEMM with the fused low-rank epilogue.
 
-``gemm_lowrank_tma_kernel``  Y[M, N] = X[M, K] @ op(W)^T (+ bias[N]) (+ scale * mask?(S[M, R] @ Bm[N, R]^T))
+``gemm_lowrank_tma_kernel``
+    Y[M, N] = X[M, K] @ op(W)^T (+ bias[N]) (+ scale * mask?(S[M, R] @ Bm[N, R]^T))
     * X and W are read through host-built tensor descriptors (``TensorDescriptor``: on sm_90 a
       CUtensorMap passed as a kernel parameter; the loads become TMA bulk copies, ``UTMALDG``):
       ``W_KMAJOR=True``  W stored (N, K) (the forward ``x W^T``, tile [BLOCK_N, BLOCK_K], used

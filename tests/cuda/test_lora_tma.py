@@ -1,4 +1,4 @@
-"""The TMA-descriptor candidate (kernels.lora_tma / ops.lora_tma) in Triton's interpreter vs float64.
+"""The TMA-descriptor candidate (kernels.lora_tma, ops.lora_tma) in the interpreter vs float64.
 
 The interpreter runs host tensor descriptors (out-of-range tile parts read as zero) and the
 persistent tile loop; it says nothing about TMA on a GPU (bench/gpu_session.sh runs that).
