@@ -59,6 +59,9 @@ def encode(v):
     """A launch argument as JSON: tensors by dtype and 16-byte alignment, scalars as they are."""
     if isinstance(v, torch.Tensor):
         return {"tensor": _DT[v.dtype], "align16": v.data_ptr() % 16 == 0}
+    if type(v).__name__ == "TensorDescriptor":  # triton.tools.tensor_descriptor (host TMA)
+        return {"tdesc": _DT[v.base.dtype], "shape": list(v.shape), "strides": list(v.strides),
+                "block": list(v.block_shape)}
     if isinstance(v, float):
         return {"float": v}
     if v is None or isinstance(v, (bool, int, str)):
@@ -74,6 +77,11 @@ def decode(v):
         return t if v["align16"] else t[1:]
     if isinstance(v, dict) and "float" in v:
         return v["float"]
+    if isinstance(v, dict) and "tdesc" in v:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        return TensorDescriptor(torch.empty(64, dtype=_TD[v["tdesc"]]), v["shape"], v["strides"],
+                                v["block"])
     return v
 
 
@@ -85,6 +93,8 @@ def spec_class(v):
         return ["*" + v["tensor"], v["align16"]]
     if isinstance(v, dict) and "float" in v:
         return "fp32"
+    if isinstance(v, dict) and "tdesc" in v:
+        return ["tdesc", v["tdesc"], v["block"]]
     if isinstance(v, bool) or v is None or isinstance(v, str):
         return v if not isinstance(v, bool) else "u1"
     if isinstance(v, int):
@@ -165,6 +175,17 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
             label[0] = f"train{'-dropout' if p else ''} bwd T{T} {K}x{N} r{r}"
             L._triton_bwd(dy, x, w, A, B, e(T, r, dt=torch.float32), 2.0, p, seed,
                           True, True, True)
+        from ..kernels.lora_tma import TMA_CONFIGS
+        from ..ops import lora_tma as LT
+
+        s = e(T, r, dt=torch.float32)
+        for c in TMA_CONFIGS:  # the candidate's base GEMMs (its shrink / tn are the rows above)
+            label[0] = f"train-tma fwd T{T} {K}x{N} r{r}"
+            LT.gemm_lowrank_tma(x, w, w_kmajor=True, out_dtype=dtype, s=s, bm=B, scale=2.0,
+                                config=c)
+            label[0] = f"train-tma bwd T{T} {K}x{N} r{r}"
+            LT.gemm_lowrank_tma(dy, w, w_kmajor=False, out_dtype=dtype, s=s, bm=A.t(),
+                                scale=2.0, config=c)
         label[0] = f"glora fwd T{T} {K}x{N} r{r} (A, B low-rank)"
         a1, a2 = G._parse("A", (e(N, r), e(r, K)), x, K, N)
         b1, b2 = G._parse("B", (e(N, r), e(r, K)), x, K, N)
@@ -216,6 +237,12 @@ def jit_specialization(fn, args: dict, constexprs: dict):
     return sig, const, attrs
 
 
+def _tiles_label(kw: dict) -> str:
+    """'M128 N128 K64' style label of a launch's BLOCK_* constexprs (RB / BLOCK_R left out)."""
+    order = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T")
+    return " ".join(f"{k.removeprefix('BLOCK_')}{kw[k]}" for k in order if kw.get(k) is not None)
+
+
 def variants(ln: dict) -> list[tuple[dict, dict, str]]:
     """``(constexprs, options, config label)`` to compile for one launch: the launch itself, or
     each autotune candidate. ``UPCAST`` (an interpreter-only workaround) is off on a GPU."""
@@ -224,15 +251,13 @@ def variants(ln: dict) -> list[tuple[dict, dict, str]]:
         base["UPCAST"] = False
     if not ln.get("configs"):
         o = ln["options"]
-        tiles = "x".join(str(base[k]) for k in sorted(base) if k.startswith("BLOCK_"))
-        return [(base, o, f"{tiles} w{o.get('num_warps', 4)} s{o.get('num_stages', 3)}")]
+        return [(base, o, f"{_tiles_label(base)} w{o.get('num_warps', 4)} "
+                          f"s{o.get('num_stages', 3)}")]
     out = []
     for c in ln["configs"]:
-        v = {**base, **c["kwargs"]}
-        kw = c["kwargs"]
-        tiles = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kw)
-        out.append((v, {"num_warps": c["num_warps"], "num_stages": c["num_stages"]},
-                     f"{tiles} w{c['num_warps']} s{c['num_stages']}"))
+        out.append(({**base, **c["kwargs"]},
+                    {"num_warps": c["num_warps"], "num_stages": c["num_stages"]},
+                    f"{_tiles_label(c['kwargs'])} w{c['num_warps']} s{c['num_stages']}"))
     return out
 
 
@@ -261,6 +286,8 @@ def _plain_sig(v) -> str:
         return "*" + v["tensor"]
     if isinstance(v, dict) and "float" in v:
         return "fp32"
+    if isinstance(v, dict) and "tdesc" in v:
+        return ["tdesc", v["tdesc"], v["block"]]
     if isinstance(v, bool):
         return "i1"
     return "i32" if -(2**31) <= v < 2**31 else "i64"
@@ -295,6 +322,11 @@ def sass_profile(cubin: bytes) -> dict:
                               check=True).stdout
         res = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
                              text=True, check=True).stdout
+    return parse_sass(sass, res)
+
+
+def parse_sass(sass: str, res: str) -> dict:
+    """:func:`sass_profile` on the text of ``cuobjdump -sass`` and ``--dump-resource-usage``."""
     usage = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
     ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
                                            sass)]
@@ -357,14 +389,22 @@ def profile(launches: list[dict], archs=(90,), *, log=None) -> dict[int, list[di
                             f"{prof['spill_loads']} {matrix_instruction(prof)} "
                             f"{prof['widest_global_load']} ({prof['compile_s']} s)")
                 rows[arch].append({"kernel": ln["name"], "launch": ln["label"], "config": cfg,
-                                   "arch": f"sm_{arch}", **cache[key]})
+                                   "arch": f"sm_{arch}", "MNK": _mnk(ln), **cache[key]})
     return rows
 
 
+def _mnk(ln: dict) -> list:
+    """[M, N, K] of a GEMM launch (None where the kernel has no such argument)."""
+    return [ln["args"].get(k) if isinstance(ln["args"].get(k), int) else None for k in "MNK"]
+
+
 def headline_gemm(row: dict) -> bool:
-    """The base GEMMs of the headline points (N = K = 4096 operands, the main-loop tensors)."""
-    return row["kernel"] in ("gemm_lowrank_kernel", "glora_gemm_kernel", "sgmv_gemm_kernel") \
-        and " 4096x4096" in row["launch"] and row["config"].split(" ")[0].split("x")[1] != "16"
+    """A base GEMM of the headline points: a GEMM kernel whose N and K are >= 1024 (the
+    4096-wide weight operand in its main loop), not a rank-r shrink (N = r)."""
+    _, n, k = row.get("MNK") or [None] * 3
+    return row["kernel"] in ("gemm_lowrank_kernel", "glora_gemm_kernel", "sgmv_gemm_kernel",
+                             "gemm_lowrank_tma_kernel") \
+        and (n or 0) >= 1024 and (k or 0) >= 1024
 
 
 def check_rows(rows: list[dict]) -> list[str]:

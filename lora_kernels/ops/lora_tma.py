@@ -76,7 +76,9 @@ def gemm_lowrank_tma(x, w, *, w_kmajor: bool, out_dtype, bias=None, s=None, bm=N
     else:
         cfg = config or TMA_CONFIGS[0]
         kw, opts = dict(cfg.kwargs), dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        nsm = _num_sms(x.device.index if x.device.index is not None else 0)
+        # off CUDA only the static profile's dry run gets here: an H100/H200's 132 SMs
+        nsm = (_num_sms(x.device.index if x.device.index is not None else 0)
+               if x.device.type == "cuda" else 132)
     bmk, bnk, bkk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
     x_desc = TensorDescriptor.from_tensor(x, [bmk, bkk])
     w_desc = TensorDescriptor.from_tensor(w, [bnk, bkk] if w_kmajor else [bkk, bnk])
