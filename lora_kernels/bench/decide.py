@@ -77,7 +77,8 @@ def decide(doc: dict) -> dict:
             if r is None:
                 cands[c] = {"status": "missing"}
             elif not _usable(r):
-                cands[c] = {"status": r.get("status"), "error": r.get("error"),
+                st = r.get("status")
+                cands[c] = {"status": "wrong_result" if st == "ok" else st, "error": r.get("error"),
                             "rel_err_vs_ref": r.get("rel_err_vs_ref")}
             else:
                 cands[c] = {"status": "ok", "time_ms": r["time_ms"],
