@@ -40,7 +40,7 @@ same counter, so they see the same mask.
 import triton
 import triton.language as tl
 
-from .common import grouped_tile, keep_mask, mma
+from .common import grouped_tile, keep_mask, lowrank_epilogue, mma
 
 
 @triton.jit
@@ -86,23 +86,10 @@ def gemm_lowrank_kernel(
     if DROP_X:
         acc = acc / (1.0 - p)
 
-    if HAS_LOWRANK:
-        # acc += scale * S[rm, :] @ Bm[rn, :]^T, looping over the rank in BLOCK_R chunks
-        rr = tl.arange(0, BLOCK_R)
-        lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            ri = r0 + rr
-            mr = ri < R
-            s = tl.load(S + rm64[:, None] * stride_sm + ri[None, :] * stride_sr,
-                        mask=mask_m[:, None] & mr[None, :], other=0.0).to(tl.float32)
-            b = tl.load(BM + rn64[None, :] * stride_bn + ri[:, None] * stride_br,
-                        mask=mask_n[None, :] & mr[:, None], other=0.0).to(tl.float32)
-            lr = tl.dot(s, b, lr, input_precision=PRECISION)
-        lr = lr * scale
-        if DROP_EPI:
-            keep = keep_mask(SEED, rm[:, None] * N + rn[None, :], p)
-            lr = tl.where(keep, lr / (1.0 - p), 0.0)
-        acc += lr
+    # low-rank term (the shared epilogue helper); the bias is added after DoRA's row scale
+    acc = lowrank_epilogue(acc, S, BM, BIAS, SEED, rm, rn, rm64, rn64, mask_m, mask_n, N, R,
+                           stride_sm, stride_sr, stride_bn, stride_br, scale, p,
+                           HAS_LOWRANK, False, DROP_EPI, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
     if ROW_SCALE:
         acc = acc * tl.load(ROWS + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
