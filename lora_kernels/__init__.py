@@ -6,7 +6,7 @@ Importing this package makes no GPU query and needs no compiled code; the CUDA m
 
 from ._backend import BACKENDS, cuda_available, resolve_backend, triton_available
 from .compose import lora_cosine, rms_cosine, sum_adapters, sum_loras
-from .inject import inject
+from .inject import inject, inject_adapter, merge_and_unload
 from .layers import METHODS, AdapterLinear, LoRALinear
 from .layers.cur import CURLoRALinear
 from .layers.deep import DeepLoRALinear
@@ -22,6 +22,7 @@ from .ops.multi_lora import multi_lora_add_, multi_lora_linear
 from .ops.nora import nora_linear
 from .params import count_trainable, param_table, print_param_table, trainable_params
 from .peft_io import load_peft_adapter, save_peft_adapter
+from .peft_patch import patch_peft, unpatch_peft
 from .serving import AdapterPool, MultiAdapterModel
 
 __version__ = "0.1.0"
@@ -47,3 +48,4 @@ __all__ += [
     "sum_loras",
 ]
 __all__ += ["DoRALinear", "dora_linear"]
+__all__ += ["inject_adapter", "merge_and_unload", "patch_peft", "unpatch_peft"]

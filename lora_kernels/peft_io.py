@@ -11,9 +11,15 @@ The config is validated field by field against what PEFT (0.13 .. 0.21) writes f
   ``target_modules``, says which modules have an adapter);
 * fields that change what the adapter computes and that we do not implement must be unset
   (None / False / empty / their default): see :data:`UNSUPPORTED_FIELDS`; e.g. biases,
-  ``fan_in_fan_out`` (GPT-2 Conv1D layout), ``modules_to_save``, embedding LoRA, init methods that
-  rewrite the base weights (PiSSA, OLoRA, LoftQ, CorDA);
-* any other field is refused (``ValueError`` naming it): it may change the adapter's meaning.
+  ``modules_to_save``, embedding LoRA, init methods that rewrite the base weights (PiSSA, OLoRA,
+  LoftQ, CorDA);
+* ``fan_in_fan_out`` (GPT-2's ``Conv1D`` layout) is accepted either way: PEFT stores
+  ``lora_A (r, in)`` / ``lora_B (out, r)`` for Conv1D targets too (the flag only says how the
+  *base* weight is laid out, and PEFT itself overrides it per layer type), so the factors load
+  unchanged;
+* any other field (e.g. one added by a newer PEFT) is accepted when its value is unset (``None``,
+  ``False``, ``""``, ``[]``, ``{}``), with one warning naming it; set to anything else it is
+  refused (``ValueError`` naming it): it may change the adapter's meaning.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -42,11 +49,10 @@ IGNORED_FIELDS = {
     "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "megatron_core", "qalora_group_size", "init_lora_weights",
-    "ensure_weight_tying", "eva_config", "lora_ga_config",
+    "ensure_weight_tying", "eva_config", "lora_ga_config", "fan_in_fan_out",
 }
 # field -> the values that mean "not used"
 UNSUPPORTED_FIELDS = {
-    "fan_in_fan_out": (False, None),
     "bias": ("none", None),
     "modules_to_save": (None, []),
     "layer_replication": (None, []),
@@ -67,6 +73,9 @@ UNSUPPORTED_FIELDS = {
 # init_lora_weights values that leave the base model untouched (others rewrite the base weights,
 # so the adapter only makes sense on a modified base model)
 SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+# unknown fields already named in a warning (each is named once per process)
+_WARNED_UNKNOWN: set[str] = set()
 
 _KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<which>A|B)\.weight$")
 # PEFT's DoRA magnitude (its state-dict key minus the adapter name; ".weight" in older PEFT)
@@ -97,9 +106,17 @@ def validate_config(cfg) -> dict:
         raise ValueError(f"{CONFIG_NAME}: peft_type must be 'LORA' (only LoRA adapters are "
                          f"supported), got {pt!r}")
     unknown = sorted(set(cfg) - USED_FIELDS - IGNORED_FIELDS - set(UNSUPPORTED_FIELDS))
-    if unknown:
-        raise ValueError(f"{CONFIG_NAME}: unknown field(s) {unknown}: refusing to guess what "
-                         "they change (a newer PEFT feature?)")
+    set_unknown = [f for f in unknown if not _is_unset(cfg[f], (None, False, "", [], {}))]
+    if set_unknown:
+        raise ValueError(f"{CONFIG_NAME}: unknown field(s) "
+                         f"{ {f: cfg[f] for f in set_unknown} } are set: refusing to guess what "
+                         "they change (a newer PEFT feature?); unknown fields are accepted only "
+                         "when unset (None / False / empty)")
+    fresh = [f for f in unknown if f not in _WARNED_UNKNOWN]
+    if fresh:
+        _WARNED_UNKNOWN.update(fresh)
+        warnings.warn(f"{CONFIG_NAME}: ignoring unknown field(s) {fresh} (each unset: None / "
+                      "False / empty)", stacklevel=3)
     for f, unset in UNSUPPORTED_FIELDS.items():
         if f in cfg and not _is_unset(cfg[f], unset):
             raise ValueError(f"{CONFIG_NAME}: {f}={cfg[f]!r} is not supported (must be one of "
@@ -116,6 +133,9 @@ def validate_config(cfg) -> dict:
         raise ValueError(f"{CONFIG_NAME}: lora_alpha must be a finite number, got {alpha!r}")
     if not isinstance(cfg.get("use_dora", False) or False, bool):
         raise ValueError(f"{CONFIG_NAME}: use_dora must be a bool, got {cfg['use_dora']!r}")
+    if cfg.get("fan_in_fan_out") not in (None, True, False):
+        raise ValueError(f"{CONFIG_NAME}: fan_in_fan_out must be a bool, got "
+                         f"{cfg['fan_in_fan_out']!r}")
     if not isinstance(cfg.get("use_rslora", False), bool):
         raise ValueError(f"{CONFIG_NAME}: use_rslora must be a bool, got {cfg['use_rslora']!r}")
     for f, num in (("rank_pattern", int), ("alpha_pattern", (int, float))):
@@ -267,7 +287,8 @@ def _patterns(values: dict, default) -> dict:
 
 
 def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | None = None,
-                      dtype: torch.dtype | None = None) -> None:
+                      dtype: torch.dtype | None = None,
+                      fan_in_fan_out: bool | None = None) -> None:
     """Write ``path/adapter_config.json`` + ``path/adapter_model.safetensors`` loadable by
     ``peft.PeftModel.from_pretrained(base_model, path)`` (and :func:`load_peft_adapter`).
 
@@ -279,11 +300,22 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
     module: ``r``/``lora_alpha`` are the most common ones and the others go in ``rank_pattern`` /
     ``alpha_pattern`` keyed by full module name (``lora_alpha = scaling * r``). The factors are
     stored unchanged (``dtype`` converts them), so PEFT computes exactly our delta.
+
+    ``fan_in_fan_out`` (PEFT's flag for transformers ``Conv1D`` targets, GPT-2): ``None`` writes
+    True when a saved model's adapter layers were built from a ``Conv1D`` (False for a dict);
+    the factors are the same either way (PEFT stores ``lora_A (r, in)`` for Conv1D too).
     """
     from safetensors.torch import save_file
 
+    if fan_in_fan_out is not None and not isinstance(fan_in_fan_out, bool):
+        raise TypeError(f"fan_in_fan_out must be a bool or None, got {fan_in_fan_out!r}")
     if isinstance(model_or_dict, nn.Module):
         ad = adapter_dict(model_or_dict)
+        if fan_in_fan_out is None:
+            from .layers import AdapterLinear
+
+            fan_in_fan_out = any(getattr(m, "fan_in_fan_out", False) for m in
+                                 model_or_dict.modules() if isinstance(m, AdapterLinear))
         if not ad:
             raise ValueError("model_or_dict: the model has no adapter layers to save")
     elif isinstance(model_or_dict, Mapping):
@@ -332,7 +364,7 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
         "r": r0, "lora_alpha": a0, "use_rslora": False,
         "rank_pattern": _patterns(ranks, r0), "alpha_pattern": _patterns(alphas, a0),
         "target_modules": sorted(ad), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "use_dora": dora, "modules_to_save": None,
+        "fan_in_fan_out": bool(fan_in_fan_out), "use_dora": dora, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True,
     }
     os.makedirs(os.fspath(path), exist_ok=True)

@@ -177,6 +177,6 @@ gemm_lowrank_autotuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
 )(gemm_lowrank_kernel)
 
-# GPU tile configs that tests/test_triton_aot.py compiles ahead of time for sm_80/sm_90 (the
+# GPU tile configs that tests/cuda/test_triton_aot.py compiles ahead of time for sm_80/sm_90 (the
 # largest shared-memory footprint and the skinny shrink tile).
 AOT_CONFIGS = {"gemm_lowrank_kernel": [GEMM_CONFIGS[0], GEMM_CONFIGS[-3]]}

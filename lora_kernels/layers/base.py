@@ -11,11 +11,13 @@ shard). GLoRA (Hadamard term, not low-rank) overrides ``forward`` and ``delta_we
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .._conv1d import as_linear, is_conv1d
 from ..ops.lora import lora_linear
 
 
@@ -34,6 +36,28 @@ class AdapterLinear(nn.Module):
 
     dropout: float = 0.0
 
+    # True for a layer built from transformers' Conv1D (GPT-2): ``weight`` is then the (out, in)
+    # transposed view of a contiguous (in, out) copy (see lora_kernels._conv1d)
+    fan_in_fan_out = False
+
+    def __init_subclass__(cls, **kwargs):
+        # every subclass's ``from_linear`` also accepts a transformers Conv1D: it sees the
+        # nn.Linear view ``as_linear(conv)`` (weight.t(), no copy; ``clone()`` in __init__ keeps
+        # the transposed strides) and the new layer is marked ``fan_in_fan_out = True``
+        super().__init_subclass__(**kwargs)
+        fl = cls.__dict__.get("from_linear")
+        if isinstance(fl, classmethod):
+            inner = fl.__func__
+
+            @functools.wraps(inner)
+            def from_linear(c, linear, *args, **kw):
+                conv = is_conv1d(linear)
+                layer = inner(c, as_linear(linear) if conv else linear, *args, **kw)
+                layer.fan_in_fan_out = conv
+                return layer
+
+            cls.from_linear = classmethod(from_linear)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str | None = None):
         super().__init__()
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -48,7 +72,8 @@ class AdapterLinear(nn.Module):
     @staticmethod
     def _check_linear(linear) -> None:
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got "
+                            f"{type(linear).__name__}")
 
     def lora_factors(self, view: Callable = same) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The method's LoRA-equivalent factors ``(P (r, in), Q (out, r), scaling)``,

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
-from .._backend import resolve_backend
+from .._backend import compact_rows_for_cpu_gemm, resolve_backend
 from . import _triton as TR
 from ._register import define_op
 from .lora import gemm_lowrank, tn, triton_cdiv
@@ -413,7 +413,7 @@ def glora_linear(x, weight, bias, A=None, B=None, C=None, D=None, E=None, *, bac
     if be != "torch" and x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
     _impl_fwd(be)
-    x2 = x.reshape(-1, in_f)
+    x2 = compact_rows_for_cpu_gemm(x.reshape(-1, in_f))  # row-padded bf16/fp16 on CPU
     y = GLORA_OP(x2, weight, bias, a1, a2, b1, b2, c1, c2, d, e, be)
     return y.reshape(*x.shape[:-1], out_f)
 

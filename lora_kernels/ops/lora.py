@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
-from .._backend import resolve_backend
+from .._backend import compact_rows_for_cpu_gemm, resolve_backend
 from . import _triton as TR
 from ._register import define_op, needs_grad
 
@@ -258,5 +258,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
     seed = TR.draw_seed(generator, x.device) if p > 0.0 else None
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)  # 2-D: no view node in the autograd graph
+    x2 = compact_rows_for_cpu_gemm(x2)  # row-padded bf16/fp16 on CPU: see its docstring
     y, _ = LORA_OP(x2, weight, bias, lora_A, lora_B, scaling, p, seed, be)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
