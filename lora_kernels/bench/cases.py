@@ -46,6 +46,7 @@ from torch import nn
 from .harness import DTYPE_NAMES, Case, Impl
 
 GROUPS = ("train", "layer", "methods", "decode", "prefill")
+GROUPS += ("dora",)  # bench/cases_dora.py
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -615,4 +616,7 @@ def build_cases(device: torch.device, quick: bool, only: list[str] | None = None
         if bad:
             raise ValueError(f"--only: unknown group(s) {bad}; expected names from {GROUPS}")
     cases = gpu_cases(device, quick) if device.type == "cuda" else cpu_cases(device, quick)
+    from .cases_dora import dora_cases
+
+    cases += dora_cases(device, quick)
     return [c for c in cases if not only or c.group in only]
