@@ -593,4 +593,6 @@ def build_cases(device: torch.device, quick: bool, only: list[str] | None = None
         if bad:
             raise ValueError(f"--only: unknown group(s) {bad}; expected names from {GROUPS}")
     cases = gpu_cases(device, quick) if device.type == "cuda" else cpu_cases(device, quick)
+    from .cases_dropin import dropin_cases  # issue 13 rows (imports this module: local import)
+    cases += dropin_cases(device, quick)
     return [c for c in cases if not only or c.group in only]
