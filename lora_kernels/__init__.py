@@ -10,10 +10,12 @@ from .inject import inject, inject_adapter, merge_and_unload
 from .layers import METHODS, AdapterLinear, LoRALinear
 from .layers.cur import CURLoRALinear
 from .layers.deep import DeepLoRALinear
+from .layers.dora import DoRALinear
 from .layers.glora import GLoRALinear
 from .layers.nora import NoRALinear
 from .ops.cur import cur_linear
 from .ops.deep import deep_lora_linear
+from .ops.dora import dora_linear
 from .ops.glora import glora_linear
 from .ops.lora import lora_linear
 from .ops.multi_lora import multi_lora_add_, multi_lora_linear
@@ -45,4 +47,5 @@ __all__ += [
     "multi_lora_add_", "multi_lora_linear", "rms_cosine", "save_peft_adapter", "sum_adapters",
     "sum_loras",
 ]
+__all__ += ["DoRALinear", "dora_linear"]
 __all__ += ["inject_adapter", "merge_and_unload", "patch_peft", "unpatch_peft"]
