@@ -17,9 +17,10 @@ def test_summation_example_small(tmp_path):
     res = S.main(["--small", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads  # restored
     doc = json.loads((tmp_path / "summation.json").read_text())
-    assert doc["domains"] == ["d0", "d1", "clash"]
-    assert [r["domains"] for r in doc["rows"]] == [["d0", "d1"], ["d0", "clash"],
-                                                    ["d1", "clash"], ["d0", "d1", "clash"]]
+    assert doc["domains"] == ["d0", "d1", "twin", "clash"]
+    assert len(doc["rows"]) == 6 and all(r["k"] == 2 for r in doc["rows"])
+    cos = {"+".join(r["domains"]): r["rms_cosine"] for r in doc["rows"]}
+    assert cos["d0+twin"] > cos["d0+d1"]  # the same task's adapters overlap more
     for r in doc["rows"]:
         assert r["summed_rank"] == S.SMALL.r * r["k"]
         assert 0.0 <= r["rms_cosine"] <= 1.0

@@ -7,9 +7,10 @@ between the adapters' deltas against the loss change of the sum. Here:
 
 1. a tiny GPT-2 (transformers ``GPT2LMHeadModel``, ``Conv1D`` projections) is trained from scratch
    on a *generic* process: a random sparse Markov chain over the whole vocabulary;
-2. ``n_domains`` synthetic domains, each its own sparse Markov chain over a disjoint slice of the
-   vocabulary; the last domain (``"clash"``) reuses the first domain's tokens with a different
-   chain, so one pair of adapters is trained to disagree and the cosines are not all near zero;
+2. ``n_domains`` synthetic domains: ``d0, d1, ...``, each its own sparse Markov chain over a
+   disjoint slice of the vocabulary, then ``twin`` (``d0``'s chain again, fresh samples: the same
+   task) and ``clash`` (``d0``'s tokens, another chain: a conflicting task), so the adapters'
+   cosines span disjoint, conflicting and identical tasks;
 3. one LoRA adapter per domain (``lora_kernels.inject(model, "lora", ["c_attn"], r=4, alpha=64)``,
    our fused layer reading GPT-2's ``Conv1D`` weight through its transposed view), and one on the
    merged data of every pair and triple (``k`` domains: ``k`` times the steps, the same examples
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 @dataclass
 class Settings:
-    n_domains: int = 4          # the last one is the "clash" domain (first domain's tokens)
+    n_domains: int = 4          # d0, d1, ..., then "twin" and "clash" (see make_domains)
     tokens_per_domain: int = 10
     generic_tokens: int = 10    # extra vocabulary only the generic pretraining process uses
     successors: int = 3         # out-degree of every chain
@@ -62,7 +63,7 @@ class Settings:
     seed: int = 0
 
 
-SMALL = Settings(n_domains=3, tokens_per_domain=6, generic_tokens=6, n_embd=32, n_layer=1,
+SMALL = Settings(n_domains=4, max_k=2, tokens_per_domain=6, generic_tokens=6, n_embd=32, n_layer=1,
                  n_head=2, seq_len=12, batch=8, pretrain_steps=30, lora_steps=8, eval_seqs=8)
 
 
@@ -92,14 +93,18 @@ class Chain:
 
 
 def make_domains(st: Settings, g: torch.Generator):
-    """(generic chain, [(name, chain)]) with disjoint token slices (the clash domain excepted)."""
-    n_plain = st.n_domains - 1
+    """(vocab, generic chain, [(name, chain)]): ``n_domains - 2`` domains ``d0, d1, ...`` on
+    disjoint token slices, then ``twin`` (``d0``'s very chain: the same task, fresh samples) and
+    ``clash`` (``d0``'s tokens, a different chain): the three relations (disjoint, identical,
+    conflicting) span the cosine axis."""
+    n_plain = max(1, st.n_domains - 2)
     vocab = n_plain * st.tokens_per_domain + st.generic_tokens
     generic = Chain(torch.arange(vocab), 2 * st.successors, g)
     doms = []
     for d in range(n_plain):
         toks = torch.arange(d * st.tokens_per_domain, (d + 1) * st.tokens_per_domain)
         doms.append((f"d{d}", Chain(toks, st.successors, g)))
+    doms.append(("twin", doms[0][1]))
     doms.append(("clash", Chain(doms[0][1].tokens.clone(), st.successors, g)))
     return vocab, generic, doms
 
