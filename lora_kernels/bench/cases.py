@@ -45,7 +45,7 @@ from torch import nn
 
 from .harness import DTYPE_NAMES, Case, Impl
 
-GROUPS = ("train", "layer", "methods", "decode", "prefill")
+GROUPS = ("train", "layer", "methods", "decode", "prefill", "store")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -593,4 +593,6 @@ def build_cases(device: torch.device, quick: bool, only: list[str] | None = None
         if bad:
             raise ValueError(f"--only: unknown group(s) {bad}; expected names from {GROUPS}")
     cases = gpu_cases(device, quick) if device.type == "cuda" else cpu_cases(device, quick)
+    from .cases_store import store_cases  # group "store" (it imports this module's helpers)
+    cases += store_cases(device, quick)
     return [c for c in cases if not only or c.group in only]
