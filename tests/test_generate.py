@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.mul_(8.0)
-    pm.eval()
+    pm.eval().to(DEVICE)
     root = tmp_path_factory.mktemp("peft")
     pm.save_pretrained(root)
     dirs = {p.parent.name: p.parent for p in root.rglob("adapter_config.json")}
@@ -39,8 +39,8 @@ def setup(tmp_path_factory):
                                   max_rank=4)
     for n in ("a", "b"):
         server.load_peft(n, dirs[n], device=DEVICE)
-    ids = torch.randint(3, 64, (3, 5), generator=torch.Generator().manual_seed(9))
-    return base, pm, server, ids
+    ids = torch.randint(3, 64, (3, 5), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    return base.to(DEVICE), pm, server, ids
 
 
 GEN = dict(max_new_tokens=4, pad_token_id=0, eos_token_id=None)
@@ -48,7 +48,7 @@ GEN = dict(max_new_tokens=4, pad_token_id=0, eos_token_id=None)
 
 def _ours(server, ids, names, **kw):
     with torch.no_grad():
-        return server.generate(ids.to(DEVICE), names, **GEN, **kw).cpu()
+        return server.generate(ids, names, **GEN, **kw)
 
 
 @pytest.mark.parametrize("beams,nrs", [(3, 2)])
@@ -88,7 +88,7 @@ def test_num_return_sequences_without_beams_and_generation_config(setup):
     kw = dict(max_new_tokens=6, pad_token_id=0, eos_token_id=63, do_sample=False)
     gc = transformers.GenerationConfig(num_beams=2, **kw)
     with torch.no_grad():
-        via_cfg = server.generate(ids.to(DEVICE), names, generation_config=gc).cpu()
+        via_cfg = server.generate(ids, names, generation_config=gc)
         want = pm.generate(input_ids=ids, adapter_names=["b", "a", "__base__"], num_beams=2,
                            **kw)
     assert torch.equal(via_cfg, want)
