@@ -257,7 +257,7 @@ def seg_tn_kernel(
                  acc.to(O.dtype.element_ty), mask=(mr & (rr < MAXR))[:, None] & mn[None, :])
 
 
-# GPU tile configs that an ahead-of-time compile check (tests/aot_tools.py) should also build; the
+# GPU tile configs that the ahead-of-time compile (tests/cuda/aot_tools.py) also builds; the
 # launchers (ops.multi_lora._tiles) use these sizes on a GPU (decode shrinks BLOCK for RB > 16).
 AOT_CONFIGS = {
     "bgmv_kernel": [triton.Config(dict(BLOCK_K=256, BLOCK_N=256), num_warps=4)],

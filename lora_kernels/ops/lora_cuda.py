@@ -32,8 +32,8 @@ from .. import _cuda
 from ._triton import empty
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# Device type the wrappers accept. Only the CPU emulation tests (tests/test_cuda_build.py, with the
-# host-emulated module of csrc/emu) change it, to run this exact code on host memory.
+# Device type the wrappers accept. Only the CPU emulation tests (tests/cuda/test_cuda_build.py, with
+# the host-emulated module of csrc/emu) change it, to run this exact code on host memory.
 _DEVICE_TYPE = "cuda"
 
 
