@@ -46,10 +46,11 @@ from torch import nn
 
 from .harness import DTYPE_NAMES, Case, Impl
 
-GROUPS = ("train", "layer", "methods", "decode", "prefill")
+GROUPS = ("train", "layer", "methods", "decode", "prefill", "store")
 GROUPS += ("dora",)  # bench/cases_dora.py
 # (module, function) of the case groups that live in their own modules (each imports this one)
-EXTRA_CASES = (("cases_dora", "dora_cases"), ("cases_dropin", "dropin_cases"))
+EXTRA_CASES = (("cases_dora", "dora_cases"), ("cases_dropin", "dropin_cases"),
+               ("cases_store", "store_cases"))
 
 
 # ----------------------------------------------------------------------------- helpers
