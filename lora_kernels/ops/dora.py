@@ -107,7 +107,7 @@ def dora_norm(weight, lora_A, lora_B, scaling: float, wsq: torch.Tensor | None =
         return n2.clamp_min_(0.0).sqrt_()
 
 
-def _coldot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 22) -> torch.Tensor:
+def _coldot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.Tensor:
     """``sum_t a[t, j] * b[t, j]`` (out,) in fp32, over row chunks (bounded fp32 temporaries)."""
     T, N = a.shape
     out = torch.zeros(N, dtype=torch.float32, device=a.device)
