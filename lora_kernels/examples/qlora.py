@@ -80,7 +80,7 @@ def main(steps: int = 8) -> dict:
         lk.inject(model, "lora", target_modules=TARGETS, r=4, alpha=8.0, quantize="nf4")
         t = time.perf_counter()
         out["lora_kernels"] = train(model, ids, steps)
-        print(f"losses {['%.4f' % v for v in out['lora_kernels']]} "
+        print(f"losses {[f'{v:.4f}' for v in out['lora_kernels']]} "
               f"({time.perf_counter() - t:.1f} s)")
         return out
     import peft
@@ -102,7 +102,7 @@ def main(steps: int = 8) -> dict:
     for label, model in (("PEFT + bitsandbytes", pm), ("lora_kernels", ours)):
         t = time.perf_counter()
         out[label] = train(model, ids, steps)
-        print(f"{label:>20}: losses {['%.4f' % v for v in out[label]]} "
+        print(f"{label:>20}: losses {[f'{v:.4f}' for v in out[label]]} "
               f"({time.perf_counter() - t:.2f} s)")
     gap = max(abs(a - b) / abs(b) for a, b in zip(out["lora_kernels"], out["PEFT + bitsandbytes"]))
     print(f"max relative loss difference over {steps} steps: {gap:.2e}")
