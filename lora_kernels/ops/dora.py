@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from .. import _validate as V
 from .._backend import ENV_VAR, resolve_backend
 from . import _triton as TR
-from .lora import _needs_grad, gemm_lowrank, tn, torch_keep_mask
+from .lora import Needs, Saved, _needs_grad, gemm_lowrank, tn, torch_keep_mask
 from .lora import _torch_bwd as _lora_torch_bwd
 from .qlora import dense_weight
 
@@ -142,8 +142,8 @@ def _torch_bwd(dy, x2, weight, A, B, s, g, scaling, p, seed, need_dx, need_dA, n
     gd = g.to(dy.dtype)
     dyg = dy * gd                                                   # g * dy (T, out)
     if p == 0.0:
-        return _lora_torch_bwd(dyg, x2, weight, A, B, s, scaling, 0.0, None,
-                               need_dx, need_dA, need_dB)
+        return _lora_torch_bwd(dyg, Saved(x2, weight, A, B, s, scaling, 0.0, None),
+                               Needs(need_dx, need_dA, need_dB))
     keep = torch_keep_mask(seed, x2.shape, p, x2.device)
     dx = dA = dB = None
     gs = (dyg @ B).mul_(scaling)                                    # s G (T, r)
@@ -228,9 +228,10 @@ def _cuda_bwd(dy, x2, weight, A, B, s, g, scaling, p, seed, need_dx, need_dA, ne
     gd = g.to(dy.dtype)
     dyg = dy * gd
     if p == 0.0:
-        return lora_cuda.bwd(dyg, x2, weight, A, B, s, scaling, 0.0, None,
-                             need_dx, need_dA, need_dB)
-    _, dA, dB = lora_cuda.bwd(dyg, x2, weight, A, B, s, scaling, p, seed, False, need_dA, need_dB)
+        return lora_cuda.bwd(dyg, Saved(x2, weight, A, B, s, scaling, 0.0, None),
+                             Needs(need_dx, need_dA, need_dB))
+    _, dA, dB = lora_cuda.bwd(dyg, Saved(x2, weight, A, B, s, scaling, p, seed),
+                              Needs(False, need_dA, need_dB))
     dx = None
     if need_dx:
         keep = lora_cuda.keep_mask(seed, x2.shape[0], x2.shape[1], p)
