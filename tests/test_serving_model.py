@@ -187,8 +187,12 @@ def test_bad_requests_leave_server_unchanged(base, adapters):
     assert server.adapters() == ["a"]
     for _ in range(3):
         server.add(f"x{_}", adapters["b"])
-    with pytest.raises(ValueError, match="slots"):
-        server.add("full", adapters["b"])
+    # any number of adapters may be stored (DESIGN v2); a batch naming more distinct adapters
+    # than the 4 device slots is what is refused
+    assert server.add("more", adapters["b"]) is None
+    with pytest.raises(ValueError, match="5 distinct stored adapters .* max_adapters=4"):
+        server(_ids(5, 2), adapters=["a", "x0", "x1", "x2", "more"])
+    assert server._state.seq_ids is None
 
 
 def test_refuses_non_linear_targets():

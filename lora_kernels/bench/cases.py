@@ -36,6 +36,7 @@ needs it, so a piece that has not landed yet gives an error row, not an import f
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 
@@ -45,7 +46,11 @@ from torch import nn
 
 from .harness import DTYPE_NAMES, Case, Impl
 
-GROUPS = ("train", "layer", "methods", "decode", "prefill")
+GROUPS = ("train", "layer", "methods", "decode", "prefill", "store")
+GROUPS += ("dora",)  # bench/cases_dora.py
+# (module, function) of the case groups that live in their own modules (each imports this one)
+EXTRA_CASES = (("cases_dora", "dora_cases"), ("cases_dropin", "dropin_cases"),
+               ("cases_store", "store_cases"))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -615,4 +620,7 @@ def build_cases(device: torch.device, quick: bool, only: list[str] | None = None
         if bad:
             raise ValueError(f"--only: unknown group(s) {bad}; expected names from {GROUPS}")
     cases = gpu_cases(device, quick) if device.type == "cuda" else cpu_cases(device, quick)
+    # the case groups of later features live in their own modules (each imports this one)
+    for mod, fn in EXTRA_CASES:
+        cases += getattr(importlib.import_module(f".{mod}", __package__), fn)(device, quick)
     return [c for c in cases if not only or c.group in only]
