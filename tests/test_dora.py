@@ -151,6 +151,45 @@ def test_bad_inputs_raise():
         lk.dora_linear(x, w, b, a, bb, m, 1.0, backend="nope")
 
 
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck_and_compile(backend, p):
+    """torch.library.opcheck on both registered ops; a fullgraph torch.compile of the layer
+    matches eager (outputs and gradients)."""
+    from torch.library import opcheck
+
+    x, w, b, a, bb, m = _inputs(5, 12, 7, 3, torch.float32)
+    seed = torch.tensor([5], device=DEVICE) if p > 0 else None
+    args = (x.detach(), w, b, a, bb, m, D.weight_sq_norm(w), 0.5, p, seed, backend)
+    opcheck(torch.ops.lora_kernels.dora_fwd.default, args)
+    with torch.no_grad():
+        y, s, n, g, u = torch.ops.lora_kernels.dora_fwd(*args)
+    yu = u if p > 0 else y
+    dy = randn(5, 7)
+    needs_list = [(True,) * 6, (False, False, False, True, False, True),
+                  (True, False, False, False, True, False)]
+    for needs in needs_list if backend == "torch" else needs_list[:1]:   # interpreter: slow
+        opcheck(torch.ops.lora_kernels.dora_bwd.default,
+                (dy, x.detach(), w, b, a.detach(), bb.detach(), m.detach(), s, n, g, seed, yu,
+                 0.5, p, backend, *needs))
+    if p > 0:
+        return
+    torch._dynamo.reset()
+    layer = lk.DoRALinear.from_linear(nn.Linear(12, 7).to(DEVICE), r=4, alpha=8, backend=backend)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    xx = randn(2, 3, 12)
+    cm = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = cm(xx)
+    y.square().sum().backward()
+    grads = [layer.lora_A.grad.clone(), layer.magnitude.grad.clone()]
+    layer.zero_grad()
+    y0 = layer(xx)
+    y0.square().sum().backward()
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(grads, [layer.lora_A.grad, layer.magnitude.grad])
+
+
 # ----------------------------------------------------------------------------- the layer
 def test_layer_starts_at_base_merges_and_injects():
     torch.manual_seed(1)
