@@ -398,3 +398,42 @@ def test_bench_case_and_headline():
     assert det["dora_train_overhead_vs_lora"]["met"] is False
     assert abs(vals["dora_train_speedup_vs_peft"] - 2.5) < 1e-12
     assert det["dora_train_speedup_vs_peft"]["met"] is True
+
+
+def test_patch_peft_dora_and_inject_adapter(monkeypatch):
+    """patch_peft runs a PEFT DoRA adapter on dora_linear (same output and gradients as PEFT,
+    training mode); inject_adapter builds DoRALinear layers from a loaded DoRA adapter."""
+    import copy
+
+    torch.manual_seed(6)
+    lin = nn.Linear(21, 13).to(DEVICE)
+    pm, pl = _peft_dora(lin, 3, 6, 0.0)
+    ref_m = copy.deepcopy(pm)
+    lk.patch_peft(pm, backend="torch")
+    calls = []
+    orig = D.dora_linear
+    monkeypatch.setattr(D, "dora_linear", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    x = torch.randn(4, 21, device=DEVICE, requires_grad=True)
+    pm.train()
+    ref_m.train()
+    y, yr = pm(x), ref_m(x)
+    assert calls, "patch_peft did not route the DoRA adapter to dora_linear"
+    assert_close(y, yr, torch.float32, "patched y")
+    rl = ref_m.base_model.model.lin
+    ga = torch.autograd.grad(y.square().sum(), [pl.lora_A["default"].weight,
+                                                pl.lora_magnitude_vector["default"].weight])
+    gr = torch.autograd.grad(yr.square().sum(), [rl.lora_A["default"].weight,
+                                                 rl.lora_magnitude_vector["default"].weight])
+    for a, b in zip(ga, gr):
+        assert_close(a, b, torch.float32, "patched grad", factor=10)
+    # inject_adapter with a DoRA entry
+    A, B = pl.lora_A["default"].weight.detach(), pl.lora_B["default"].weight.detach()
+    mag = pl.lora_magnitude_vector["default"].weight.detach()
+    holder = nn.Sequential(copy.deepcopy(lin))
+    lk.inject_adapter(holder, {"0": lk.peft_io.DoRAFactors(A, B, 2.0, mag)})
+    assert isinstance(holder[0], lk.DoRALinear)
+    with torch.no_grad():
+        assert_close(holder(x), yr, torch.float32, "inject_adapter DoRA")
+    with pytest.raises(ValueError, match="magnitude"):
+        lk.inject_adapter(nn.Sequential(copy.deepcopy(lin)), {"0": (A, B, 2.0, mag[:3])})
+
