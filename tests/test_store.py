@@ -323,3 +323,22 @@ def test_bench_schedule_hits_its_target(hit_rate):
             pass
     assert store.stats.hit_rate == pytest.approx(hit_rate, abs=0.01)
     assert store.stats.evictions == store.stats.misses - 8    # once the 8 free slots are filled
+
+
+def test_swap_to_lower_rank_and_uncovered_module_leaves_zeros():
+    """A slot rewritten by a lower-rank adapter keeps the pool layout (rows >= rank zero); a
+    module the new adapter does not cover is emptied; the pools' host mirrors follow."""
+    g = torch.Generator().manual_seed(7)
+    pools = {"p": _pool(1, 4), "q": _pool(1, 4)}
+    store = AdapterStore(pools)
+    A4, B4 = _factors(g, 4)
+    A1, B1 = _factors(g, 1)
+    store.add("big", {"p": (A4, B4, 1.0), "q": (A4, B4, 1.0)})
+    store.add("small", {"p": (A1, B1, 2.0)}, load=False)
+    with store.lease(["small"]) as lease:
+        assert lease.slots == {"small": 0}
+    assert _slot_holds(pools["p"], 0, (A1, B1, 2.0))
+    assert pools["p"].names() == ["small"] and pools["p"].slot("small") == 0
+    assert "big" not in pools["p"] and len(pools["q"]) == 0 and int(pools["q"].ranks[0]) == 0
+    assert (pools["q"].lora_A == 0).all() and (pools["q"].lora_Bt == 0).all()
+    assert store.stats.bytes_moved == 2 * 4 * (IN + OUT) * 4 + 1 * (IN + OUT) * 4
