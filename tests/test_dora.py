@@ -13,7 +13,7 @@ from lora_kernels.ops._triton import draw_seed
 from lora_kernels.ops.lora import torch_keep_mask
 from lora_kernels.reference import dora as ref
 
-from conftest import DEVICE, DTYPES, TOL, backends
+from conftest import DEVICE, DTYPES, backends
 from helpers import assert_close, noncontig, randn, rel_err
 
 SHAPES = [  # (T, in, out, r)
@@ -330,4 +330,32 @@ def test_peft_dora_file_missing_magnitude_refused(tmp_path):
         lk.load_peft_adapter(tmp_path)
 
 
-assert TOL  # tolerance table shared with the other suites
+def test_bench_case_and_headline():
+    """The ``dora`` bench case runs (ours agrees with PEFT's DoRA, CPU peak memory recorded) and
+    the two DoRA headline ratios come from its rows (synthetic times, no timing asserted)."""
+    from lora_kernels.bench import cases_dora as CD
+    from lora_kernels.bench import report
+    from lora_kernels.bench.cases import HEAD_TRAIN, train_key
+    from lora_kernels.bench.harness import Budget, Peaks, run_cases
+
+    cpu = torch.device("cpu")
+    tiny = Budget(warmup_ms=0.0, rep_ms=1.0, min_reps=2, max_reps=3)
+    rows = run_cases([CD.dora_case(8, 32, 24, 4, torch.float32, cpu)], cpu, Peaks(cpu, True),
+                     tiny, show_progress=False)
+    by = {r["impl"]: r for r in rows}
+    assert set(by) == {"peft_dora", "ours_default", "lora_default"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["peak_mem_mb"] > 0
+    assert by["ours_default"]["rel_err_vs_ref"] < 1e-5
+    cc = CD.dora_cpu_checks(rows)["dora_layer_fwd_bwd"]
+    assert cc[train_key(8, 32, 24, 4, torch.float32)]["ours_over_peft_time"] > 0
+    key = train_key(*HEAD_TRAIN)
+    ok = dict(group="dora", case=key, status="ok")
+    vals, det = report.headline([dict(impl="ours_triton", time_ms=1.2, **ok),
+                                 dict(impl="lora_triton", time_ms=1.0, **ok),
+                                 dict(impl="peft_dora", time_ms=3.0, **ok)])
+    assert abs(vals["dora_train_overhead_vs_lora"] - 1.2) < 1e-12
+    assert det["dora_train_overhead_vs_lora"]["met"] is False
+    assert abs(vals["dora_train_speedup_vs_peft"] - 2.5) < 1e-12
+    assert det["dora_train_speedup_vs_peft"]["met"] is True

@@ -53,6 +53,12 @@ HEADLINE_SPEC = {
         definition="time(multi_lora_linear triton, 4 adapters x 1024 tokens) / time(base GEMM)"),
 }
 
+# DoRA (bench/cases_dora.py)
+from .cases_dora import DORA_HEADLINE, dora_cpu_checks  # noqa: E402
+
+HEADLINE_KEYS += tuple(DORA_HEADLINE)
+HEADLINE_SPEC.update(DORA_HEADLINE)
+
 # issue 14: more adapters than device slots (lora_kernels/bench/cases_store.py)
 HEADLINE_KEYS += ("decode_overhead_at_90pct_hits",)
 HEADLINE_SPEC["decode_overhead_at_90pct_hits"] = dict(
@@ -171,6 +177,7 @@ def cpu_checks(rows: list[dict]) -> dict:
                and v["ours_over_peft"] > 1.0 + 0.5 * max(v["spread_ours"] or 0.0,
                                                          v["spread_peft"] or 0.0)]
         out["significantly_slower"] = sig
+    out["dora"] = dora_cpu_checks(rows)
     return out
 
 

@@ -56,6 +56,12 @@ class DoRALinear(AdapterLinear):
     def weight_sq_norm(self) -> torch.Tensor:
         """``||W_j||^2`` (out,) fp32 of the frozen base, cached per (storage, version, device)."""
         w = self.weight
+        if self.quantized:  # frozen codes: deq(W)'s norms, once per device / compute dtype
+            key = ("quantized", id(w), w.device, w.dtype)
+            if self._wsq is None or self._wsq_key != key:
+                self._wsq = weight_sq_norm(w.dequantize(torch.float32))
+                self._wsq_key = key
+            return self._wsq
         key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
         if self._wsq is None or self._wsq_key != key:
             self._wsq = weight_sq_norm(w.detach())

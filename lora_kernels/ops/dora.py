@@ -74,6 +74,7 @@ from .._backend import ENV_VAR, resolve_backend
 from . import _triton as TR
 from .lora import _needs_grad, gemm_lowrank, tn, torch_keep_mask
 from .lora import _torch_bwd as _lora_torch_bwd
+from .qlora import dense_weight
 
 
 # ----------------------------------------------------------------------------- the weight norm
@@ -89,6 +90,7 @@ def dora_norm(weight, lora_A, lora_B, scaling: float, wsq: torch.Tensor | None =
     ``wsq``: ``||W_j||^2`` (out,) fp32 or None (computed). The ``A W^T`` product runs on
     ``backend`` (Triton: fp32 accumulate and output; torch/cuda: one F.linear in W's dtype).
     """
+    weight = dense_weight(weight, lora_A)
     with torch.no_grad():
         if wsq is None:
             wsq = weight_sq_norm(weight)
@@ -105,7 +107,7 @@ def dora_norm(weight, lora_A, lora_B, scaling: float, wsq: torch.Tensor | None =
         return n2.clamp_min_(0.0).sqrt_()
 
 
-def _coldot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 22) -> torch.Tensor:
+def _coldot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.Tensor:
     """``sum_t a[t, j] * b[t, j]`` (out,) in fp32, over row chunks (bounded fp32 temporaries)."""
     T, N = a.shape
     out = torch.zeros(N, dtype=torch.float32, device=a.device)
@@ -336,6 +338,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling=1.0, dropout
         ``(..., out)`` in x's dtype; gradients to x, magnitude, lora_A, lora_B (and weight/bias if
         they require grad).
     """
+    weight = dense_weight(weight, x)  # a quantized base: deq(W) per call (ops.qlora)
     in_f, out_f = V.lora_args(x, weight, bias, lora_A, lora_B)
     V.float_tensor("magnitude", magnitude, ndim=1)
     V.shape("magnitude", magnitude, (out_f,), "(out_features,)")
