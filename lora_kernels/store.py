@@ -296,7 +296,7 @@ class _HostAdapter:
 
 
 def _check_pools(pools) -> dict:
-    from .serving import AdapterPool
+    from . import AdapterPool  # (wherever the package defines it)
 
     if isinstance(pools, AdapterPool):
         pools = {"": pools}
