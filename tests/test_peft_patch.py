@@ -193,20 +193,70 @@ def test_dropout_fused_in_training_only(calls, monkeypatch):
     assert rel_err(y_train, y_eval) > 1e-3  # the dropout acted
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dora_patched_trains_like_unpatched(kind, calls, monkeypatch):
+    import lora_kernels.ops.dora as dora_ops
+
+    n = {"dora": 0}
+    real = dora_ops.dora_linear
+    monkeypatch.setattr(dora_ops, "dora_linear",
+                        lambda *a, **k: n.__setitem__("dora", n["dora"] + 1) or real(*a, **k))
+    ref = _model(kind, use_dora=True, lora_dropout=0.0, init_lora_weights=False).train()
+    pat = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DoRA is fused: nothing left to PEFT, no warning
+        lk.patch_peft(pat)
+    losses = {}
+    for name, m in (("ref", ref), ("pat", pat)):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for step in range(3):
+            ids = _batch(seed=step)
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert n["dora"] == 3 * 6 and calls["fused"] == 0
+    for a, b in zip(losses["ref"], losses["pat"]):
+        assert abs(a - b) <= 1e-5 * abs(a), (losses["ref"], losses["pat"])
+    sa, sb = ref.state_dict(), pat.state_dict()
+    for k in sa:
+        if "lora_" in k:  # lora_A, lora_B and the DoRA magnitudes all trained alike
+            assert rel_err(sb[k], sa[k]) < 1e-5, k
+    assert any("lora_magnitude_vector" in k for k in sa)
+
+
+def test_dora_with_dropout_eval_and_multi_adapter_fallback():
+    pm = _model("llama", use_dora=True, lora_dropout=0.2, init_lora_weights=False)
+    pm.add_adapter("plain", peft.LoraConfig(target_modules=["q_proj"], r=2,
+                                            init_lora_weights=False))
+    ref = copy.deepcopy(pm).eval()
+    lk.patch_peft(pm)
+    pm.eval()
+    ids = _batch()
+    with torch.no_grad():
+        assert rel_err(pm(ids).logits, ref(ids).logits) < 1e-5
+        # DoRA together with another active adapter: PEFT's own forward (same result)
+        pm.base_model.set_adapter(["default", "plain"])
+        ref.base_model.set_adapter(["default", "plain"])
+        assert rel_err(pm(ids).logits, ref(ids).logits) < 1e-5
+
+
 def test_unfusable_left_to_peft_with_one_warning():
     base = tiny_llama()
     torch.manual_seed(1)
     pm = peft.get_peft_model(base, peft.LoraConfig(
         target_modules=["q_proj", "embed_tokens"], r=2, use_dora=False,
         init_lora_weights=False)).eval()
-    pm.add_adapter("d", peft.LoraConfig(target_modules=["q_proj"], r=2, use_dora=True,
+    pm.add_adapter("d", peft.LoraConfig(target_modules=["q_proj"], r=2, lora_bias=True,
                                         init_lora_weights=False))
     ref = copy.deepcopy(pm)
     with pytest.warns(UserWarning, match="patch_peft") as w:
         lk.patch_peft(pm)
     assert len(w) == 1
     msg = str(w[0].message)
-    assert "embed_tokens" in msg and "Embedding" in msg and "'d'" in msg
+    assert "embed_tokens" in msg and "Embedding" in msg and "'d'" in msg  # lora_bias: PEFT's
     ids = _batch()
     for adapter in ("default", "d"):
         pm.set_adapter(adapter)
