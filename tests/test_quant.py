@@ -135,7 +135,7 @@ def test_fp8_needs_sm89(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- bitsandbytes
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _no_bnb_compile():
     """bitsandbytes wraps its portable kernels in torch.compile (seconds per new shape on CPU);
     eager gives the same values."""
@@ -150,6 +150,7 @@ def _bnb():
     return bnb
 
 
+@pytest.mark.usefixtures("_no_bnb_compile")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(6, 128), (37, 61), (3, 5)])
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
@@ -198,6 +199,7 @@ def _params4bit(bnb, q, st):
                              bnb_quantized=True)
 
 
+@pytest.mark.usefixtures("_no_bnb_compile")
 def test_from_bnb_linear4bit_and_refusals():
     bnb = _bnb()
     lin = bnb.nn.Linear4bit(128, 20, bias=True, quant_type="nf4", compress_statistics=True)
@@ -307,3 +309,23 @@ def aot_calls():
         if split:
             qgemm(x.detach(), qw, trans_w=False, out_dtype=dtype, s=torch.randn(5, 4),
                   bm=bb.detach(), splits=2)
+
+
+def test_qlora_registered_op_and_compile():
+    """The registered op (quantized weight passed as its tensors) passes opcheck, and a
+    fullgraph torch.compile of lora_linear on an NF4 base gives the eager values and gradients."""
+    from lora_kernels.ops.qlora import QLORA_OP, _flatten
+
+    x, qw, b, a, bb = _qinputs(3, 64, 20, 4, torch.float32, "nf4-dq32")
+    ts, meta, fmt = _flatten(qw)
+    torch.library.opcheck(QLORA_OP.custom_op, (x, ts, meta, fmt, b, a, bb, 0.5, 0.0, None,
+                                               "torch"))
+    f = torch.compile(lambda x, a, bb: lk.lora_linear(x, qw, b, a, bb, 0.5, backend="torch"),
+                      fullgraph=True)
+    y = f(x, a, bb)
+    ref = lk.lora_linear(x, qw, b, a, bb, 0.5, backend="torch")
+    assert torch.equal(y, ref)
+    g1 = torch.autograd.grad(y.sum(), (x, a, bb))
+    g2 = torch.autograd.grad(ref.sum(), (x, a, bb))
+    for u, v in zip(g1, g2):
+        assert_close(u, v.double(), torch.float32)

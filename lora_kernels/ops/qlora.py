@@ -277,7 +277,10 @@ def _grads(ctx, bwd, dy, _ds=None):
     dx, dA, dB = bwd(dy, x, qts, ctx.qmeta, ctx.fmt, A, B, s, ctx.scaling, ctx.p, seed,
                      ctx.backend, nx, na, nB)
     db = dy.sum(0) if (nb and ctx.has_bias) else None
-    return (dx if nx else None, None, None, None, db, dA if na else None,
+    # the registered op's autograd wants the list input's structure back (one None per tensor);
+    # the eager autograd.Function (called with _bwd itself) one None for the list
+    dq = None if bwd is _bwd else [None] * len(qts)
+    return (dx if nx else None, dq, None, None, db, dA if na else None,
             dB if nB else None, None, None, None, None)
 
 
