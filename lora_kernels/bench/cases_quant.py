@@ -5,6 +5,8 @@
 ``ours_nf4``        ``LoRALinear.from_linear(linear, quantize="nf4")`` (blocksize 64, double
                     quantisation), default backend (CPU: torch = dequantise then GEMM);
 ``ours_nf4_triton`` the same on ``backend="triton"`` (CUDA only: tiles dequantised in registers);
+``ours_nf4_cuda``   the same on ``backend="cuda"`` (CUDA only: dequantise into a reused workspace,
+                    then the CUDA LoRA kernels; an error row when ``lora_kernels._C`` is absent);
 ``dense``           our ``LoRALinear`` on the dense weight (default backend; the baseline);
 ``dense_triton``    the same on ``backend="triton"`` (CUDA only);
 ``peft_bnb``        PEFT's ``lora.Linear4bit`` over a bitsandbytes ``Linear4bit`` (same NF4 codes);
@@ -141,7 +143,8 @@ def _impls(device, train: bool) -> list[Impl]:
     impls = [_impl_ours("dense", False, None, train), _impl_ours("ours_nf4", True, None, train)]
     if device.type == "cuda":
         impls += [_impl_ours("dense_triton", False, "triton", train),
-                  _impl_ours("ours_nf4_triton", True, "triton", train)]
+                  _impl_ours("ours_nf4_triton", True, "triton", train),
+                  _impl_ours("ours_nf4_cuda", True, "cuda", train)]
     return impls + [_impl_peft_bnb(train), _impl_eager_deq(train)]
 
 
