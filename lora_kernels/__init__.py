@@ -23,6 +23,7 @@ from .ops.nora import nora_linear
 from .params import count_trainable, param_table, print_param_table, trainable_params
 from .peft_io import load_peft_adapter, save_peft_adapter
 from .peft_patch import patch_peft, unpatch_peft
+from .quant import FP8Weight, Int8Weight, NF4Weight  # lora_kernels.quant: quantized bases
 from .serving import AdapterPool, MultiAdapterModel
 
 __version__ = "0.1.0"
@@ -49,3 +50,4 @@ __all__ += [
 ]
 __all__ += ["DoRALinear", "dora_linear"]
 __all__ += ["inject_adapter", "merge_and_unload", "patch_peft", "unpatch_peft"]
+__all__ += ["FP8Weight", "Int8Weight", "NF4Weight"]
