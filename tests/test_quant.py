@@ -329,3 +329,25 @@ def test_qlora_registered_op_and_compile():
     g2 = torch.autograd.grad(ref.sum(), (x, a, bb))
     for u, v in zip(g1, g2):
         assert_close(u, v.double(), torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_multi_lora_on_a_quantized_base(backend):
+    """multi_lora_linear with an NF4 base: the quantized base GEMM plus the per-token adapter
+    delta, forward and dx, against float64 on deq(W)."""
+    pool = lk.AdapterPool(64, 40, 3, 8, device=DEVICE)
+    pool.add("a", randn(3, 64), randn(40, 3), 0.5)
+    pool.add("b", randn(5, 64), randn(40, 5), 2.0)
+    qw = FORMATS["nf4-dq32"](randn(40, 64, scale=0.1))
+    b = randn(40)
+    x = randn(6, 64, requires_grad=True)
+    ids = torch.tensor([0, 1, -1, 1, 0, -1], device=DEVICE)
+    y = lk.multi_lora_linear(x, qw, b, pool, ids, backend=backend)
+    W = dequantize_ref(qw).to(DEVICE)
+    xd = x.detach().double().requires_grad_()
+    yr = lk.multi_lora_linear(xd.float(), None, None, pool, ids, backend="torch").double()
+    yr = yr + xd @ W.T + b.double()
+    assert_close(y, yr.detach(), torch.float32, "y")
+    gy = torch.randn_like(yr)
+    (dx,) = torch.autograd.grad(y, (x,), gy.float())
+    assert_close(dx, torch.autograd.grad(yr, (xd,), gy)[0], torch.float32, "dx")
