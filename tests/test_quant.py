@@ -225,7 +225,9 @@ def test_from_bnb_linear4bit_and_refusals():
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qlora_forward_backward(backend, fmt, dtype):
-    for T, i, o, r in SHAPES[:2] if dtype != torch.float32 else SHAPES:
+    # every shape in fp32 for the two layouts with K tails inside blocks; one odd shape otherwise
+    full = dtype == torch.float32 and fmt in ("nf4-dq32", "int8")
+    for T, i, o, r in SHAPES if full else SHAPES[1:2]:
         x, qw, b, a, bb = _qinputs(T, i, o, r, dtype, fmt)
         b.requires_grad_()
         _check(x, qw, b, a, bb, 0.7, backend, dtype)
