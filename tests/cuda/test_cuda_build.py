@@ -581,7 +581,10 @@ def test_multi_lora_y_is_x(kdev, mode):
 @gpu
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 def test_multi_lora_cuda_graph_replay(mode):
-    """Capture one decode (or prefill) step in a CUDA graph, replay it on new inputs."""
+    """Capture one decode (or prefill) step in a CUDA graph, replay it on new inputs, new ids and
+    with an adapter of another rank swapped into a slot between replays (the kernels read ranks
+    and factors from the pool tensors, so the captured graph serves whatever the slots hold;
+    tests/test_store.py does the same through the AdapterStore's side-stream copies)."""
     from lora_kernels.ops import multi_lora_cuda
 
     dev = torch.device("cuda")
@@ -608,6 +611,12 @@ def test_multi_lora_cuda_graph_replay(mode):
     for step in range(3):
         x.copy_(rnd(T, in_f, dtype=dtype, device=dev))
         ids.copy_(torch.randint(-1, 8, (T,), generator=torch.Generator().manual_seed(step)))
+        slot, r_new = (3 * step + 1) % 8, [5, 16, 1][step]      # swap an adapter in
+        A[slot].zero_()
+        Bt[slot].zero_()
+        A[slot, :r_new] = rnd(r_new, in_f, dtype=dtype, device=dev, scale=in_f ** -0.5)
+        Bt[slot, :r_new] = rnd(r_new, out_f, dtype=dtype, device=dev, scale=r_new ** -0.5)
+        rk[slot], sc[slot] = r_new, 0.3 + step
         graph.replay()
         eager = y0.clone()
         multi_lora_cuda.add_lora_(eager, x, A, Bt, rk, sc, ids, mode=mode)

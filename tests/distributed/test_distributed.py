@@ -38,6 +38,11 @@ def make_layer(kind: str, in_f: int, out_f: int, seed: int = 0, bias: bool = Tru
             lin.bias.copy_(torch.randn(out_f, generator=g) * 0.1)
     if kind == "lora":
         m = lora_kernels.LoRALinear.from_linear(lin, r=3, alpha=6.0)
+    elif kind == "lora_conv1d":  # transformers Conv1D base: weight read as a transposed view
+        from lora_kernels._conv1d import to_conv1d
+
+        m = lora_kernels.LoRALinear.from_linear(to_conv1d(lin), r=3, alpha=6.0)
+        assert m.fan_in_fan_out and m.weight.stride() == (1, out_f)
     elif kind == "nora":
         m = lora_kernels.NoRALinear.from_linear(lin, outer_rank=4, inner_rank=2, alpha=2.0)
     elif kind == "curlora":
@@ -359,6 +364,7 @@ def _tp_scenario(kind):
 
 for _k in KINDS:
     scenario(2, 4)(_tp_scenario(_k))
+scenario(2)(_tp_scenario("lora_conv1d"))  # issue 13: GPT-2 layout under TP
 
 
 @scenario(2)
