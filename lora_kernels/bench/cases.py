@@ -208,14 +208,15 @@ def _impl_lora_tma() -> Impl:
     at T=8192, noise against a ~1 ms step)."""
     def prepare(sets, device):
         from lora_kernels.ops import lora_tma
+        from lora_kernels.ops.lora import Needs, Saved
 
         def step(i):
             d = sets[i]
             x = d["x"].detach()
             y, s = lora_tma.fwd(x, d["W"], d["b"], d["A"].detach(), d["B"].detach(), d["s"],
                                 0.0, None)
-            dx, dA, dB = lora_tma.bwd(d["dy"], x, d["W"], d["A"].detach(), d["B"].detach(), s,
-                                      d["s"], 0.0, None, True, True, True)
+            dx, dA, dB = lora_tma.bwd(d["dy"], Saved(x, d["W"], d["A"].detach(), d["B"].detach(),
+                                                     s, d["s"], 0.0, None), Needs(True, True, True))
             return y, dx, dA, dB
         return step
     return Impl("ours_triton_tma", prepare,

@@ -173,8 +173,8 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
             label[0] = f"train{'-dropout' if p else ''} fwd T{T} {K}x{N} r{r}"
             _, s = L._triton_fwd(x, w, None, A, B, 2.0, p, seed)
             label[0] = f"train{'-dropout' if p else ''} bwd T{T} {K}x{N} r{r}"
-            L._triton_bwd(dy, x, w, A, B, e(T, r, dt=torch.float32), 2.0, p, seed,
-                          True, True, True)
+            L._triton_bwd(dy, L.Saved(x, w, A, B, e(T, r, dt=torch.float32), 2.0, p, seed),
+                          L.Needs(True, True, True))
         from ..kernels.lora_tma import TMA_CONFIGS
         from ..ops import lora_tma as LT
 

@@ -54,14 +54,15 @@ def _calls():
             y.sum().backward()
 
     from lora_kernels.ops import lora_tma
+    from lora_kernels.ops.lora import Needs, Saved
 
     for dtype in (torch.float32, torch.bfloat16):  # the TMA-descriptor candidate, with dropout
         x, w = torch.randn(5, 24, dtype=dtype), torch.randn(16, 24, dtype=dtype)
         a, bb = torch.randn(4, 24, dtype=dtype), torch.randn(16, 4, dtype=dtype)
         seed = torch.tensor([3])
         y, s = lora_tma.fwd(x, w, None, a, bb, 0.5, 0.1, seed)
-        lora_tma.bwd(torch.randn(5, 16, dtype=dtype), x, w, a, bb, s, 0.5, 0.1, seed,
-                     True, False, False)
+        lora_tma.bwd(torch.randn(5, 16, dtype=dtype), Saved(x, w, a, bb, s, 0.5, 0.1, seed),
+                     Needs(True, False, False))
 
     for cfg, dtype in ((FULL, torch.bfloat16), (CONFIGS["vec-scalar"], torch.float16),
                        (CONFIGS["mixed"], torch.float32)):
