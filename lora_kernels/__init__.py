@@ -6,20 +6,23 @@ Importing this package makes no GPU query and needs no compiled code; the CUDA m
 
 from ._backend import BACKENDS, cuda_available, resolve_backend, triton_available
 from .compose import lora_cosine, rms_cosine, sum_adapters, sum_loras
-from .inject import inject
+from .inject import inject, inject_adapter, merge_and_unload
 from .layers import METHODS, AdapterLinear, LoRALinear
 from .layers.cur import CURLoRALinear
 from .layers.deep import DeepLoRALinear
+from .layers.dora import DoRALinear
 from .layers.glora import GLoRALinear
 from .layers.nora import NoRALinear
 from .ops.cur import cur_linear
 from .ops.deep import deep_lora_linear
+from .ops.dora import dora_linear
 from .ops.glora import glora_linear
 from .ops.lora import lora_linear
 from .ops.multi_lora import multi_lora_add_, multi_lora_linear
 from .ops.nora import nora_linear
 from .params import count_trainable, param_table, print_param_table, trainable_params
 from .peft_io import load_peft_adapter, save_peft_adapter
+from .peft_patch import patch_peft, unpatch_peft
 from .serving import AdapterPool, MultiAdapterModel
 
 __version__ = "0.1.0"
@@ -44,3 +47,5 @@ __all__ += [
     "multi_lora_add_", "multi_lora_linear", "rms_cosine", "save_peft_adapter", "sum_adapters",
     "sum_loras",
 ]
+__all__ += ["DoRALinear", "dora_linear"]
+__all__ += ["inject_adapter", "merge_and_unload", "patch_peft", "unpatch_peft"]

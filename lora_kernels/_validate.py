@@ -179,16 +179,20 @@ def ids_in_slots(name: str, ids: torch.Tensor, max_adapters: int,
                      f"there{'; loaded: ' + loaded if loaded else ''})")
 
 
-@torch.library.custom_op("lora_kernels::check_ids", mutates_args=())
-def _check_ids_op(ids: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+def _check_ids_impl(ids: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """``ids`` copied to ``ranks``' device after :func:`ids_in_slots` against the slots with a
-    nonzero rank: the check ``AdapterPool.check_ids`` runs under ``torch.compile``, where a
-    data-dependent ``if`` would break the graph."""
-    dev_ids = ids.to(ranks.device)
-    ids_in_slots("adapter_ids", dev_ids, ranks.shape[0], ranks > 0)
+    nonzero rank: the check ``AdapterPool.check_ids`` runs under ``torch.compile`` (as the
+    registered op ``lora_kernels::check_ids``), where a data-dependent ``if`` would break the
+    graph."""
+    ids_in_slots("adapter_ids", ids.to(ranks.device), ranks.shape[0], ranks > 0)
     return ids.to(ranks.device, copy=True)
 
 
-@_check_ids_op.register_fake
-def _(ids, ranks):
-    return torch.empty_like(ids, device=ranks.device)
+def _define_check_ids():
+    from .ops._register import define_op
+
+    return define_op("lora_kernels::check_ids", _check_ids_impl,
+                     fake=lambda ids, ranks: torch.empty_like(ids, device=ranks.device))
+
+
+CHECK_IDS_OP = _define_check_ids()

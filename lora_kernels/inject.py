@@ -1,12 +1,18 @@
-"""Model surgery: replace matching ``nn.Linear``s of any model (Hugging Face or not) with adapter
-layers, with PEFT's target-module rules and no per-architecture code."""
+"""Model surgery: replace matching ``nn.Linear``s (or transformers ``Conv1D``s, GPT-2) of any model
+(Hugging Face or not) with adapter layers, with PEFT's target-module rules and no
+per-architecture code; make a model trainable from a loaded adapter (:func:`inject_adapter`) and
+fold every adapter layer back (:func:`merge_and_unload`)."""
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import torch
 from torch import nn
+
+from ._conv1d import is_conv1d, is_linear_like, to_conv1d
 
 
 def _matcher(target_modules):
@@ -33,12 +39,12 @@ def _matcher(target_modules):
 
 def find_linears(model: nn.Module, target_modules) -> list[str]:
     """Names of the modules of ``model`` matched by ``target_modules``, all checked to be
-    ``nn.Linear``.
+    ``nn.Linear`` or transformers ``Conv1D``.
 
     Rules (PEFT's): a list matches a module whose full name equals an entry or ends with
     ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); a string is a
     regex that must match the full name. Raises ``ValueError`` if nothing matches and
-    ``TypeError`` if a matched module is not an ``nn.Linear``.
+    ``TypeError`` if a matched module is neither an ``nn.Linear`` nor a ``Conv1D``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -47,12 +53,13 @@ def find_linears(model: nn.Module, target_modules) -> list[str]:
     for name, mod in model.named_modules():
         if not name or not match(name):
             continue
-        if not isinstance(mod, nn.Linear):
+        if not is_linear_like(mod):
             raise TypeError(f"target_modules matched {name!r}, a {type(mod).__name__}; only "
-                            "nn.Linear modules can be targeted (narrow target_modules)")
+                            "nn.Linear / transformers Conv1D modules can be targeted (narrow "
+                            "target_modules)")
         names.append(name)
     if not names:
-        some = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        some = [n for n, m in model.named_modules() if is_linear_like(m)][:8]
         raise ValueError(f"target_modules {target_modules!r} matched no module of the model "
                          f"(its linears include: {some})")
     return names
@@ -65,8 +72,10 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject(model: nn.Module, method: str = "lora", target_modules=None, **method_kwargs):
-    """Replace every ``nn.Linear`` of ``model`` matched by ``target_modules`` with
-    ``METHODS[method].from_linear(linear, **method_kwargs)``, in place; return ``model``.
+    """Replace every ``nn.Linear`` (or transformers ``Conv1D``: the layer reads its weight through
+    the transposed view, see :mod:`lora_kernels._conv1d`) of ``model`` matched by
+    ``target_modules`` with ``METHODS[method].from_linear(linear, **method_kwargs)``, in place;
+    return ``model``.
 
     ``method`` is a key of :data:`lora_kernels.METHODS` (``"lora"``, ...); ``method_kwargs`` are
     that layer's ``from_linear`` arguments (e.g. ``r=8, alpha=16`` for LoRA). All new layers are
@@ -86,4 +95,93 @@ def inject(model: nn.Module, method: str = "lora", target_modules=None, **method
     new = {name: cls.from_linear(model.get_submodule(name), **method_kwargs) for name in names}
     for name, layer in new.items():
         _set(model, name, layer)
+    return model
+
+
+def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
+                   trainable: bool = True, backend: str | None = None) -> nn.Module:
+    """Make ``model`` carry a loaded adapter as trainable :class:`~lora_kernels.LoRALinear` layers,
+    in place; return ``model``.
+
+    ``adapter``: ``{module name: (lora_A (r, in), lora_B (out, r), scaling)}`` (e.g.
+    :func:`lora_kernels.load_peft_adapter`): each named ``nn.Linear`` / ``Conv1D`` becomes a
+    ``LoRALinear`` of that module's own rank with that exact scaling (so per-module
+    ``rank_pattern`` / ``alpha_pattern`` and rsLoRA's ``alpha / sqrt(r)`` carry over; ``alpha`` is
+    recorded as ``scaling * r``) and the factors copied in (converted to the base weight's dtype
+    and device). ``trainable=False`` freezes the factors. Everything is checked and built before
+    the first replacement: a refused call (unknown module, non-linear module, shape mismatch)
+    leaves the model unchanged.
+    """
+    from .compose import _factors
+    from .layers import AdapterLinear, LoRALinear
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(adapter, Mapping):
+        raise TypeError("adapter must be a dict {module name: (lora_A, lora_B, scaling)}, got "
+                        f"{type(adapter).__name__}")
+    if not adapter:
+        raise ValueError("adapter is empty")
+    mods = dict(model.named_modules())
+    new = {}
+    for name, entry in adapter.items():
+        A, B, s = _factors(f"adapter[{name!r}]", entry)
+        if name not in mods or not name:
+            some = [n for n, m in mods.items() if is_linear_like(m)][:8]
+            raise ValueError(f"adapter names module {name!r}, which the model does not have "
+                             f"(its linears include: {some})")
+        mod = mods[name]
+        if isinstance(mod, AdapterLinear):
+            raise TypeError(f"adapter[{name!r}]: the model's {name!r} is already an adapter "
+                            f"layer ({type(mod).__name__}); merge_and_unload it first")
+        if not is_linear_like(mod):
+            raise TypeError(f"adapter[{name!r}]: the model's {name!r} is a "
+                            f"{type(mod).__name__}, not an nn.Linear / Conv1D")
+        w = mod.weight
+        out_f, in_f = (w.shape[1], w.shape[0]) if is_conv1d(mod) else tuple(w.shape)
+        r = A.shape[0]
+        if A.shape[1] != in_f or B.shape[0] != out_f:
+            raise ValueError(f"adapter[{name!r}] maps {A.shape[1]} -> {B.shape[0]} features but "
+                             f"the model's {name!r} maps {in_f} -> {out_f}")
+        if not math.isfinite(s):
+            raise ValueError(f"adapter[{name!r}]: scaling must be finite, got {s}")
+        layer = LoRALinear.from_linear(mod, r, alpha=s * r, dropout=dropout, backend=backend)
+        layer.scaling = float(s)  # exact (alpha / r might not round-trip to the same float)
+        with torch.no_grad():
+            layer.lora_A.copy_(A.to(layer.lora_A.dtype))
+            layer.lora_B.copy_(B.to(layer.lora_B.dtype))
+        layer.lora_A.requires_grad_(trainable)
+        layer.lora_B.requires_grad_(trainable)
+        new[name] = layer
+    for name, layer in new.items():
+        _set(model, name, layer)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter layer of ``model`` (any :class:`~lora_kernels.AdapterLinear`: LoRA,
+    NoRA, CURLoRA, Deep LoRA, GLoRA, ...) into a plain ``nn.Linear`` (a ``Conv1D`` for layers
+    built from one), in place; return ``model``. The merged weight is ``W + delta`` summed in
+    float64 and rounded once to the base dtype (:meth:`AdapterLinear.merged`); requires_grad of
+    the new base parameters follows the frozen base (False). ``ValueError`` if the model has no
+    adapter layer (nothing is changed)."""
+    from .layers import AdapterLinear
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, AdapterLinear):
+        raise TypeError("model is itself an adapter layer: use its merged() method")
+    names = [n for n, m in model.named_modules() if n and isinstance(m, AdapterLinear)]
+    if not names:
+        raise ValueError("model has no adapter layer to merge")
+    new = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        lin = layer.merged()
+        lin.requires_grad_(False)
+        new[name] = to_conv1d(lin) if layer.fan_in_fan_out else lin
+        new[name].requires_grad_(False)
+        new[name].train(layer.training)
+    for name, m in new.items():
+        _set(model, name, m)
     return model

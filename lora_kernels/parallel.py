@@ -52,8 +52,9 @@ is exchanged with one ``all_gather_object`` on the mesh's group, so all ranks ag
 Values follow mesh rank 0: parameters are scattered/broadcast from it (``distribute_tensor``)
 and buffers (CURLoRA's ``col_idx``/``row_idx``) are broadcast from it.
 
-Per layer type: NoRA and Deep LoRA collapse their local factors to LoRA-equivalent ``(P, Q)``
-(``ops.nora.nora_factors`` / ``ops.deep.deep_factors`` on the shards) and run the fused LoRA op;
+Per layer type: LoRA, NoRA and Deep LoRA build their LoRA-equivalent ``(P, Q)`` with the layer's
+own hook on the local shards (``lora_factors(view)``, see ``_factor_forward``) and run the fused
+LoRA op;
 CURLoRA takes ``C``'s rows (column-parallel) or ``R``'s columns (row-parallel) from the local
 base shard and gathers the other, frozen, factor once (cached; see ``_cur_refresh``); GLoRA runs
 its own op on the shards (split described at ``_glora_shard``). Each replicated trainable tensor
@@ -278,47 +279,43 @@ def _base_shard(mode) -> dict:
     return {"weight": 0, "bias": 0} if mode == COLWISE else {"weight": 1}
 
 
-# LoRA -----------------------------------------------------------------------------------------
+# Methods with LoRA-equivalent factors (LoRA, NoRA, Deep LoRA): the layer's own hook builds the
+# factors from the local shards (``lora_factors(view=L)``). The input-side factor (``lora_A``,
+# NoRA's ``outer_A``, Deep LoRA's ``F_1``) is sharded by input columns in row-parallel, the
+# output-side one (``lora_B``, ``outer_B``, ``F_k``) by output rows in column-parallel, and the
+# inner r x r factors are replicated, so the collapsed ``P`` (r, in) and ``Q`` (out, r) come out
+# as exactly the local column / row blocks of the full ones: the same fused LoRA op then runs on
+# the local shards (column-parallel: this rank's output columns; row-parallel: a partial sum).
 def _lora_shard(m, mode):
     return {**_base_shard(mode), **({"lora_B": 0} if mode == COLWISE else {"lora_A": 1})}
 
 
-def _lora_forward(m, x, L, generator=None):
-    from .ops.lora import lora_linear
-
-    p = m.dropout if m.training else 0.0
-    if p > 0.0:
-        generator = L.generator(generator, x.device)
-    return lora_linear(x, L(m.weight), L.once(m.bias), L(m.lora_A), L(m.lora_B), m.scaling, p,
-                       generator=generator, backend=m.backend)
-
-
-# NoRA (outer factors are frozen buffers) ----------------------------------------------------------
-def _nora_shard(m, mode):
+def _nora_shard(m, mode):  # outer factors are frozen buffers, distributed like parameters
     return {**_base_shard(mode), **({"outer_B": 0} if mode == COLWISE else {"outer_A": 1})}
 
 
-def _nora_forward(m, x, L):
-    from .ops.lora import lora_linear
-    from .ops.nora import nora_factors
-
-    P, Q = nora_factors(L(m.outer_A), L(m.inner_A), L(m.inner_B), L(m.outer_B))
-    return lora_linear(x, L(m.weight), L.once(m.bias), P, Q, m.scaling, backend=m.backend)
-
-
-# Deep LoRA -------------------------------------------------------------------------------------
 def _deep_shard(m, mode):
     k = len(m.factors)
     return {**_base_shard(mode),
             **({f"factors.{k - 1}": 0} if mode == COLWISE else {"factors.0": 1})}
 
 
-def _deep_forward(m, x, L):
-    from .ops.deep import deep_factors
+def _factor_forward(m, x, L, generator=None):
+    P, Q, s = m.lora_factors(L)
+    return _lowrank_forward(m, x, L, (P, Q, s), generator)
+
+
+def _lowrank_forward(m, x, L, factors, generator=None):
+    """The fused LoRA op on local ``x``, the local base shard and local ``factors`` (P, Q, s);
+    the bias enters once (:meth:`_Local.once`), dropout masks follow :meth:`_Local.generator`."""
     from .ops.lora import lora_linear
 
-    P, Q = deep_factors([L(f) for f in m.factors])
-    return lora_linear(x, L(m.weight), L.once(m.bias), P, Q, m.scaling, backend=m.backend)
+    P, Q, s = factors
+    p = m.dropout if m.training else 0.0
+    if p > 0.0:
+        generator = L.generator(generator, x.device)
+    return lora_linear(x, L(m.weight), L.once(m.bias), P, Q, s, p, generator=generator,
+                       backend=m.backend)
 
 
 # CURLoRA ---------------------------------------------------------------------------------------
@@ -358,8 +355,6 @@ def _cur_refresh(m, L):
 
 
 def _cur_forward(m, x, L):
-    from .ops.lora import lora_linear
-
     w = L(m.weight)
     U = L(m.U)
     ct = torch.promote_types(U.dtype, torch.float32)
@@ -369,7 +364,7 @@ def _cur_forward(m, x, L):
     else:                   # R = local columns of W0[row_idx]; C = W0[:, col_idx] gathered
         R, C = w.index_select(0, m.row_idx), gathered
     P = (U.to(ct) @ R.to(ct)).to(U.dtype)
-    return lora_linear(x, w, L.once(m.bias), P, C, m.scaling, backend=m.backend)
+    return _lowrank_forward(m, x, L, (P, C, m.scaling))
 
 
 # GLoRA -----------------------------------------------------------------------------------------
@@ -409,16 +404,7 @@ def _glora_desc(m):
 def _glora_forward(m, x, L):
     from .ops.glora import glora_linear
 
-    sup = {}
-    for k, f in m.config.items():
-        if f == "lora":
-            sup[k] = (L(getattr(m, f"{k}_down")), L(getattr(m, f"{k}_up")))
-        elif f == "none":
-            sup[k] = None
-        elif f == "scalar":  # stored (1,) for FSDP2, passed 0-d
-            sup[k] = L(getattr(m, k)).reshape(())
-        else:
-            sup[k] = L(getattr(m, k))
+    sup = m.supports(L)
     bias = L.once(m.bias)
     if L.mode == ROWWISE and L.rank != 0:
         if bias is None and m.bias is not None:
@@ -444,10 +430,10 @@ def _register_builtin() -> None:
     from .layers.nora import NoRALinear
 
     for cls, shard, fwd, desc, refresh in (
-            (LoRALinear, _lora_shard, _lora_forward, _base_desc, None),
-            (NoRALinear, _nora_shard, _nora_forward, _base_desc, None),
+            (LoRALinear, _lora_shard, _factor_forward, _base_desc, None),
+            (NoRALinear, _nora_shard, _factor_forward, _base_desc, None),
             (CURLoRALinear, _cur_shard, _cur_forward, _base_desc, _cur_refresh),
-            (DeepLoRALinear, _deep_shard, _deep_forward, _base_desc, None),
+            (DeepLoRALinear, _deep_shard, _factor_forward, _base_desc, None),
             (GLoRALinear, _glora_shard, _glora_forward, _glora_desc, None)):
         if cls not in _PLANS:
             register_tp_plan(cls, TPPlan(shard=shard, forward=fwd, describe=desc,

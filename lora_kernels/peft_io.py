@@ -5,14 +5,21 @@ The config is validated field by field against what PEFT (0.13 .. 0.21) writes f
 
 * used: ``peft_type`` (must be ``"LORA"``), ``r``, ``lora_alpha``, ``use_rslora``,
   ``rank_pattern``, ``alpha_pattern`` (PEFT's matching rule: pattern ``p`` applies to module
-  ``m`` when ``re.match(rf"(.*\\.)?({p})$", m)``; first match wins);
+  ``m`` when ``re.match(rf"(.*\\.)?({p})$", m)``; first match wins), ``use_dora`` (DoRA: each
+  module also has a ``lora_magnitude_vector`` and loads as :class:`DoRAFactors`);
 * metadata / training-time only, ignored: see :data:`IGNORED_FIELDS` (the weights file, not
   ``target_modules``, says which modules have an adapter);
 * fields that change what the adapter computes and that we do not implement must be unset
-  (None / False / empty / their default): see :data:`UNSUPPORTED_FIELDS`; e.g. DoRA, biases,
-  ``fan_in_fan_out`` (GPT-2 Conv1D layout), ``modules_to_save``, embedding LoRA, init methods that
-  rewrite the base weights (PiSSA, OLoRA, LoftQ, CorDA);
-* any other field is refused (``ValueError`` naming it): it may change the adapter's meaning.
+  (None / False / empty / their default): see :data:`UNSUPPORTED_FIELDS`; e.g. biases,
+  ``modules_to_save``, embedding LoRA, init methods that rewrite the base weights (PiSSA, OLoRA,
+  LoftQ, CorDA);
+* ``fan_in_fan_out`` (GPT-2's ``Conv1D`` layout) is accepted either way: PEFT stores
+  ``lora_A (r, in)`` / ``lora_B (out, r)`` for Conv1D targets too (the flag only says how the
+  *base* weight is laid out, and PEFT itself overrides it per layer type), so the factors load
+  unchanged;
+* any other field (e.g. one added by a newer PEFT) is accepted when its value is unset (``None``,
+  ``False``, ``""``, ``[]``, ``{}``), with one warning naming it; set to anything else it is
+  refused (``ValueError`` naming it): it may change the adapter's meaning.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,18 +43,17 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 
-USED_FIELDS = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"}
+USED_FIELDS = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+               "use_dora"}
 IGNORED_FIELDS = {
     "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "megatron_core", "qalora_group_size", "init_lora_weights",
-    "ensure_weight_tying", "eva_config", "lora_ga_config",
+    "ensure_weight_tying", "eva_config", "lora_ga_config", "fan_in_fan_out",
 }
 # field -> the values that mean "not used"
 UNSUPPORTED_FIELDS = {
-    "fan_in_fan_out": (False, None),
     "bias": ("none", None),
-    "use_dora": (False, None),
     "modules_to_save": (None, []),
     "layer_replication": (None, []),
     "lora_bias": (False, None),
@@ -66,7 +74,22 @@ UNSUPPORTED_FIELDS = {
 # so the adapter only makes sense on a modified base model)
 SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
+# unknown fields already named in a warning (each is named once per process)
+_WARNED_UNKNOWN: set[str] = set()
+
 _KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<which>A|B)\.weight$")
+# PEFT's DoRA magnitude (its state-dict key minus the adapter name; ".weight" in older PEFT)
+_MAG_KEY = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(\.weight)?$")
+
+
+class DoRAFactors(NamedTuple):
+    """One DoRA module of a PEFT adapter: LoRA factors plus PEFT's ``lora_magnitude_vector``
+    (``y = g * (x W^T + scaling * x A^T B^T) + b``, ``g = magnitude / ||W + scaling B A||_row``)."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor
 
 
 def _is_unset(v, allowed) -> bool:
@@ -83,9 +106,17 @@ def validate_config(cfg) -> dict:
         raise ValueError(f"{CONFIG_NAME}: peft_type must be 'LORA' (only LoRA adapters are "
                          f"supported), got {pt!r}")
     unknown = sorted(set(cfg) - USED_FIELDS - IGNORED_FIELDS - set(UNSUPPORTED_FIELDS))
-    if unknown:
-        raise ValueError(f"{CONFIG_NAME}: unknown field(s) {unknown}: refusing to guess what "
-                         "they change (a newer PEFT feature?)")
+    set_unknown = [f for f in unknown if not _is_unset(cfg[f], (None, False, "", [], {}))]
+    if set_unknown:
+        raise ValueError(f"{CONFIG_NAME}: unknown field(s) "
+                         f"{ {f: cfg[f] for f in set_unknown} } are set: refusing to guess what "
+                         "they change (a newer PEFT feature?); unknown fields are accepted only "
+                         "when unset (None / False / empty)")
+    fresh = [f for f in unknown if f not in _WARNED_UNKNOWN]
+    if fresh:
+        _WARNED_UNKNOWN.update(fresh)
+        warnings.warn(f"{CONFIG_NAME}: ignoring unknown field(s) {fresh} (each unset: None / "
+                      "False / empty)", stacklevel=3)
     for f, unset in UNSUPPORTED_FIELDS.items():
         if f in cfg and not _is_unset(cfg[f], unset):
             raise ValueError(f"{CONFIG_NAME}: {f}={cfg[f]!r} is not supported (must be one of "
@@ -100,6 +131,11 @@ def validate_config(cfg) -> dict:
     alpha = cfg.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"{CONFIG_NAME}: lora_alpha must be a finite number, got {alpha!r}")
+    if not isinstance(cfg.get("use_dora", False) or False, bool):
+        raise ValueError(f"{CONFIG_NAME}: use_dora must be a bool, got {cfg['use_dora']!r}")
+    if cfg.get("fan_in_fan_out") not in (None, True, False):
+        raise ValueError(f"{CONFIG_NAME}: fan_in_fan_out must be a bool, got "
+                         f"{cfg['fan_in_fan_out']!r}")
     if not isinstance(cfg.get("use_rslora", False), bool):
         raise ValueError(f"{CONFIG_NAME}: use_rslora must be a bool, got {cfg['use_rslora']!r}")
     for f, num in (("rank_pattern", int), ("alpha_pattern", (int, float))):
@@ -139,7 +175,9 @@ def read_config(path) -> dict:
 
 
 def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -> dict:
-    """Load a PEFT LoRA directory as ``{module name: (lora_A (r, in), lora_B (out, r), scaling)}``.
+    """Load a PEFT LoRA directory as ``{module name: (lora_A (r, in), lora_B (out, r), scaling)}``
+    (a DoRA adapter, ``use_dora=True``: ``{module name: DoRAFactors(lora_A, lora_B, scaling,
+    magnitude (out,))}``).
 
     Module names are the base model's (PEFT's ``base_model.model.`` prefix stripped), so they
     match ``model.named_modules()`` of the model the adapter was trained on. ``scaling`` is
@@ -167,10 +205,17 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{wfn} is not a valid safetensors file: {e}") from None
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    dora = bool(cfg.get("use_dora", False))
     for key, t in tensors.items():
         m = _KEY.match(key)
+        if m is None and dora and _MAG_KEY.match(key):
+            m = _MAG_KEY.match(key)
+            mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
+            factors.setdefault(mod, {})["m"] = t
+            continue
         if m is None:
-            what = ("DoRA magnitude" if "lora_magnitude_vector" in key else
+            what = ("DoRA magnitude (but use_dora is not set)"
+                    if "lora_magnitude_vector" in key else
                     "embedding LoRA" if "lora_embedding" in key else
                     "LoRA bias" if re.search(r"\.lora_B\.bias$", key) else "unexpected tensor")
             raise ValueError(f"{wfn}: tensor {key!r} ({what}) is not supported; only "
@@ -181,9 +226,10 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
         raise ValueError(f"{wfn} holds no LoRA tensors")
     out = {}
     for mod, ab in factors.items():
-        if set(ab) != {"A", "B"}:
-            miss = "lora_B" if "A" in ab else "lora_A"
-            raise ValueError(f"{wfn}: module {mod!r} has no {miss}.weight")
+        if set(ab) != ({"A", "B", "m"} if dora else {"A", "B"}):
+            miss = ("lora_A.weight" if "A" not in ab else "lora_B.weight" if "B" not in ab
+                    else "lora_magnitude_vector (the config says use_dora=true)")
+            raise ValueError(f"{wfn}: module {mod!r} has no {miss}")
         A, B = ab["A"], ab["B"]
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(f"{wfn}: module {mod!r} has lora_A {tuple(A.shape)} and lora_B "
@@ -199,7 +245,15 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
         scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora", False) else r)
         A = A.to(device=device, dtype=dtype or A.dtype)
         B = B.to(device=device, dtype=dtype or B.dtype)
-        out[mod] = (A, B, float(scaling))
+        if dora:
+            mag = ab["m"]
+            if mag.dim() != 1 or mag.shape[0] != B.shape[0] or not mag.is_floating_point():
+                raise ValueError(f"{wfn}: module {mod!r} has lora_magnitude_vector "
+                                 f"{tuple(mag.shape)} {mag.dtype}; expected float ({B.shape[0]},)")
+            out[mod] = DoRAFactors(A, B, float(scaling),
+                                   mag.to(device=device, dtype=dtype or mag.dtype))
+        else:
+            out[mod] = (A, B, float(scaling))
     return out
 
 
@@ -210,7 +264,10 @@ def adapter_dict(model: nn.Module) -> dict:
 
     out = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, AdapterLinear):
+        if isinstance(mod, AdapterLinear) and hasattr(mod, "as_dora"):
+            A, B, s, mag = mod.as_dora()
+            out[name] = DoRAFactors(A.detach(), B.detach(), float(s), mag.detach())
+        elif isinstance(mod, AdapterLinear):
             try:
                 A, B, s = mod.as_lora()
             except NotImplementedError:
@@ -230,21 +287,35 @@ def _patterns(values: dict, default) -> dict:
 
 
 def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | None = None,
-                      dtype: torch.dtype | None = None) -> None:
+                      dtype: torch.dtype | None = None,
+                      fan_in_fan_out: bool | None = None) -> None:
     """Write ``path/adapter_config.json`` + ``path/adapter_model.safetensors`` loadable by
     ``peft.PeftModel.from_pretrained(base_model, path)`` (and :func:`load_peft_adapter`).
 
     ``model_or_dict``: a model whose adapter layers are saved (module names are its
     ``named_modules()`` names, so save the model as PEFT would see it: the same class PEFT wraps)
-    or ``{module name: (lora_A, lora_B, scaling)}``. Ranks and scalings may differ per module:
-    ``r``/``lora_alpha`` are the most common ones and the others go in ``rank_pattern`` /
+    or ``{module name: (lora_A, lora_B, scaling)}`` (DoRA: every entry a
+    ``(lora_A, lora_B, scaling, magnitude)`` tuple / :class:`DoRAFactors`, written with
+    ``use_dora=true``; DoRA layers of a model are saved so). Ranks and scalings may differ per
+    module: ``r``/``lora_alpha`` are the most common ones and the others go in ``rank_pattern`` /
     ``alpha_pattern`` keyed by full module name (``lora_alpha = scaling * r``). The factors are
     stored unchanged (``dtype`` converts them), so PEFT computes exactly our delta.
+
+    ``fan_in_fan_out`` (PEFT's flag for transformers ``Conv1D`` targets, GPT-2): ``None`` writes
+    True when a saved model's adapter layers were built from a ``Conv1D`` (False for a dict);
+    the factors are the same either way (PEFT stores ``lora_A (r, in)`` for Conv1D too).
     """
     from safetensors.torch import save_file
 
+    if fan_in_fan_out is not None and not isinstance(fan_in_fan_out, bool):
+        raise TypeError(f"fan_in_fan_out must be a bool or None, got {fan_in_fan_out!r}")
     if isinstance(model_or_dict, nn.Module):
         ad = adapter_dict(model_or_dict)
+        if fan_in_fan_out is None:
+            from .layers import AdapterLinear
+
+            fan_in_fan_out = any(getattr(m, "fan_in_fan_out", False) for m in
+                                 model_or_dict.modules() if isinstance(m, AdapterLinear))
         if not ad:
             raise ValueError("model_or_dict: the model has no adapter layers to save")
     elif isinstance(model_or_dict, Mapping):
@@ -261,10 +332,23 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
     from .compose import _factors
 
     tensors, ranks, alphas = {}, {}, {}
+    is_dora = {n: isinstance(e, (tuple, list)) and len(e) == 4 for n, e in ad.items()}
+    dora = any(is_dora.values())
+    if dora and not all(is_dora.values()):
+        raise ValueError("model_or_dict mixes DoRA (4-tuple / DoRALinear) and LoRA modules; a "
+                         "PEFT adapter is all DoRA or all LoRA (use_dora is one config flag): "
+                         f"LoRA modules {sorted(n for n, d in is_dora.items() if not d)[:4]}")
     for name, entry in ad.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"model_or_dict keys must be module names, got {name!r}")
+        if dora:
+            entry, mag = tuple(entry[:3]), entry[3]
         A, B, s = _factors(f"model_or_dict[{name!r}]", entry)
+        if dora:
+            V.float_tensor(f"model_or_dict[{name!r}].magnitude", mag, ndim=1)
+            V.shape(f"model_or_dict[{name!r}].magnitude", mag, (B.shape[0],), "(out_features,)")
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = mag.detach().to(
+                "cpu", dtype or mag.dtype).contiguous()
         if not math.isfinite(s):
             raise ValueError(f"model_or_dict[{name!r}]: scaling must be finite, got {s}")
         r = A.shape[0]
@@ -280,7 +364,7 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
         "r": r0, "lora_alpha": a0, "use_rslora": False,
         "rank_pattern": _patterns(ranks, r0), "alpha_pattern": _patterns(alphas, a0),
         "target_modules": sorted(ad), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+        "fan_in_fan_out": bool(fan_in_fan_out), "use_dora": dora, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True,
     }
     os.makedirs(os.fspath(path), exist_ok=True)

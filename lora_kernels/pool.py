@@ -170,7 +170,7 @@ class AdapterPool:
         """
         ids = V.adapter_ids(name, adapter_ids, num_tokens)
         if torch.compiler.is_compiling():  # data-dependent: checked inside one opaque op
-            return torch.ops.lora_kernels.check_ids(ids, self.ranks)
+            return V.CHECK_IDS_OP(ids, self.ranks)
         if ids.device.type == "cpu":
             V.ids_in_slots(name, ids, self.max_adapters, self._occupied, self._loaded_desc())
             return ids.to(self.device, non_blocking=True) if self.device.type != "cpu" else ids

@@ -131,6 +131,7 @@ class MultiAdapterModel(nn.Module):
     def __init__(self, model: nn.Module, target_modules, max_adapters: int = 8,
                  max_rank: int = 64, backend: str | None = None):
         super().__init__()
+        from ._conv1d import as_linear
         from .inject import _set, find_linears
 
         if not isinstance(model, nn.Module):
@@ -143,13 +144,17 @@ class MultiAdapterModel(nn.Module):
         self._state = _ServingState(max_adapters)
         self.layers: dict[str, ServingLinear] = {}
         for name in names:
-            lin = model.get_submodule(name)
+            # a transformers Conv1D is served through its (out, in) weight view (same storage)
+            lin = as_linear(model.get_submodule(name))
             pool = AdapterPool(lin.in_features, lin.out_features, max_adapters, max_rank,
                                dtype=lin.weight.dtype, device=lin.weight.device)
             layer = ServingLinear(lin, pool, self._state, backend)
             _set(model, name, layer)
             self.layers[name] = layer
-        self._slots: dict[str, int] = {}          # stored adapters
+        from .store import AdapterStore
+
+        # every stored adapter (any number) in host memory; the hot ones in the max_adapters slots
+        self.store = AdapterStore({n: lay.pool for n, lay in self.layers.items()})
         self._sums: dict[str, list[str]] = {}     # served sums: name -> stored parts
 
     # ------------------------------------------------------------------ adapters
@@ -157,17 +162,31 @@ class MultiAdapterModel(nn.Module):
     def module_names(self) -> list[str]:
         return list(self.layers)
 
+    @property
+    def _slots(self) -> dict[str, int]:
+        """``{name: slot}`` of the stored adapters now on the device."""
+        return self.store.resident()
+
+    @property
+    def stats(self):
+        """The store's :class:`~lora_kernels.store.StoreStats` (hits, misses, evictions,
+        bytes moved)."""
+        return self.store.stats
+
     def adapters(self) -> list[str]:
-        return list(self._slots) + list(self._sums)
+        return self.store.names() + list(self._sums)
 
     def __contains__(self, name) -> bool:
-        return name in self._slots or name in self._sums
+        return name in self.store or name in self._sums
 
-    def add(self, name: str, adapter: Mapping) -> int:
+    def add(self, name: str, adapter: Mapping) -> int | None:
         """Load ``adapter`` ({module name: (lora_A, lora_B, scaling)}, e.g. from
-        :func:`lora_kernels.load_peft_adapter`) under ``name``; return its slot. Every entry is
-        validated against its layer before anything is written; modules of the model the adapter
-        does not name keep the base weights."""
+        :func:`lora_kernels.load_peft_adapter`) under ``name``. Any number of adapters may be
+        added: each is kept in host memory (:class:`~lora_kernels.store.AdapterStore`) and swapped
+        into one of the ``max_adapters`` device slots when a batch names it. Returns its slot if a
+        free one took it now, else None. Every entry is validated against its layer before
+        anything is written; modules of the model the adapter does not name keep the base
+        weights."""
         _adapter_name(name)
         if name in self:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
@@ -180,25 +199,24 @@ class MultiAdapterModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter names modules that are not served: {unknown[:5]} "
                              f"(served: {self.module_names})")
-        used = set(self._slots.values())
-        free = [s for s in range(self.max_adapters) if s not in used]
-        if not free:
-            raise ValueError(f"all {self.max_adapters} adapter slots are in use; remove one first")
-        slot = free[0]
-        prepared = {}
-        for mod, entry in adapter.items():
-            if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
-                raise TypeError(f"adapter[{mod!r}] must be a (lora_A, lora_B, scaling) tuple")
-            try:
-                prepared[mod] = self.layers[mod].pool._prepare(name, *entry, slot)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"adapter[{mod!r}]: {e}") from None
-        for mod, p in prepared.items():
-            self.layers[mod].pool._write(name, *p)
-        self._slots[name] = slot
-        return slot
+        return self.store.add(name, adapter)
 
-    def load_peft(self, name: str, path, **kwargs) -> int:
+    def prefetch(self, adapters: Sequence[str | None]) -> list[str]:
+        """Start loading the adapters of a coming batch (copies overlap the current one on a
+        GPU); returns the stored names whose loads were started."""
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
+            raise TypeError(f"adapters must be a list of names or None, got "
+                            f"{type(adapters).__name__}")
+        names = []
+        for a in adapters:
+            if a is not None and a not in self:
+                raise ValueError(f"adapters: {a!r} is not loaded (loaded: {len(self.store)} "
+                                 "adapters)")
+            if a is not None:
+                names += self._sums.get(a, [a])
+        return self.store.prefetch(names)
+
+    def load_peft(self, name: str, path, **kwargs) -> int | None:
         """Load a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``)
         under ``name``; see :func:`lora_kernels.load_peft_adapter`."""
         from .peft_io import load_peft_adapter
@@ -216,7 +234,7 @@ class MultiAdapterModel(nn.Module):
         for p in parts:
             if p in self._sums:
                 flat.extend(self._sums[p])
-            elif p in self._slots:
+            elif p in self.store:
                 flat.append(p)
             else:
                 raise ValueError(f"parts: {p!r} is not loaded (loaded: {self.adapters()})")
@@ -227,19 +245,18 @@ class MultiAdapterModel(nn.Module):
         if name in self._sums:
             del self._sums[name]
             return
-        if name not in self._slots:
+        if name not in self.store:
             raise ValueError(f"name {name!r} is not loaded (loaded: {self.adapters()})")
         users = [s for s, ps in self._sums.items() if name in ps]
         if users:
             raise ValueError(f"name {name!r} is part of the summed adapter(s) {users}; remove "
                              "those first")
-        for layer in self.layers.values():
-            if name in layer.pool:
-                layer.pool.remove(name)
-        del self._slots[name]
+        self.store.remove(name)
 
     # ------------------------------------------------------------------ forward
     def _seq_ids(self, adapters, batch: int, device):
+        """``(ids (passes, batch) int64 on device, distinct adapters, lease)``: the stored
+        adapters the batch names are made resident and held until the lease is released."""
         if isinstance(adapters, str) or not isinstance(adapters, Sequence):
             raise TypeError(f"adapters must be a list (one name or None per sequence), got "
                             f"{type(adapters).__name__}")
@@ -253,17 +270,22 @@ class MultiAdapterModel(nn.Module):
             elif not isinstance(a, str):
                 raise TypeError(f"adapters entries must be names or None, got {type(a).__name__}")
             elif a in self._sums:
-                rows.append([self._slots[p] for p in self._sums[a]])
-            elif a in self._slots:
-                rows.append([self._slots[a]])
+                rows.append(self._sums[a])
+            elif a in self.store:
+                rows.append([a])
             else:
                 raise ValueError(f"adapters: {a!r} is not loaded (loaded: {self.adapters()})")
+        names = list(dict.fromkeys(n for r in rows for n in r))
+        if len(names) > self.max_adapters:
+            raise ValueError(f"adapters: the batch names {len(names)} distinct stored adapters "
+                             f"but the model has max_adapters={self.max_adapters} device slots; "
+                             "split the batch or raise max_adapters")
+        lease = self.store.acquire(names)
         passes = 1
         for r in rows:                       # (no max(genexpr): torch.compile traces this)
             passes = max(passes, len(r))
-        table = [[r[j] if j < len(r) else -1 for r in rows] for j in range(passes)]
-        distinct = len({s for r in rows for s in r})
-        return torch.tensor(table, dtype=torch.int64).to(device), distinct
+        table = [[lease.slots[r[j]] if j < len(r) else -1 for r in rows] for j in range(passes)]
+        return torch.tensor(table, dtype=torch.int64).to(device), len(names), lease
 
     @contextlib.contextmanager
     def using(self, adapters: Sequence[str | None]):
@@ -273,15 +295,16 @@ class MultiAdapterModel(nn.Module):
             raise TypeError(f"adapters must be a list (one name or None per sequence), got "
                             f"{type(adapters).__name__}")
         dev = next(iter(self.layers.values())).weight.device if self.layers else "cpu"
-        ids, distinct = self._seq_ids(adapters, len(adapters), dev)
         if self._state.seq_ids is not None:
             raise RuntimeError("MultiAdapterModel calls do not nest")
+        ids, distinct, lease = self._seq_ids(adapters, len(adapters), dev)
         self._state.seq_ids = ids
         self._state.count = torch.tensor([distinct], dtype=torch.int64)   # CPU: no sync
         try:
             yield self
         finally:
             self._state.clear()
+            self.store.release(lease)
 
     def forward(self, input_ids: torch.Tensor, adapters: Sequence[str | None] | None = None,
                 **kwargs):

@@ -48,3 +48,14 @@ def tiny_llama(seed: int = 1):
                                    num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
+
+
+def tiny_gpt2(seed: int = 1):
+    """A randomly initialised 2-layer GPT-2 (transformers Conv1D projections, no dropout, no
+    downloads) on DEVICE, in eval mode."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).to(DEVICE).eval()

@@ -285,11 +285,11 @@ def test_bad_inputs_raise_naming_the_argument(i):
 
 
 # The GLoRA kernel's ahead-of-time GPU compile (every support mode) is part of
-# tests/test_triton_aot.py, which compiles every kernel's recorded launches in one process.
+# tests/cuda/test_triton_aot.py, which compiles every kernel's recorded launches in one process.
 
 
 def _shrink(v):
-    """Cut (OUT, IN)-sized supports down to the 20 x 24 AOT problem (tests/test_triton_aot.py)."""
+    """Cut (OUT, IN)-sized supports down to the 20 x 24 AOT problem (tests/cuda/test_triton_aot)."""
     if v is None:
         return None
     if isinstance(v, tuple):

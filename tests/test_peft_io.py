@@ -163,13 +163,14 @@ def _edit_config(path, **changes):
 @pytest.mark.parametrize("changes,match", [
     ({"peft_type": "IA3"}, "peft_type"),
     ({"use_dora": True}, "use_dora"),
-    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+    ({"fan_in_fan_out": "yes"}, "fan_in_fan_out"),
     ({"bias": "all"}, "bias"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"layer_replication": [[0, 1]]}, "layer_replication"),
     ({"init_lora_weights": "pissa"}, "init_lora_weights"),
     ({"loftq_config": {"loftq_bits": 4}}, "loftq_config"),
     ({"brand_new_field": 1}, "brand_new_field"),
+    ({"brand_new_field": "on", "other_new": None}, "brand_new_field"),
     ({"r": 0}, "r must"),
     ({"r": 3}, "rank 2 but the config says r=3"),
     ({"rank_pattern": {"q": 5}}, "rank 2 but the config says r=5"),
@@ -241,3 +242,25 @@ def test_save_refusals(tmp_path):
     with pytest.raises(TypeError, match="path"):
         lk.save_peft_adapter({"q": (torch.randn(2, 4), torch.randn(3, 2), 1.0)}, 7)
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_unknown_unset_fields_accepted_with_one_warning(saved, recwarn):
+    from lora_kernels import peft_io
+
+    ref = lk.load_peft_adapter(saved)
+    _edit_config(saved, fan_in_fan_out=True, future_a=None, future_b=[], future_c=False,
+                 future_d={}, future_e="")
+    peft_io._WARNED_UNKNOWN.clear()
+    with pytest.warns(UserWarning, match="future_a") as w:
+        got = lk.load_peft_adapter(saved)
+    msg = str([str(x.message) for x in w])
+    assert all(f"future_{c}" in msg for c in "abcde")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k][0], ref[k][0]) and torch.equal(got[k][1], ref[k][1])
+        assert got[k][2] == ref[k][2]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.load_peft_adapter(saved)  # named once per process: no second warning

@@ -9,6 +9,12 @@ CURLoRA and Deep LoRA):
     * forward base+expand y  = x W^T + b + s S B^T X=x,  W=W,    S=S, Bm=B
     * backward shrink     G  = dy B               X=dy, W=B^T (strided view)
     * backward dX         dx = dy W + s keep/(1-p) (G A)   X=dy, W=W^T, S=G, Bm=A^T, epilogue mask
+  Two optional per-feature scales (constexpr flags, off by default, so the LoRA launches compile
+  exactly as before) serve DoRA (ops.dora):
+    * ``ROW_SCALE``: Y[:, n] = rows[n] * (base + low-rank)[:, n] (+ bias[n]) -- DoRA's
+      ``g = m / ||W + s B A||_row`` applied in the epilogue, before the bias;
+    * ``X_SCALE``: X[:, k] is read as xs[k] * X[:, k] -- DoRA's backward reads ``dy * g`` this way
+      (X=dy, K=out), so the scaled ``(T, out)`` gradient is never written.
   All strides are passed, so transposed views cost nothing. The rank-r intermediate (S, G) is
   fp32 and tiny (T*r*4 bytes): it never round-trips HBM in low precision.
   Design choice (DESIGN.md option 2): S is a separate skinny GEMM. Option 1 (accumulate x A^T in
@@ -39,7 +45,7 @@ from .common import grouped_tile, keep_mask, mma
 
 @triton.jit
 def gemm_lowrank_kernel(
-    X, W, Y, BIAS, S, BM, SEED,
+    X, W, Y, BIAS, S, BM, SEED, ROWS, XS,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     stride_sm, stride_sr, stride_bn, stride_br,
@@ -48,7 +54,7 @@ def gemm_lowrank_kernel(
     DROP_X: tl.constexpr, DROP_EPI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, ROW_SCALE: tl.constexpr = False, X_SCALE: tl.constexpr = False,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -70,6 +76,10 @@ def gemm_lowrank_kernel(
             # mask only; the 1/(1-p) rescale is applied once to the fp32 accumulator
             keep = keep_mask(SEED, rm[:, None] * K + kk[None, :], p)
             x = tl.where(keep, x, tl.zeros_like(x))
+        if X_SCALE:
+            # (BLOCK_M, BLOCK_K) * xs[k]: the product rounded once to X's dtype, like torch's
+            xsc = tl.load(XS + kk, mask=mk, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * xsc[None, :]).to(X.dtype.element_ty)
         w = tl.load(W + rn64[None, :] * stride_wn + kk[:, None] * stride_wk,
                     mask=mask_n[None, :] & mk[:, None], other=0.0)
         acc = mma(x, w, acc, PRECISION, UPCAST)
@@ -93,6 +103,8 @@ def gemm_lowrank_kernel(
             keep = keep_mask(SEED, rm[:, None] * N + rn[None, :], p)
             lr = tl.where(keep, lr / (1.0 - p), 0.0)
         acc += lr
+    if ROW_SCALE:
+        acc = acc * tl.load(ROWS + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn,
@@ -161,10 +173,10 @@ GEMM_CONFIGS = [
 
 gemm_lowrank_autotuned = triton.autotune(
     configs=GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R", "HAS_LOWRANK", "DROP_X", "DROP_EPI"],
+    key=["M_BUCKET", "N", "K", "R", "HAS_LOWRANK", "DROP_X", "DROP_EPI", "ROW_SCALE", "X_SCALE"],
     prune_configs_by={"early_config_prune": _prune},
 )(gemm_lowrank_kernel)
 
-# GPU tile configs that tests/test_triton_aot.py compiles ahead of time for sm_80/sm_90 (the
+# GPU tile configs that tests/cuda/test_triton_aot.py compiles ahead of time for sm_80/sm_90 (the
 # largest shared-memory footprint and the skinny shrink tile).
 AOT_CONFIGS = {"gemm_lowrank_kernel": [GEMM_CONFIGS[0], GEMM_CONFIGS[-3]]}

@@ -258,8 +258,8 @@ def seg_tn_kernel(
                  acc.to(O.dtype.element_ty), mask=(mr & (rr < MAXR))[:, None] & mn[None, :])
 
 
-# GPU tile configs that the ahead-of-time compile check (tests/aot_tools.py) builds: the sizes the
-# launchers use on a GPU, from the one table in ops.multi_lora.tiles (decode: its RB <= 16 entry).
+# GPU tile configs that the ahead-of-time compile check (tests/cuda/aot_tools.py) builds: the
+# sizes the launchers use on a GPU, from the one table in ops.multi_lora.tiles (decode: RB <= 16).
 def _aot_configs() -> dict:
     from ..ops.multi_lora.tiles import GPU, KERNELS
 

@@ -4,6 +4,7 @@ functional op. ``METHODS`` maps ``inject(method=...)`` names to layer classes.""
 from .base import AdapterLinear
 from .cur import CURLoRALinear
 from .deep import DeepLoRALinear
+from .dora import DoRALinear
 from .glora import GLoRALinear
 from .lora import LoRALinear
 from .nora import NoRALinear
@@ -11,6 +12,8 @@ from .nora import NoRALinear
 METHODS: dict[str, type[AdapterLinear]] = {"lora": LoRALinear}
 METHODS.update({"nora": NoRALinear, "curlora": CURLoRALinear, "deep_lora": DeepLoRALinear,
                 "glora": GLoRALinear})
+METHODS["dora"] = DoRALinear
 
 __all__ = ["METHODS", "AdapterLinear", "LoRALinear"]
 __all__ += ["CURLoRALinear", "DeepLoRALinear", "GLoRALinear", "NoRALinear"]
+__all__ += ["DoRALinear"]

@@ -1,17 +1,62 @@
-"""Shared base of every adapter layer: frozen base weight, merge, LoRA-equivalent factors."""
+"""Shared base of every adapter layer: frozen base weight, the factorisation hook, merge.
+
+Every method but GLoRA is "base GEMM + low-rank chain": it implements one hook,
+:meth:`AdapterLinear.lora_factors`, returning differentiable LoRA-equivalent factors
+``(P (r, in), Q (out, r), scaling)`` with ``delta W = scaling * Q @ P``. Everything else
+derives from it: ``forward`` (the fused LoRA op on ``P, Q``), ``as_lora`` (the same factors
+under no_grad), ``delta_weight``, ``merged`` and the tensor-parallel forward
+(``lora_kernels.parallel``, which passes a ``view`` mapping each stored tensor to its local
+shard). GLoRA (Hadamard term, not low-rank) overrides ``forward`` and ``delta_weight`` instead.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from .._conv1d import as_linear, is_conv1d
+from ..ops.lora import lora_linear
+
+
+def same(t):
+    """The identity ``view`` of :meth:`AdapterLinear.lora_factors` (single-process layers)."""
+    return t
 
 
 class AdapterLinear(nn.Module):
     """``y = x W^T + b + delta(x)``, with ``W`` (out, in) and ``b`` (out,) frozen parameters.
 
-    Subclasses implement :meth:`forward`, :meth:`delta_weight` and (except GLoRA, whose delta
-    is not low-rank) :meth:`as_lora`. ``backend`` is passed to the functional op on every call.
+    Subclasses implement :meth:`lora_factors` (or, like GLoRA, :meth:`forward` and
+    :meth:`delta_weight`). ``backend`` is passed to the functional op on every call; ``dropout``
+    (0 unless the method has one, e.g. LoRA) applies to the low-rank branch's input in training.
     """
+
+    dropout: float = 0.0
+
+    # True for a layer built from transformers' Conv1D (GPT-2): ``weight`` is then the (out, in)
+    # transposed view of a contiguous (in, out) copy (see lora_kernels._conv1d)
+    fan_in_fan_out = False
+
+    def __init_subclass__(cls, **kwargs):
+        # every subclass's ``from_linear`` also accepts a transformers Conv1D: it sees the
+        # nn.Linear view ``as_linear(conv)`` (weight.t(), no copy; ``clone()`` in __init__ keeps
+        # the transposed strides) and the new layer is marked ``fan_in_fan_out = True``
+        super().__init_subclass__(**kwargs)
+        fl = cls.__dict__.get("from_linear")
+        if isinstance(fl, classmethod):
+            inner = fl.__func__
+
+            @functools.wraps(inner)
+            def from_linear(c, linear, *args, **kw):
+                conv = is_conv1d(linear)
+                layer = inner(c, as_linear(linear) if conv else linear, *args, **kw)
+                layer.fan_in_fan_out = conv
+                return layer
+
+            cls.from_linear = classmethod(from_linear)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str | None = None):
         super().__init__()
@@ -27,7 +72,25 @@ class AdapterLinear(nn.Module):
     @staticmethod
     def _check_linear(linear) -> None:
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got "
+                            f"{type(linear).__name__}")
+
+    def lora_factors(self, view: Callable = same) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The method's LoRA-equivalent factors ``(P (r, in), Q (out, r), scaling)``,
+        differentiable w.r.t. its trainable tensors (``delta W = scaling * Q @ P``).
+
+        ``view`` maps each stored tensor (parameter or buffer) before use; the default is the
+        identity, the tensor-parallel forward passes the map to this rank's local shards.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no low-rank form")
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``y = x W^T + b + scaling * dropout(x) P^T Q^T`` (``x (..., in)`` -> ``(..., out)``) on
+        the fused LoRA op; ``generator`` seeds the dropout mask (training with dropout only)."""
+        P, Q, s = self.lora_factors()
+        p = self.dropout if self.training else 0.0
+        return lora_linear(x, self.weight, self.bias, P, Q, s, p, generator=generator,
+                           backend=self.backend)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ``(out, in)`` weight delta this adapter adds (materialised on request).
@@ -42,8 +105,12 @@ class AdapterLinear(nn.Module):
         return None
 
     def as_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Exact LoRA-equivalent factors ``(lora_A (r, in), lora_B (out, r), scaling)``."""
-        raise NotImplementedError(f"{type(self).__name__} has no low-rank form")
+        """Exact LoRA-equivalent factors ``(lora_A (r, in), lora_B (out, r), scaling)``:
+        :meth:`lora_factors` under no_grad, detached (no autograd history, storage may be shared
+        with the layer's parameters)."""
+        with torch.no_grad():
+            P, Q, s = self.lora_factors()
+        return P.detach(), Q.detach(), s
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

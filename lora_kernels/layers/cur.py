@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from .. import _validate as V
-from ..ops.cur import _cur_linear, cur_factors, sample_cur_indices
-from .base import AdapterLinear
+from ..ops.cur import check_indices, cur_factors, sample_cur_indices
+from .base import AdapterLinear, same
 
 
 class CURLoRALinear(AdapterLinear):
@@ -46,21 +46,21 @@ class CURLoRALinear(AdapterLinear):
         c, r = self.col_idx, self.row_idx
         return (c.data_ptr(), c._version, c.device, r.data_ptr(), r._version, r.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # indices are bounds-checked (one host sync) only when they changed since the last check:
-        # new tensors (load_state_dict, .to()) or an in-place edit (bumps the tensor's _version)
-        key = None if torch.compiler.is_compiling() else self._indices_key()
-        check = key is not None and key != getattr(self, "_checked_key", None)
-        y = _cur_linear(x, self.weight, self.bias, self.col_idx, self.row_idx, self.U,
-                        self.scaling, self.backend, check)
-        if check:
-            self._checked_key = key
-        return y
+    def lora_factors(self, view=same):
+        """Rank-``rank`` factors ``(U W0[row_idx], W0[:, col_idx], scaling)``
+        (:func:`lora_kernels.ops.cur.cur_factors`, shared with :func:`cur_linear`).
 
-    def as_lora(self):
-        """Exact rank-``rank`` factors ``(U W0[row_idx], W0[:, col_idx], scaling)``."""
-        with torch.no_grad():
-            P, Q = cur_factors(self.weight, self.col_idx, self.row_idx, self.U)
+        The indices are bounds-checked (one host sync) only when they changed since the last
+        check: new tensors (load_state_dict, .to()) or an in-place edit (bumps the tensor's
+        ``_version``); never while torch.compile traces. (The tensor-parallel forward builds
+        C and R from its shards instead: ``lora_kernels.parallel``.)
+        """
+        key = None if torch.compiler.is_compiling() else self._indices_key()
+        if key is not None and key != getattr(self, "_checked_key", None):
+            check_indices(self.col_idx, self.row_idx, self.rank, self.in_features,
+                          self.out_features, self.weight.device)
+            self._checked_key = key
+        P, Q = cur_factors(view(self.weight), self.col_idx, self.row_idx, view(self.U))
         return P, Q, self.scaling
 
     def extra_repr(self) -> str:

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from .. import _validate as V
-from ..ops.deep import deep_factors, deep_lora_linear
-from .base import AdapterLinear
+from ..ops.deep import deep_factors
+from .base import AdapterLinear, same
 
 
 @torch.no_grad()
@@ -75,15 +75,11 @@ class DeepLoRALinear(AdapterLinear):
         return cls(linear.weight, linear.bias, rank, depth, eps, generator, scaling=scaling,
                    grad=grad, backend=backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return deep_lora_linear(x, self.weight, self.bias, list(self.factors), self.scaling,
-                                backend=self.backend)
-
-    def as_lora(self):
-        """Exact rank-r factors ``(F_{k-1} ... F_2 F_1, F_k, scaling)``."""
-        with torch.no_grad():
-            P, Q = deep_factors(list(self.factors))
-        return P, Q.detach(), self.scaling
+    def lora_factors(self, view=same):
+        """Rank-r factors ``(F_{k-1} ... F_2 F_1, F_k, scaling)``
+        (:func:`lora_kernels.ops.deep.deep_factors`, shared with :func:`deep_lora_linear`)."""
+        P, Q = deep_factors([view(f) for f in self.factors])
+        return P, Q, self.scaling
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", rank={self.rank}, depth={self.depth}, "

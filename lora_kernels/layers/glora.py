@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import _validate as V
 from ..ops.glora import glora_delta, glora_linear
-from .base import AdapterLinear
+from .base import AdapterLinear, same
 
 #: Forms each support can take (the GLoRA paper's search space).
 FORMS: dict[str, tuple[str, ...]] = {
@@ -111,18 +111,19 @@ class GLoRALinear(AdapterLinear):
         cls._check_linear(linear)
         return cls(linear.weight, linear.bias, rank, config, backend)
 
-    def supports(self) -> dict:
-        """``{"A": None | tensor | (down, up), ...}`` as :func:`glora_linear` takes them."""
+    def supports(self, view=same) -> dict:
+        """``{"A": None | tensor | (down, up), ...}`` as :func:`glora_linear` takes them; ``view``
+        maps each stored tensor first (the tensor-parallel forward: to its local shard)."""
         out = {}
         for k, f in self.config.items():
             if f == "lora":
-                out[k] = (getattr(self, f"{k}_down"), getattr(self, f"{k}_up"))
+                out[k] = (view(getattr(self, f"{k}_down")), view(getattr(self, f"{k}_up")))
             elif f == "none":
                 out[k] = None
-            elif f == "scalar":
-                out[k] = getattr(self, k).reshape(())
+            elif f == "scalar":  # stored (1,) for FSDP2, passed 0-d
+                out[k] = view(getattr(self, k)).reshape(())
             else:
-                out[k] = getattr(self, k)
+                out[k] = view(getattr(self, k))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

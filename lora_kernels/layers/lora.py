@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from .. import _validate as V
-from ..ops.lora import lora_linear
-from .base import AdapterLinear
+from .base import AdapterLinear, same
 
 
 class LoRALinear(AdapterLinear):
@@ -40,13 +39,9 @@ class LoRALinear(AdapterLinear):
         cls._check_linear(linear)
         return cls(linear.weight, linear.bias, r, alpha, dropout, use_rslora, backend)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        p = self.dropout if self.training else 0.0
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p,
-                           generator=generator, backend=self.backend)
-
-    def as_lora(self):
-        return self.lora_A, self.lora_B, self.scaling
+    def lora_factors(self, view=same):
+        """``(lora_A, lora_B, scaling)``: the parameters themselves (through ``view``)."""
+        return view(self.lora_A), view(self.lora_B), self.scaling
 
     def extra_repr(self) -> str:
         return (super().extra_repr()

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from .. import _validate as V
-from ..ops.nora import nora_factors, nora_linear
-from .base import AdapterLinear
+from ..ops.nora import nora_factors
+from .base import AdapterLinear, same
 
 
 @torch.no_grad()
@@ -87,14 +87,11 @@ class NoRALinear(AdapterLinear):
         cls._check_linear(linear)
         return cls(linear.weight, linear.bias, outer_rank, inner_rank, alpha, calib_x, backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nora_linear(x, self.weight, self.bias, self.outer_A, self.inner_A, self.inner_B,
-                           self.outer_B, self.scaling, backend=self.backend)
-
-    def as_lora(self):
-        """Exact rank-``r_i`` factors ``(inner_A outer_A, outer_B inner_B, scaling)``."""
-        with torch.no_grad():
-            P, Q = nora_factors(self.outer_A, self.inner_A, self.inner_B, self.outer_B)
+    def lora_factors(self, view=same):
+        """Rank-``r_i`` factors ``(inner_A outer_A, outer_B inner_B, scaling)``
+        (:func:`lora_kernels.ops.nora.nora_factors`, shared with :func:`nora_linear`)."""
+        P, Q = nora_factors(view(self.outer_A), view(self.inner_A), view(self.inner_B),
+                            view(self.outer_B))
         return P, Q, self.scaling
 
     def extra_repr(self) -> str:

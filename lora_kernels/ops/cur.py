@@ -39,7 +39,7 @@ def _check_idx(name: str, idx, r: int, bound: int, what: str, device, values: bo
                              f"got min {lo}, max {hi}")
 
 
-def _check(x, weight, bias, col_idx, row_idx, U, check_values: bool = True) -> int:
+def _check(x, weight, bias, col_idx, row_idx, U) -> int:
     in_f, out_f = V.linear_args(x, weight, bias)
     V.float_tensor("U", U, ndim=2)
     r = U.shape[0]
@@ -48,11 +48,16 @@ def _check(x, weight, bias, col_idx, row_idx, U, check_values: bool = True) -> i
     V.shape("U", U, (r, r), "(r, r)")
     V.same_dtype("x", x, U=U)
     V.same_device("x", x, U=U)
-    _check_idx("col_idx", col_idx, r, in_f, "columns of weight: in_features", x.device,
-               check_values)
-    _check_idx("row_idx", row_idx, r, out_f, "rows of weight: out_features", x.device,
-               check_values)
+    check_indices(col_idx, row_idx, r, in_f, out_f, x.device)
     return r
+
+
+def check_indices(col_idx, row_idx, r: int, in_f: int, out_f: int, device,
+                  values: bool = True) -> None:
+    """``col_idx``/``row_idx``: (r,) int64/int32 on ``device``; with ``values`` (one host sync)
+    in ``[0, in_f)`` / ``[0, out_f)``."""
+    _check_idx("col_idx", col_idx, r, in_f, "columns of weight: in_features", device, values)
+    _check_idx("row_idx", row_idx, r, out_f, "rows of weight: out_features", device, values)
 
 
 def cur_factors(weight, col_idx, row_idx, U) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,13 +86,7 @@ def cur_linear(x, weight, bias, col_idx, row_idx, U, scaling=1.0, *, backend=Non
     Returns:
         ``(..., out)`` in x's dtype; gradients to U (and to x / weight / bias if they require).
     """
-    return _cur_linear(x, weight, bias, col_idx, row_idx, U, scaling, backend, True)
-
-
-def _cur_linear(x, weight, bias, col_idx, row_idx, U, scaling, backend, check_values: bool):
-    """:func:`cur_linear`; ``check_values=False`` skips the index bounds check (a host sync) for
-    callers that already checked these very index tensors (``CURLoRALinear`` caches it)."""
-    _check(x, weight, bias, col_idx, row_idx, U, check_values)
+    _check(x, weight, bias, col_idx, row_idx, U)
     scaling = V.scalar("scaling", scaling)
     be = resolve_backend(backend, x.device, "cur_linear")
     P, Q = cur_factors(weight, col_idx, row_idx, U)

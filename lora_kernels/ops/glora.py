@@ -12,9 +12,9 @@ and each support tensor in one of its forms (DESIGN.md):
 A low-rank pair is passed as a tuple ``(down, up)`` and stands for ``down @ up``.
 
 Layers: ``kernels.glora.glora_gemm_kernel`` (Triton) -> :func:`glora_gemm` (launcher) ->
-``lora_kernels::glora_fwd`` / ``lora_kernels::glora_bwd`` (torch.library custom ops with
-``register_fake`` and ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces through;
-eager calls take the equivalent :class:`GLoRAFunction`, skipping the dispatcher) ->
+``lora_kernels::glora_fwd`` / ``lora_kernels::glora_bwd`` (registered by
+``ops._register.define_op``: fakes and autograd, so ``torch.compile(fullgraph=True)`` traces
+through; eager calls take the equivalent :data:`GLoRAFunction`, skipping the dispatcher) ->
 :func:`glora_linear` -> ``layers.GLoRALinear``.
 
 Forward (Triton): ``W_eff`` is built tile by tile in registers inside the GEMM and never written to
@@ -41,12 +41,15 @@ and every reduction in fp32 for half inputs.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
-from .._backend import resolve_backend
+from .._backend import compact_rows_for_cpu_gemm, resolve_backend
 from . import _triton as TR
+from ._register import define_op
 from .lora import gemm_lowrank, tn, triton_cdiv
 
 NONE, SCALAR, VEC_N, VEC_K, LOWRANK = 0, 1, 2, 3, 4
@@ -117,11 +120,6 @@ def _c_full(c1, c2, ct):
     if c1 is None:
         return None
     return (c1.to(ct) @ c2.to(ct))[:, 0] if c2 is not None else c1.to(ct)
-
-
-def _bcast(t, ct):
-    """D or E, broadcastable to (out,)."""
-    return None if t is None else t.to(ct)
 
 
 def _weff(weight, a1, a2, b1, b2, ct):
@@ -219,20 +217,59 @@ def _wc_triton(weight, c1, c2):
 
 
 # ----------------------------------------------------------------------------- implementations
-def _torch_fwd(x2, weight, bias, a1, a2, b1, b2, c1, c2, d, e):
+class Supports(NamedTuple):
+    """The normalised supports of one call (each as :func:`_parse` returns it): A = (a1, a2),
+    B = (b1, b2), C = (c1, c2) with the second item None unless a low-rank pair; D = d, E = e."""
+
+    a1: torch.Tensor | None
+    a2: torch.Tensor | None
+    b1: torch.Tensor | None
+    b2: torch.Tensor | None
+    c1: torch.Tensor | None
+    c2: torch.Tensor | None
+    d: torch.Tensor | None
+    e: torch.Tensor | None
+
+
+class Needs(NamedTuple):
+    """Which of the 11 gradients (the op's tensor inputs, in order) a backward computes; the
+    registered ``glora_bwd`` carries it as an int bitmask (bit i = field i)."""
+
+    x: bool
+    weight: bool
+    bias: bool
+    a1: bool
+    a2: bool
+    b1: bool
+    b2: bool
+    c1: bool
+    c2: bool
+    d: bool
+    e: bool
+
+    @classmethod
+    def from_mask(cls, mask: int) -> Needs:
+        return cls(*(bool((mask >> i) & 1) for i in range(len(cls._fields))))
+
+    def mask(self) -> int:
+        return sum(1 << i for i, n in enumerate(self) if n)
+
+
+def _torch_fwd(x2, weight, bias, sup: Supports):
     ct = _ct(x2.dtype)
-    weff = _weff(weight, a1, a2, b1, b2, ct)
-    beff = _beff(weight, bias, c1, c2, d, e, ct,
-                 lambda: weight.to(ct) @ _c_full(c1, c2, ct))
+    weff = _weff(weight, sup.a1, sup.a2, sup.b1, sup.b2, ct)
+    beff = _beff(weight, bias, sup.c1, sup.c2, sup.d, sup.e, ct,
+                 lambda: weight.to(ct) @ _c_full(sup.c1, sup.c2, ct))
     return F.linear(x2, weff.to(x2.dtype), None if beff is None else beff.to(x2.dtype))
 
 
-def _triton_fwd(x2, weight, bias, a1, a2, b1, b2, c1, c2, d, e):
-    beff = _beff(weight, bias, c1, c2, d, e, torch.float32, lambda: _wc_triton(weight, c1, c2))
+def _triton_fwd(x2, weight, bias, sup: Supports):
+    beff = _beff(weight, bias, sup.c1, sup.c2, sup.d, sup.e, torch.float32,
+                 lambda: _wc_triton(weight, sup.c1, sup.c2))
     if beff is not None:
         beff = beff.contiguous()
     return glora_gemm(x2, weight, out_dtype=x2.dtype, bias=beff,
-                      A=_spec(a1, a2, False), B=_spec(b1, b2, False))
+                      A=_spec(sup.a1, sup.a2, False), B=_spec(sup.b1, sup.b2, False))
 
 
 def _reduce(g, t1, t2, ct):
@@ -244,49 +281,51 @@ def _reduce(g, t1, t2, ct):
     return g.sum(1), None
 
 
-def _bwd(dy, x2, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend, need):
+def _bwd(dy, x2, weight, bias, sup: Supports, backend: str, need: Needs) -> list:
     """The 11 gradients (x, weight, bias, a1, a2, b1, b2, c1, c2, d, e); None where unneeded."""
+    a1, a2, b1, b2, c1, c2, d, e = sup
     ct = _ct(x2.dtype)
     triton = backend == "triton"
-    g = [None] * 11
-    if need[0]:
+    g = dict.fromkeys(Needs._fields)
+    if need.x:
         if triton:
-            g[0] = glora_gemm(dy, weight.t(), out_dtype=x2.dtype,
-                              A=_spec(a1, a2, True), B=_spec(b1, b2, True))
+            g["x"] = glora_gemm(dy, weight.t(), out_dtype=x2.dtype,
+                                A=_spec(a1, a2, True), B=_spec(b1, b2, True))
         else:
-            g[0] = dy @ _weff(weight, a1, a2, b1, b2, ct).to(dy.dtype)
-    need_A = a1 is not None and (need[3] or need[4])
-    need_B = b1 is not None and (need[5] or need[6])
-    need_C = c1 is not None and (need[7] or need[8])
+            g["x"] = dy @ _weff(weight, a1, a2, b1, b2, ct).to(dy.dtype)
+    need_A = a1 is not None and (need.a1 or need.a2)
+    need_B = b1 is not None and (need.b1 or need.b2)
+    need_C = c1 is not None and (need.c1 or need.c2)
     G = None
-    if need[1] or need_A or need_B:                       # materialised (out, in)
+    if need.weight or need_A or need_B:                   # materialised (out, in)
         G = tn(dy, x2) if triton else dy.t().to(ct) @ x2.to(ct)
-    w = weight.to(ct) if (need[1] or need_A or need_C) else None
+    w = weight.to(ct) if (need.weight or need_A or need_C) else None
     gs = dy.sum(0, dtype=ct)                              # dL/db_eff (out,)
     if need_A:
-        g[3], g[4] = _reduce(G * w, a1, a2, ct)
+        g["a1"], g["a2"] = _reduce(G * w, a1, a2, ct)
     if need_B:
-        g[5], g[6] = _reduce(G, b1, b2, ct)
+        g["b1"], g["b2"] = _reduce(G, b1, b2, ct)
     if need_C:
         gc = gs @ w                                       # dL/dC (in,)
         if c2 is not None:
-            g[7], g[8] = gc[:, None] @ c2.to(ct).t(), c1.to(ct).t() @ gc[:, None]
+            g["c1"], g["c2"] = gc[:, None] @ c2.to(ct).t(), c1.to(ct).t() @ gc[:, None]
         else:
-            g[7] = gc
-    if d is not None and need[9]:
+            g["c1"] = gc
+    if d is not None and need.d:
         bd = gs * bias.to(ct) if bias is not None else torch.zeros_like(gs)
-        g[9] = bd.sum() if d.dim() == 0 else bd
-    if e is not None and need[10]:
-        g[10] = gs.sum() if e.dim() == 0 else gs
-    if need[1]:
+        g["d"] = bd.sum() if d.dim() == 0 else bd
+    if e is not None and need.e:
+        g["e"] = gs.sum() if e.dim() == 0 else gs
+    if need.weight:
         A = _full(a1, a2, ct)
         dW = G if A is None else G + G * A
         cf = _c_full(c1, c2, ct)
-        g[1] = dW if cf is None else dW + gs[:, None] * cf[None, :]
-    if need[2] and bias is not None:
-        g[2] = gs if d is None else gs * (1 + d.to(ct))
-    refs = (x2, weight, bias, a1, a2, b1, b2, c1, c2, d, e)
-    return [None if t is None or not n else t.to(r.dtype) for t, r, n in zip(g, refs, need)]
+        g["weight"] = dW if cf is None else dW + gs[:, None] * cf[None, :]
+    if need.bias and bias is not None:
+        g["bias"] = gs if d is None else gs * (1 + d.to(ct))
+    refs = (x2, weight, bias, *sup)
+    return [None if t is None or not n else t.to(r.dtype)
+            for t, r, n in zip(g.values(), refs, need)]
 
 
 def _impl_fwd(backend: str):
@@ -298,41 +337,33 @@ def _impl_fwd(backend: str):
 
 
 # ----------------------------------------------------------------------------- registered ops
-@torch.library.custom_op("lora_kernels::glora_fwd", mutates_args=())
-def glora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              a1: torch.Tensor | None, a2: torch.Tensor | None, b1: torch.Tensor | None,
-              b2: torch.Tensor | None, c1: torch.Tensor | None, c2: torch.Tensor | None,
-              d: torch.Tensor | None, e: torch.Tensor | None, backend: str) -> torch.Tensor:
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         a1: torch.Tensor | None, a2: torch.Tensor | None, b1: torch.Tensor | None,
+         b2: torch.Tensor | None, c1: torch.Tensor | None, c2: torch.Tensor | None,
+         d: torch.Tensor | None, e: torch.Tensor | None, backend: str) -> torch.Tensor:
     """x (T, in) -> y (T, out); supports as normalised by :func:`_parse`."""
-    return _impl_fwd(backend)(x, weight, bias, a1, a2, b1, b2, c1, c2, d, e)
+    return _impl_fwd(backend)(x, weight, bias, Supports(a1, a2, b1, b2, c1, c2, d, e))
 
 
-@glora_fwd.register_fake
-def _(x, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend):
+def _fwd_fake(x, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("lora_kernels::glora_bwd", mutates_args=())
-def glora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              a1: torch.Tensor | None, a2: torch.Tensor | None, b1: torch.Tensor | None,
-              b2: torch.Tensor | None, c1: torch.Tensor | None, c2: torch.Tensor | None,
-              d: torch.Tensor | None, e: torch.Tensor | None, backend: str,
-              need_mask: int) -> list[torch.Tensor]:
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            a1: torch.Tensor | None, a2: torch.Tensor | None, b1: torch.Tensor | None,
+            b2: torch.Tensor | None, c1: torch.Tensor | None, c2: torch.Tensor | None,
+            d: torch.Tensor | None, e: torch.Tensor | None, backend: str,
+            need_mask: int) -> list[torch.Tensor]:
     """Gradients of (x, weight, bias, a1, a2, b1, b2, c1, c2, d, e); bit i of ``need_mask``
-    requests the i-th; an unrequested one is returned empty."""
-    need = [bool((need_mask >> i) & 1) for i in range(11)]
-    grads = _bwd(dy, x, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend, need)
-    return [t if t is not None else x.new_empty(0) for t in grads]
+    (:class:`Needs`) requests the i-th; an unrequested one is None (the op: empty)."""
+    return _bwd(dy, x, weight, bias, Supports(a1, a2, b1, b2, c1, c2, d, e), backend,
+                Needs.from_mask(need_mask))
 
 
-@glora_bwd.register_fake
-def _(dy, x, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend, need_mask):
+def _bwd_fake(dy, x, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend, need_mask):
     refs = (x, weight, bias, a1, a2, b1, b2, c1, c2, d, e)
-    out = []
-    for i, r in enumerate(refs):
-        ok = (need_mask >> i) & 1 and r is not None
-        out.append(r.new_empty(r.shape) if ok else x.new_empty(0))
-    return out
+    return [r.new_empty(r.shape) if n and r is not None else None
+            for r, n in zip(refs, Needs.from_mask(need_mask))]
 
 
 def _setup_context(ctx, inputs, output):
@@ -340,45 +371,21 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[11]
 
 
-def _grads(ctx, dy, bwd):
-    """Shared backward of the registered op and of :class:`GLoRAFunction`; ``bwd`` has the
-    signature of ``glora_bwd``."""
+def _grads(ctx, bwd, dy):
+    """Backward of the op; ``bwd`` is the registered ``glora_bwd`` or :func:`_bwd_op`."""
     saved = ctx.saved_tensors
-    mask = 0
-    for i, n in enumerate(ctx.needs_input_grad[:11]):
-        if n and saved[i] is not None:
-            mask |= 1 << i
+    need = Needs(*(n and t is not None for n, t in zip(ctx.needs_input_grad[:11], saved)))
     dy = dy.contiguous() if dy.stride(-1) != 1 else dy
-    grads = bwd(dy, *saved, ctx.backend, mask)
-    return tuple(grads[i] if (mask >> i) & 1 else None for i in range(11)) + (None,)
+    grads = bwd(dy, *saved, ctx.backend, need.mask())
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,)
 
 
-def _backward(ctx, dy):
-    return _grads(ctx, dy, torch.ops.lora_kernels.glora_bwd)
-
-
-glora_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _direct_bwd(dy, x, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend, mask):
-    need = [bool((mask >> i) & 1) for i in range(11)]
-    return _bwd(dy, x, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend, need)
-
-
-class GLoRAFunction(torch.autograd.Function):
-    """Eager fast path of ``lora_kernels::glora_fwd`` (same implementations, same backward
-    :func:`_grads`) without the custom-op dispatcher, as ``ops.lora.LoRAFunction``; under
-    torch.compile the registered op is used."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend):
-        y = _impl_fwd(backend)(x, weight, bias, a1, a2, b1, b2, c1, c2, d, e)
-        _setup_context(ctx, (x, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend), y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _grads(ctx, dy, _direct_bwd)
+GLORA_OP = define_op("lora_kernels::glora_fwd", _fwd, fake=_fwd_fake,
+                     bwd_name="lora_kernels::glora_bwd", bwd=_bwd_op, bwd_fake=_bwd_fake,
+                     setup_context=_setup_context, grads=_grads, function_name="GLoRAFunction")
+glora_fwd = GLORA_OP.custom_op
+#: Eager fast path of ``lora_kernels::glora_fwd`` (see :mod:`lora_kernels.ops._register`).
+GLoRAFunction = GLORA_OP.Function
 
 
 # ----------------------------------------------------------------------------- public API
@@ -406,12 +413,8 @@ def glora_linear(x, weight, bias, A=None, B=None, C=None, D=None, E=None, *, bac
     if be != "torch" and x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
     _impl_fwd(be)
-    x2 = x.reshape(-1, in_f)
-    args = (x2, weight, bias, a1, a2, b1, b2, c1, c2, d, e, be)
-    if torch.compiler.is_compiling():
-        y = torch.ops.lora_kernels.glora_fwd(*args)
-    else:
-        y = GLoRAFunction.apply(*args)
+    x2 = compact_rows_for_cpu_gemm(x.reshape(-1, in_f))  # row-padded bf16/fp16 on CPU
+    y = GLORA_OP(x2, weight, bias, a1, a2, b1, b2, c1, c2, d, e, be)
     return y.reshape(*x.shape[:-1], out_f)
 
 

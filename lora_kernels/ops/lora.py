@@ -2,8 +2,8 @@
 
 Layers (one op, four layers):
   kernels.lora (Triton)  ->  _triton_fwd/_triton_bwd (launchers)  ->  torch.library ops
-  ``lora_kernels::lora_fwd`` / ``lora_kernels::lora_bwd`` with ``register_autograd``
-  ->  :func:`lora_linear` (functional)  ->  ``layers.LoRALinear``.
+  ``lora_kernels::lora_fwd`` / ``lora_kernels::lora_bwd`` (``ops._register.define_op``: fakes,
+  autograd, eager fast path)  ->  :func:`lora_linear` (functional)  ->  ``layers.LoRALinear``.
 
 Shapes: x2 (T, in), weight (out, in), bias (out,), lora_A (r, in), lora_B (out, r).
 Forward:   Xd = drop(x2);  S = Xd A^T (T, r) fp32;  y = x2 W^T + b + s S B^T.
@@ -18,12 +18,15 @@ The dropout mask is regenerated from ``seed`` in backward, never stored.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
-from .._backend import resolve_backend
+from .._backend import compact_rows_for_cpu_gemm, resolve_backend
 from . import _triton as TR
+from ._register import define_op, needs_grad
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -42,31 +45,57 @@ def _torch_fwd(x2, weight, bias, A, B, scaling, p, seed):
     return y, s.float()
 
 
-def _torch_bwd(dy, x2, weight, A, B, s, scaling, p, seed, need_dx, need_dA, need_dB):
+class Saved(NamedTuple):
+    """What every backend's backward reads (saved by the forward): ``x`` (T, in),
+    ``weight`` (out, in), ``A`` (r, in), ``B`` (out, r), ``s = drop(x) A^T`` (T, r) fp32,
+    ``scaling``, dropout ``p`` and its ``seed`` (int64 (1,) or None)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    s: torch.Tensor
+    scaling: float
+    p: float
+    seed: torch.Tensor | None
+
+
+class Needs(NamedTuple):
+    """Which of the low-rank backward's gradients to compute."""
+
+    dx: bool
+    dA: bool
+    dB: bool
+
+
+def _torch_bwd(dy, saved: Saved, need: Needs):
     # scaling is applied to the small (T, r) operands only: no extra pass over (T, in|out)
+    x2, weight, A, B, s, scaling, p, seed = saved
     dx = dA = dB = None
     keep = None if p == 0.0 else torch_keep_mask(seed, x2.shape, p, x2.device)
-    if need_dx or need_dA:
+    if need.dx or need.dA:
         gs = (dy @ B).mul_(scaling)                                   # s * G (T, r)
-    if need_dx:
+    if need.dx:
         if keep is None:
             dx = torch.mm(dy, weight).addmm_(gs, A)
         else:
             dx = torch.mm(dy, weight).add_((gs @ A) * keep, alpha=1.0 / (1.0 - p))
-    if need_dA:
+    if need.dA:
         xd = x2 if keep is None else x2 * keep / (1.0 - p)
         dA = gs.t() @ xd
-    if need_dB:
+    if need.dB:
         dB = dy.t() @ (s * scaling).to(dy.dtype)
     return dx, dA, dB
 
 
 # ----------------------------------------------------------------------------- Triton launchers
 def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed=None, p=0.0,
-                 drop_x=False, drop_epi=False) -> torch.Tensor:
-    """Launch ``gemm_lowrank_kernel``: ``drop?(x) @ w^T (+bias) (+scale*mask?(s @ bm^T))``.
+                 drop_x=False, drop_epi=False, row_scale=None, x_scale=None) -> torch.Tensor:
+    """Launch ``gemm_lowrank_kernel``:
+    ``rows? * (drop?(x * xs?) @ w^T + scale*mask?(s @ bm^T)) (+bias)``.
 
-    x (M, K), w (N, K), s (M, R) fp32, bm (N, R); any strides. Returns (M, N) in ``out_dtype``.
+    x (M, K), w (N, K), s (M, R) fp32, bm (N, R); any strides. ``row_scale`` (N,) and ``x_scale``
+    (K,) are contiguous fp32 vectors or None (DoRA). Returns (M, N) in ``out_dtype``.
     """
     from ..kernels.lora import gemm_lowrank_autotuned, gemm_lowrank_kernel
 
@@ -88,6 +117,7 @@ def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed
     kernel[grid](
         x, w, y, bias if bias is not None else dummy, s if s is not None else dummy,
         bm if bm is not None else dummy, seed if seed is not None else dummy,
+        row_scale if row_scale is not None else dummy, x_scale if x_scale is not None else dummy,
         M, N, K, R, min(TR.next_pow2(M), 8192),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
         s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
@@ -96,7 +126,8 @@ def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed
         HAS_BIAS=bias is not None, HAS_LOWRANK=s is not None,
         DROP_X=drop_x, DROP_EPI=drop_epi,
         BLOCK_R=max(16, min(64, TR.next_pow2(R))),
-        PRECISION=TR.dot_precision(x.dtype), UPCAST=TR.upcast(x.dtype, w.dtype), **cfg,
+        PRECISION=TR.dot_precision(x.dtype), UPCAST=TR.upcast(x.dtype, w.dtype),
+        ROW_SCALE=row_scale is not None, X_SCALE=x_scale is not None, **cfg,
     )
     return y
 
@@ -140,17 +171,18 @@ def _triton_fwd(x2, weight, bias, A, B, scaling, p, seed):
     return y, s
 
 
-def _triton_bwd(dy, x2, weight, A, B, s, scaling, p, seed, need_dx, need_dA, need_dB):
+def _triton_bwd(dy, saved: Saved, need: Needs):
+    x2, weight, A, B, s, scaling, p, seed = saved
     dx = dA = dB = None
     drop = p > 0.0
-    if need_dx or need_dA:
+    if need.dx or need.dA:
         g = gemm_lowrank(dy, B.t(), out_dtype=torch.float32)                  # (T, r)
-    if need_dx:
+    if need.dx:
         dx = gemm_lowrank(dy, weight.t(), out_dtype=x2.dtype, s=g, bm=A.t(), scale=scaling,
                           seed=seed, p=p, drop_epi=drop)
-    if need_dA:
+    if need.dA:
         dA = (tn(g, x2, seed=seed, p=p, drop_r=drop) * scaling).to(A.dtype)  # (r, in)
-    if need_dB:
+    if need.dB:
         dB = (tn(dy, s) * scaling).to(B.dtype)                                # (out, r)
     return dx, dA, dB
 
@@ -168,41 +200,32 @@ def _impl(backend: str):
 
 
 # ----------------------------------------------------------------------------- registered ops
-@torch.library.custom_op("lora_kernels::lora_fwd", mutates_args=())
-def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float,
-             seed: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+         lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, in) -> (y (T, out), S = drop(x) A^T (T, r) fp32)."""
     return _impl(backend)[0](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
-@lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
 
 
-@torch.library.custom_op("lora_kernels::lora_bwd", mutates_args=())
-def lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-             lora_B: torch.Tensor, s: torch.Tensor, scaling: float, dropout_p: float,
-             seed: torch.Tensor | None, backend: str, need_dx: bool, need_dA: bool,
-             need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dx (T, in), dA (r, in), dB (out, r)); an unneeded one is returned empty."""
-    dx, dA, dB = _impl(backend)[1](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed,
-                                   need_dx, need_dA, need_dB)
-    def e():  # an unneeded gradient: a fresh empty tensor (outputs may not alias each other)
-        return x.new_empty(0)
-
-    return (dx if dx is not None else e(), dA if dA is not None else e(),
-            dB if dB is not None else e())
+def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+         lora_B: torch.Tensor, s: torch.Tensor, scaling: float, dropout_p: float,
+         seed: torch.Tensor | None, backend: str, need_dx: bool, need_dA: bool,
+         need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx (T, in), dA (r, in), dB (out, r)); None (the op: empty) where unneeded."""
+    return _impl(backend)[1](dy, Saved(x, weight, lora_A, lora_B, s, scaling, dropout_p, seed),
+                             Needs(need_dx, need_dA, need_dB))
 
 
-@lora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, backend, need_dx, need_dA,
-      need_dB):
-    return (x.new_empty(x.shape if need_dx else (0,)),
-            lora_A.new_empty(lora_A.shape if need_dA else (0,)),
-            lora_B.new_empty(lora_B.shape if need_dB else (0,)))
+def _bwd_fake(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, backend, need_dx,
+              need_dA, need_dB):
+    return (x.new_empty(x.shape) if need_dx else None,
+            lora_A.new_empty(lora_A.shape) if need_dA else None,
+            lora_B.new_empty(lora_B.shape) if need_dB else None)
 
 
 def _setup_context(ctx, inputs, output):
@@ -212,9 +235,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _grads(ctx, dy, bwd):
-    """Shared backward of the registered op and of :class:`LoRAFunction`; ``bwd`` computes
-    (dx, dA, dB) with the signature of ``lora_bwd``."""
+def _grads(ctx, bwd, dy, _ds=None):
+    """Backward of the op (``bwd``: the registered ``lora_bwd`` or :func:`_bwd`); dW and db
+    are plain torch GEMM / reduction, only when the base requires grad."""
     x, weight, A, B, s, seed = ctx.saved_tensors
     nx, nw, nb, na, nB = ctx.needs_input_grad[:5]
     dy = dy.contiguous() if dy.stride(-1) != 1 else dy
@@ -225,43 +248,17 @@ def _grads(ctx, dy, bwd):
             None, None, None, None)
 
 
-def _backward(ctx, dy, _ds):
-    return _grads(ctx, dy, torch.ops.lora_kernels.lora_bwd)
-
-
-lora_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _direct_bwd(dy, x, weight, A, B, s, scaling, p, seed, backend, nx, na, nB):
-    return _impl(backend)[1](dy, x, weight, A, B, s, scaling, p, seed, nx, na, nB)
-
-
-class LoRAFunction(torch.autograd.Function):
-    """Eager fast path of ``lora_kernels::lora_fwd``: the same implementations and the same
-    backward (:func:`_grads`), without the custom-op dispatcher. Measured with
-    bench/dispatch_overhead.py (2-core CPU box, T=1, 256x256, r=16, 2026-11-25), added per call
-    over calling the implementation directly: registered op +64 us; ``lora_linear`` with inputs
-    requiring grad (this Function) +44 us; ``lora_linear`` for inference (no autograd node at all)
-    +17 us, of which ~7 us argument checks and backend resolution. Under torch.compile the
-    registered op is used, so graphs see one fake-tensor-aware op."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling, p, seed, backend):
-        y, s = _impl(backend)[0](x, weight, bias, A, B, scaling, p, seed)
-        _setup_context(ctx, (x, weight, bias, A, B, scaling, p, seed, backend), (y, s))
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _grads(ctx, dy, _direct_bwd)
+LORA_OP = define_op("lora_kernels::lora_fwd", _fwd, fake=_fwd_fake,
+                    bwd_name="lora_kernels::lora_bwd", bwd=_bwd, bwd_fake=_bwd_fake,
+                    setup_context=_setup_context, grads=_grads, nondiff_outputs=(1,),
+                    function_name="LoRAFunction")
+lora_fwd = LORA_OP.custom_op
+#: Eager fast path of ``lora_kernels::lora_fwd`` (see :mod:`lora_kernels.ops._register`).
+LoRAFunction = LORA_OP.Function
+_needs_grad = needs_grad  # the name ops.multi_lora imports
 
 
 # ----------------------------------------------------------------------------- public API
-def _needs_grad(*tensors) -> bool:
-    """Whether autograd must record this call (grad mode on and some input requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
                 generator=None, backend=None):
     """Fused LoRA linear: ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
@@ -288,11 +285,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
     seed = TR.draw_seed(generator, x.device) if p > 0.0 else None
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)  # 2-D: no view node in the autograd graph
-    if torch.compiler.is_compiling():
-        y, _ = torch.ops.lora_kernels.lora_fwd(x2, weight, bias, lora_A, lora_B, scaling, p, seed,
-                                               be)
-    elif _needs_grad(x2, weight, bias, lora_A, lora_B):
-        y = LoRAFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, p, seed, be)
-    else:  # inference: no autograd node (~30 us per call on the 2-core CPU box)
-        y, _ = _impl(be)[0](x2, weight, bias, lora_A, lora_B, scaling, p, seed)
+    x2 = compact_rows_for_cpu_gemm(x2)  # row-padded bf16/fp16 on CPU: see its docstring
+    y, _ = LORA_OP(x2, weight, bias, lora_A, lora_B, scaling, p, seed, be)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ..._backend import triton_available
+from .._register import define_op
 from . import tiles as _tiles
 
 PATHS = ("decode", "prefill", "prefill_fused")
@@ -220,7 +221,6 @@ def _tile_counts(T: int, max_adapters: int) -> tuple[int, int]:
             cdiv(T, _tiles.block_m("fused")) + min(max_adapters + 1, T))
 
 
-@torch.library.custom_op("lora_kernels::multi_lora_plan", mutates_args=())
 def _plan_op(ids: torch.Tensor, num_adapters: torch.Tensor, max_adapters: int, backend: str,
              path: str) -> list[torch.Tensor]:
     """:func:`build_eager` as one opaque op (under ``torch.compile``): returns ``[perm, seg_off,
@@ -234,13 +234,15 @@ def _plan_op(ids: torch.Tensor, num_adapters: torch.Tensor, max_adapters: int, b
             p.fused_tiles if p.fused_tiles is not None else e(g_f), p.host]
 
 
-@_plan_op.register_fake
-def _(ids, num_adapters, max_adapters, backend, path):
+def _plan_fake(ids, num_adapters, max_adapters, backend, path):
     T = ids.shape[0]
     g_p, g_f = _tile_counts(T, max_adapters)
     e = lambda *s: torch.empty(s, dtype=torch.int64, device=ids.device)  # noqa: E731
     return [e(T), e(max_adapters + 2), e(3, g_p), e(3, g_f),
             torch.empty((1 + cdiv(T, RUN_MIN_ROWS), 3), dtype=torch.int64)]
+
+
+PLAN_OP = define_op("lora_kernels::multi_lora_plan", _plan_op, fake=_plan_fake)
 
 
 def build(ids: torch.Tensor, max_adapters: int, num_adapters, *, backend: str,
@@ -254,8 +256,7 @@ def build(ids: torch.Tensor, max_adapters: int, num_adapters, *, backend: str,
         return build_eager(ids, max_adapters, n, backend=backend, path=path)
     if isinstance(num_adapters, int):
         num_adapters = torch.tensor([num_adapters], dtype=torch.int64)
-    perm, seg_off, tt, ft, host = torch.ops.lora_kernels.multi_lora_plan(
-        ids, num_adapters, max_adapters, backend, path)
+    perm, seg_off, tt, ft, host = PLAN_OP(ids, num_adapters, max_adapters, backend, path)
     tiles = _needs_tiles(backend)
     return BatchPlan(ids, path, perm, seg_off, tt if tiles else None,
                      ft if tiles and path == "prefill_fused" else None, host)

@@ -5,8 +5,8 @@ place, inference). Their schemas take plain tensors: the pool (``lora_A, lora_Bt
 scalings, adapter_ids, rank_bound``: a :class:`~lora_kernels.pool.PoolView` plus the ids) and,
 as optional trailing arguments, the batch plan's tensors (``perm, seg_off, tiles, fused_tiles,
 host``: :meth:`~.plan.BatchPlan.tensors`). A raw call without the plan builds one inside the op;
-:func:`apply` / :func:`add_` always pass it. Eagerly, :func:`apply` skips the dispatcher (the
-autograd Function below, or no autograd at all when nothing needs a gradient).
+:func:`apply` / :func:`add_` always pass it. Both ops are defined by ``ops._register.define_op``
+(fake, backward op, autograd, eager Function, inference fast path, compile dispatch).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..._backend import triton_available
 from ...pool import PoolView
+from .._register import define_op
 from . import cuda_backend, torch_backend, triton_backend
 from . import plan as P
 
@@ -71,131 +72,86 @@ def _unpack(pool_args, plan_args, path, backend):
 
 
 # ----------------------------------------------------------------------------- registered ops
-@torch.library.custom_op("lora_kernels::multi_lora_fwd", mutates_args=())
-def multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   lora_A: torch.Tensor, lora_Bt: torch.Tensor, ranks: torch.Tensor,
-                   scalings: torch.Tensor, adapter_ids: torch.Tensor, rank_bound: int,
-                   backend: str, path: str, perm: torch.Tensor | None = None,
-                   seg_off: torch.Tensor | None = None, tiles: torch.Tensor | None = None,
-                   fused_tiles: torch.Tensor | None = None,
-                   host: torch.Tensor | None = None) -> torch.Tensor:
+# (schemas inferred from the annotations by ops._register.define_op; the trailing plan tensors
+# default to None: a raw op call without them builds its plan inside the op)
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            lora_A: torch.Tensor, lora_Bt: torch.Tensor, ranks: torch.Tensor,
+            scalings: torch.Tensor, adapter_ids: torch.Tensor, rank_bound: int, backend: str,
+            path: str, perm: torch.Tensor | None = None, seg_off: torch.Tensor | None = None,
+            tiles: torch.Tensor | None = None, fused_tiles: torch.Tensor | None = None,
+            host: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, in) -> y (T, out) = base (or 0 when weight is None) + per-token adapter delta."""
     view, plan = _unpack((lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound),
                          (perm, seg_off, tiles, fused_tiles, host), path, backend)
     return fwd(x, weight, bias, view, plan, backend)
 
 
-@multi_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound, backend, path,
-      perm=None, seg_off=None, tiles=None, fused_tiles=None, host=None):
+def _fwd_fake(x, weight, bias, lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound,
+              backend, path, perm=None, seg_off=None, tiles=None, fused_tiles=None, host=None):
     return x.new_empty((x.shape[0], lora_Bt.shape[2]))
 
 
-@torch.library.custom_op("lora_kernels::multi_lora_bwd", mutates_args=())
-def multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                   lora_A: torch.Tensor, lora_Bt: torch.Tensor, ranks: torch.Tensor,
-                   scalings: torch.Tensor, adapter_ids: torch.Tensor, rank_bound: int,
-                   backend: str, need_dx: bool, need_dA: bool, need_dBt: bool,
-                   perm: torch.Tensor | None = None, seg_off: torch.Tensor | None = None,
-                   tiles: torch.Tensor | None = None, fused_tiles: torch.Tensor | None = None,
-                   host: torch.Tensor | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx (T, in), dA (MAXA, MAXR, in), dBt (MAXA, MAXR, out)); unneeded ones empty."""
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+            lora_A: torch.Tensor, lora_Bt: torch.Tensor, ranks: torch.Tensor,
+            scalings: torch.Tensor, adapter_ids: torch.Tensor, rank_bound: int, backend: str,
+            need_dx: bool, need_dA: bool, need_dBt: bool, perm: torch.Tensor | None = None,
+            seg_off: torch.Tensor | None = None, tiles: torch.Tensor | None = None,
+            fused_tiles: torch.Tensor | None = None, host: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (T, in), dA (MAXA, MAXR, in), dBt (MAXA, MAXR, out)); None where not needed."""
     view, plan = _unpack((lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound),
                          (perm, seg_off, tiles, fused_tiles, host), "auto", backend)
-    dx, dA, dBt = bwd(dy, x, weight, view, plan, backend, (need_dx, need_dA, need_dBt))
-    return (dx if dx is not None else x.new_empty(0), dA if dA is not None else x.new_empty(0),
-            dBt if dBt is not None else x.new_empty(0))
+    return bwd(dy, x, weight, view, plan, backend, (need_dx, need_dA, need_dBt))
 
 
-@multi_lora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound, backend,
-      need_dx, need_dA, need_dBt, perm=None, seg_off=None, tiles=None, fused_tiles=None,
-      host=None):
-    return (x.new_empty(x.shape if need_dx else (0,)),
-            lora_A.new_empty(lora_A.shape if need_dA else (0,)),
-            lora_Bt.new_empty(lora_Bt.shape if need_dBt else (0,)))
+def _bwd_fake(dy, x, weight, lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound, backend,
+              need_dx, need_dA, need_dBt, perm=None, seg_off=None, tiles=None, fused_tiles=None,
+              host=None):
+    return (x.new_empty(x.shape) if need_dx else None,
+            lora_A.new_empty(lora_A.shape) if need_dA else None,
+            lora_Bt.new_empty(lora_Bt.shape) if need_dBt else None)
 
 
 _N_FWD_ARGS = 16  # inputs of multi_lora_fwd (one gradient slot each)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, Bt, ranks, scalings, ids, rank_bound, backend, path = inputs[:11]
-    plan_args = tuple(inputs[11:])
-    ctx.save_for_backward(x, weight, A, Bt, ranks, scalings, ids, *plan_args)
+    x, weight, bias, A, Bt, ranks, scalings, ids, rank_bound, backend = inputs[:10]
+    ctx.save_for_backward(x, weight, A, Bt, ranks, scalings, ids, *inputs[11:])
     ctx.rank_bound, ctx.backend = rank_bound, backend
     ctx.has_bias = bias is not None
 
 
-def _saved(ctx):
-    """(x, weight, pool tensors + ids, plan tensors) saved by :func:`_setup_context`."""
+def _grads(ctx, bwd_fn, dy):
+    """One gradient per forward input; ``bwd_fn`` is the backward op or :func:`_bwd_op`."""
     x, weight, A, Bt, ranks, scalings, ids, *plan_args = ctx.saved_tensors
-    return x, weight, (A, Bt, ranks, scalings, ids, ctx.rank_bound), tuple(plan_args)
-
-
-def _finish(ctx, dy, x, dxab):
-    """The gradient tuple of the forward op's inputs from ``(dx, dA, dBt)``."""
     nx, nw, nb, na, nB = ctx.needs_input_grad[:5]
-    dx, dA, dBt = dxab
+    dy = dy.contiguous() if dy.stride(-1) != 1 else dy
+    dx = dA = dBt = None
+    if nx or na or nB:
+        dx, dA, dBt = bwd_fn(dy, x, weight, A, Bt, ranks, scalings, ids, ctx.rank_bound,
+                             ctx.backend, nx, na, nB, *plan_args)
     dW = dy.t() @ x if nw else None
     db = dy.sum(0) if (nb and ctx.has_bias) else None
     return (dx if nx else None, dW, db, dA if na else None, dBt if nB else None,
             *([None] * (_N_FWD_ARGS - 5)))
 
 
-def _backward(ctx, dy):
-    x, weight, pool_args, plan_args = _saved(ctx)
-    nx, na, nB = ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5]
-    dy = dy.contiguous() if dy.stride(-1) != 1 else dy
-    dxab = (None, None, None)
-    if nx or na or nB:
-        dxab = torch.ops.lora_kernels.multi_lora_bwd(dy, x, weight, *pool_args, ctx.backend,
-                                                     nx, na, nB, *plan_args)
-    return _finish(ctx, dy, x, dxab)
+MULTI_LORA_OP = define_op("lora_kernels::multi_lora_fwd", _fwd_op, fake=_fwd_fake,
+                          bwd_name="lora_kernels::multi_lora_bwd", bwd=_bwd_op,
+                          bwd_fake=_bwd_fake, setup_context=_setup_context, grads=_grads,
+                          function_name="MultiLoRAFunction")
+multi_lora_fwd = MULTI_LORA_OP.custom_op
+multi_lora_bwd = MULTI_LORA_OP.bwd_op
+#: Eager fast path of ``lora_kernels::multi_lora_fwd`` (see :mod:`lora_kernels.ops._register`).
+MultiLoRAFunction = MULTI_LORA_OP.Function
 
 
-multi_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class MultiLoRAFunction(torch.autograd.Function):
-    """Eager fast path of ``lora_kernels::multi_lora_fwd`` (same implementations and backward,
-    without the custom-op dispatcher; see ``ops.lora.LoRAFunction``). ``meta`` = (PoolView,
-    BatchPlan, backend): non-differentiable; the factors are passed separately so autograd sees
-    them."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_Bt, meta):
-        view, plan, backend = meta
-        view = view._replace(lora_A=lora_A, lora_Bt=lora_Bt)
-        y = fwd(x, weight, bias, view, plan, backend)
-        ctx.save_for_backward(x, weight, lora_A, lora_Bt)
-        ctx.meta, ctx.has_bias = (view, plan, backend), bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, A, Bt = ctx.saved_tensors
-        view, plan, backend = ctx.meta
-        view = view._replace(lora_A=A, lora_Bt=Bt)
-        nx, nw, nb, na, nB = ctx.needs_input_grad[:5]
-        dy = dy.contiguous() if dy.stride(-1) != 1 else dy
-        dx, dA, dBt = (None, None, None)
-        if nx or na or nB:
-            dx, dA, dBt = bwd(dy, x, weight, view, plan, backend, (nx, na, nB))
-        dW = dy.t() @ x if nw else None
-        db = dy.sum(0) if (nb and ctx.has_bias) else None
-        return dx if nx else None, dW, db, dA if na else None, dBt if nB else None, None
-
-
-@torch.library.custom_op("lora_kernels::multi_lora_add_", mutates_args=("y",))
-def multi_lora_add_op(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                      lora_Bt: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor,
-                      adapter_ids: torch.Tensor, rank_bound: int, backend: str,
-                      path: str, perm: torch.Tensor | None = None,
-                      seg_off: torch.Tensor | None = None, tiles: torch.Tensor | None = None,
-                      fused_tiles: torch.Tensor | None = None,
-                      host: torch.Tensor | None = None) -> None:
+def _add_op(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_Bt: torch.Tensor,
+            ranks: torch.Tensor, scalings: torch.Tensor, adapter_ids: torch.Tensor,
+            rank_bound: int, backend: str, path: str, perm: torch.Tensor | None = None,
+            seg_off: torch.Tensor | None = None, tiles: torch.Tensor | None = None,
+            fused_tiles: torch.Tensor | None = None, host: torch.Tensor | None = None) -> None:
     """In place: ``y[t] += s_i x[t] A_i^T B_i^T`` (inference; no autograd)."""
     if rank_bound > 0 and x.shape[0] > 0:
         view, plan = _unpack((lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound),
@@ -203,35 +159,21 @@ def multi_lora_add_op(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
         _add_impl(backend)(y, x, view, plan)
 
 
-@multi_lora_add_op.register_fake
-def _(y, x, lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound, backend, path,
-      perm=None, seg_off=None, tiles=None, fused_tiles=None, host=None):
-    return None
+MULTI_LORA_ADD_OP = define_op("lora_kernels::multi_lora_add_", _add_op,
+                              fake=lambda *args: None, mutates_args=("y",))
+multi_lora_add_op = MULTI_LORA_ADD_OP.custom_op
 
 
 # ----------------------------------------------------------------------------- entry points
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def apply(x2, weight, bias, view: PoolView, plan: P.BatchPlan, backend: str) -> torch.Tensor:
     """``y (T, out)`` on validated arguments (x2 (T, in), a plan for these tokens, a resolved
-    backend): the registered op under torch.compile, the eager Function (or no autograd node)
-    otherwise."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lora_kernels.multi_lora_fwd(x2, weight, bias, *view[:4], plan.ids,
-                                                     view.rank_bound, backend, plan.path,
-                                                     *plan.tensors())
-    if _needs_grad(x2, weight, bias, view.lora_A, view.lora_Bt):
-        return MultiLoRAFunction.apply(x2, weight, bias, view.lora_A, view.lora_Bt,
-                                       (view, plan, backend))
-    return fwd(x2, weight, bias, view, plan, backend)  # inference (serving): no autograd node
+    backend), through :data:`MULTI_LORA_OP` (the registered op under torch.compile, the eager
+    Function when autograd records, the implementation alone for inference)."""
+    return MULTI_LORA_OP(x2, weight, bias, *view[:4], plan.ids, view.rank_bound, backend,
+                         plan.path, *plan.tensors())
 
 
 def add_(y2, x2, view: PoolView, plan: P.BatchPlan, backend: str) -> None:
     """In place ``y2 += delta`` on validated arguments (inference)."""
-    if torch.compiler.is_compiling():
-        torch.ops.lora_kernels.multi_lora_add_(y2, x2, *view[:4], plan.ids, view.rank_bound,
-                                               backend, plan.path, *plan.tensors())
-    elif view.rank_bound > 0 and x2.shape[0] > 0:
-        _add_impl(backend)(y2, x2, view, plan)
+    MULTI_LORA_ADD_OP(y2, x2, *view[:4], plan.ids, view.rank_bound, backend, plan.path,
+                      *plan.tensors())

@@ -7,7 +7,8 @@ unsupported ops). This module records every kernel launch made under TRITON_INTE
 compiles each distinct signature to a cubin for sm_80 and sm_90 with Triton's own compiler
 (``triton.compile`` with an explicit ``GPUTarget``). Compiled is not verified: nothing here runs.
 
-Usage (CLI, used by tests/test_triton_aot.py): python tests/aot_tools.py compile launches.json
+Usage (CLI, used by tests/cuda/test_triton_aot.py):
+    python tests/cuda/aot_tools.py compile launches.json
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lora_kernels
 from lora_kernels import _cuda
@@ -40,7 +41,7 @@ from lora_kernels.reference.lora import lora_linear as ref_lora_linear
 from conftest import DTYPES
 from helpers import assert_close as check
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def find_nvcc() -> str | None:
@@ -111,6 +112,11 @@ def kdev(request, monkeypatch):
         if not _gpu_ready():
             pytest.skip("GPU-only: needs a CUDA device and the built lora_kernels._C")
         return torch.device("cuda")
+    return use_emulation(monkeypatch)
+
+
+def use_emulation(monkeypatch, compact_gemm_operands: bool = True) -> torch.device:
+    """Point lora_kernels' CUDA wrappers at the CPU-emulated module (skip if it cannot build)."""
     mod, err = _emu_module()
     if mod is None:
         pytest.skip(f"CPU emulation of the kernels unavailable: {err}")
@@ -118,7 +124,46 @@ def kdev(request, monkeypatch):
 
     monkeypatch.setattr(lora_cuda, "_DEVICE_TYPE", "cpu")
     monkeypatch.setattr(_cuda, "module", lambda: mod)
+    if compact_gemm_operands:
+        compact_stand_in_gemms(monkeypatch, lora_cuda)
     return torch.device("cpu")
+
+
+def compact_stand_in_gemms(monkeypatch, lora_cuda):
+    """Give the emulation's cuBLAS stand-in (torch's CPU GEMM) compact copies of its operands.
+
+    Why: the [emu] tests put NaN in the padding of row-strided x / dy ('rowpad', 'offset' layouts)
+    to prove that *our* kernels (lora_shrink / lora_expand / lora_grad_tn, which take the row
+    stride ld) never read past a row's logical end. The base GEMMs of the CUDA backend are cuBLAS
+    on a GPU (which honours lda) and torch's CPU GEMM in the emulation. On Intel CPUs with AMX,
+    torch's bf16 GEMM (oneDNN brgemm) reads whole K tiles, padding included, and multiplies the
+    columns past K by zero: NaN * 0 = NaN, so y / dx came out NaN (issue 10) although our kernels
+    were right. The stand-in GEMM is not under test, so it gets a compact copy of x / dy; our
+    kernels still read the poisoned row-strided originals (``as_rows`` keeps them, with their ld),
+    so the poison proves exactly what it proved before. tests/cuda/amx_sim.py simulates the AMX
+    behaviour on any CPU: test_emulation_survives_padding_reading_gemm shows this shim is what
+    keeps the suite green there, and that without it the poison does reach the output.
+    """
+    import types
+
+    def linear(x, w, b=None):
+        return F.linear(x.contiguous(), w.contiguous(), b)
+
+    def mm(a, b):
+        return torch.mm(a.contiguous(), b.contiguous())
+
+    monkeypatch.setattr(lora_cuda, "F", types.SimpleNamespace(linear=linear))
+    monkeypatch.setattr(lora_cuda, "torch", _TorchWithCompactMM(mm))
+
+
+class _TorchWithCompactMM:
+    """``torch`` as lora_cuda sees it in the emulation: every name forwarded, ``mm`` replaced."""
+
+    def __init__(self, mm):
+        self.mm = mm
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
 
 
 def test_emulation_builds():
@@ -313,9 +358,13 @@ LORA_SHAPES = [(1, 97, 75, 1), (3, 64, 80, 7), (130, 97, 75, 16), (300, 256, 136
 @pytest.mark.parametrize("kind,p", [("contig", 0.0), ("contig", 0.3), ("rowpad", 0.3),
                                     ("offset", 0.3), ("colstep", 0.0)])
 def test_lora_kernels_vs_float64(kdev, dtype, shape, kind, p):
+    run_lora_case(kdev, dtype, shape, kind, p)
+
+
+def run_lora_case(dev, dtype, shape, kind, p):
+    """fwd + bwd of the CUDA backend on x / dy in ``kind`` layout (NaN padding) vs float64."""
     from lora_kernels.ops import lora_cuda
 
-    dev = kdev
     T, in_f, out_f, r = shape
     s = 0.7
     x = rnd(T, in_f, dtype=dtype, device=dev)
@@ -341,6 +390,42 @@ def test_lora_kernels_vs_float64(kdev, dtype, shape, kind, p):
     check(dx, x64.grad, dtype, "dx")
     check(dA, A64.grad, dtype, "dA")
     check(dB, B64.grad, dtype, "dB")
+
+
+def test_emulation_survives_padding_reading_gemm(monkeypatch):
+    """Issue 10 on any CPU: with torch's GEMM replaced by one that reads row padding like oneDNN
+    on AMX (tests/cuda/amx_sim.py), the emulated bf16 'rowpad' / 'offset' cases still pass,
+    because the stand-in GEMM gets compact copies (compact_stand_in_gemms), while our kernels
+    still read the NaN-padded originals. Without the compact copies the poison reaches y: the
+    simulation is faithful and the poison still catches a padding read."""
+    from amx_sim import padding_reading_linear, padding_reading_mm
+
+    from lora_kernels.ops import lora_cuda
+
+    # the issue's reproducer, under the simulation
+    sim_linear = padding_reading_linear(F.linear)
+    x = torch.randn(130, 97).bfloat16()
+    w = torch.randn(75, 97).bfloat16()
+    buf = torch.full((130, 105), float("nan"), dtype=torch.bfloat16)
+    v = buf[:, :97]
+    v.copy_(x)
+    assert torch.isnan(sim_linear(v, w)).all()
+    assert torch.equal(sim_linear(v.contiguous(), w), F.linear(x, w))
+
+    monkeypatch.setattr(F, "linear", sim_linear)
+    monkeypatch.setattr(torch, "mm", padding_reading_mm(torch.mm))
+    dev = use_emulation(monkeypatch)
+    for kind in ("rowpad", "offset"):
+        run_lora_case(dev, torch.bfloat16, (130, 97, 75, 16), kind, 0.3)
+
+    # without the compact copies: the padding's NaN reaches y through the stand-in GEMM
+    monkeypatch.undo()
+    monkeypatch.setattr(F, "linear", sim_linear)
+    dev = use_emulation(monkeypatch, compact_gemm_operands=False)
+    xr = layout(x, "rowpad")
+    y, _ = lora_cuda.fwd(xr, w, None, torch.randn(4, 97).bfloat16(), torch.randn(75, 4).bfloat16(),
+                         0.5, 0.0, None)
+    assert torch.isnan(y).all()
 
 
 def test_dropout_mask_matches_reference_philox_and_rate(kdev):

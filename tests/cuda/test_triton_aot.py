@@ -1,7 +1,7 @@
 """Every Triton kernel compiles with Triton's GPU compiler for sm_80 and sm_90 (no GPU needed).
 
 Representative public calls run under the interpreter while their launches are recorded
-(tests/aot_tools.py); a fresh process without the interpreter then compiles each distinct
+(tests/cuda/aot_tools.py); a fresh process without the interpreter then compiles each distinct
 launch signature to a cubin. This catches what the interpreter accepts but the GPU compiler
 rejects. It does not show the kernels run correctly on a GPU: that needs
 ``python -m lora_kernels.check --gpu``.
@@ -79,7 +79,7 @@ def test_all_kernels_compile_for_sm80_sm90(tmp_path):
         True, False}
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(launches, default=str))
-    root = str(HERE.parent)
+    root = str(HERE.parents[1])
     pypath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1",
            "PYTHONPATH": pypath}

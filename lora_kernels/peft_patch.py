@@ -1,0 +1,182 @@
+"""One-call speed-up of an existing PEFT model: :func:`patch_peft` / :func:`unpatch_peft`.
+
+``patch_peft(peft_model)`` swaps the ``forward`` of every PEFT LoRA ``Linear`` layer (base
+``nn.Linear`` or transformers ``Conv1D``) for the fused :func:`lora_kernels.lora_linear`, in place
+(Liger-Kernel style: an instance attribute ``forward`` shadows the class's). Nothing else changes:
+the layer keeps PEFT's class, its ``lora_A`` / ``lora_B`` ``nn.Linear`` modules and their
+parameters (read as they are: ``lora_A[name].weight (r, in)``, ``lora_B[name].weight (out, r)``,
+PEFT's layout is ours), so the optimizer built on them, the training script, ``state_dict`` /
+``save_pretrained`` and PEFT's own methods (``merge_and_unload``, ``set_adapter``,
+``disable_adapter()``, ``delete_adapter``) keep working. ``unpatch_peft`` deletes the attribute.
+
+Per call, the patched forward computes exactly PEFT's ``lora.Linear.forward``::
+
+    y = base(x) + sum_{a in active adapters} scaling[a] * lora_B[a](lora_A[a](dropout[a](x)))
+
+with the base GEMM and the first active adapter in one fused op (``scaling[a]`` is PEFT's, so
+rsLoRA's ``alpha / sqrt(r)`` and ``rank_pattern`` / ``alpha_pattern`` are whatever PEFT set;
+``dropout[a]`` is PEFT's ``nn.Dropout``: its ``p`` goes to our fused dropout when that module is in
+training mode; the masks come from our RNG stream, not ``nn.Dropout``'s, so with dropout > 0 a
+patched model trains with the same distribution but not the same random draws). Further active
+adapters are added with PEFT's own expression. It falls back to PEFT's original forward, per call,
+whenever the fused op would not compute the same thing:
+
+* adapters disabled (``with model.disable_adapter():``), merged (``merge_adapter()``), or a mixed
+  batch (``adapter_names=``), or any extra forward argument;
+* an active adapter that is a PEFT *variant* (``use_dora``, ...) or has a LoRA bias
+  (``lora_bias=True``);
+* dtypes that differ between x, the base weight and the factors (e.g. PEFT's fp32 adapters on a
+  bf16 base: PEFT computes that branch in fp32), or autocast enabled.
+
+Layers that are not PEFT LoRA ``Linear``s over a plain ``nn.Linear`` / ``Conv1D`` (embedding and
+convolution LoRA, bitsandbytes / GPTQ / HQQ bases, ``target_parameters``) are left to PEFT; one
+warning lists them, and the adapters that will always fall back.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+from torch import nn
+
+from ._conv1d import conv1d_class
+
+_FLAG = "_lora_kernels_patched"
+_BACKEND = "_lora_kernels_backend"
+
+
+def _peft_lora():
+    """PEFT's ``peft.tuners.lora.layer`` module (PEFT must be installed: the model was built
+    with it)."""
+    import peft.tuners.lora.layer as L
+
+    return L
+
+
+def _plain_base(base) -> bool:
+    """Whether ``base`` is a plain ``nn.Linear`` / ``Conv1D`` (no subclass overriding forward,
+    e.g. bitsandbytes' ``Linear4bit`` is an ``nn.Linear`` subclass)."""
+    conv = conv1d_class()
+    if conv is not None and isinstance(base, conv):
+        return type(base).forward is conv.forward
+    return isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
+
+
+def _variant_adapters(layer) -> list[str]:
+    """Adapters of a PEFT LoRA layer that the fused op cannot compute (variants such as DoRA,
+    LoRA biases)."""
+    bad = set(getattr(layer, "lora_variant", {}) or {})
+    bad |= {a for a, v in (getattr(layer, "use_dora", {}) or {}).items() if v}
+    bad |= {a for a, v in (getattr(layer, "lora_bias", {}) or {}).items() if v}
+    bad |= {a for a, m in layer.lora_B.items() if getattr(m, "bias", None) is not None}
+    return sorted(bad)
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """PEFT's ``lora.Linear.forward`` on the fused op (see the module docstring); ``self`` is the
+    PEFT layer."""
+    from .ops.lora import lora_linear
+
+    orig = type(self).forward
+    if (args or kwargs or self.disable_adapters or self.merged
+            or torch.is_autocast_enabled(x.device.type)):
+        return orig(self, x, *args, **kwargs)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    base = self.base_layer
+    if not active:
+        return base(x)
+    variants = getattr(self, "lora_variant", {}) or {}
+    lora_bias = getattr(self, "lora_bias", {}) or {}
+    # Conv1D: its (in, out) weight read through the (out, in) view, no copy
+    W = base.weight.t() if not isinstance(base, nn.Linear) else base.weight
+    b = base.bias
+    for a in active:
+        A, B = self.lora_A[a].weight, self.lora_B[a].weight
+        if (a in variants or lora_bias.get(a, False) or self.lora_B[a].bias is not None
+                or A.dtype != x.dtype or B.dtype != x.dtype or W.dtype != x.dtype
+                or (b is not None and b.dtype != x.dtype)):
+            return orig(self, x)
+    first, rest = active[0], active[1:]
+
+    def p_of(a):
+        d = self.lora_dropout[a]
+        return float(d.p) if isinstance(d, nn.Dropout) and d.training else 0.0
+
+    y = lora_linear(x, W, b, self.lora_A[first].weight, self.lora_B[first].weight,
+                    float(self.scaling[first]), p_of(first), backend=getattr(self, _BACKEND))
+    for a in rest:  # PEFT's own expression for the further active adapters
+        y = y + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x))) * self.scaling[a]
+    return y
+
+
+def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """Run every PEFT LoRA ``Linear`` layer of ``peft_model`` on the fused LoRA op, in place;
+    return ``peft_model`` (see the module docstring for exactly what is fused and what falls back
+    to PEFT per call).
+
+    ``backend`` is passed to :func:`lora_kernels.lora_linear` (``None``: the default for the
+    tensors' device). Patching twice is harmless (the backend is updated). ``TypeError`` if
+    ``peft_model`` is not an ``nn.Module``; ``ValueError`` if it has no PEFT LoRA layer that can
+    be patched (nothing is changed). One warning lists the LoRA layers left to PEFT and the
+    adapters that will always fall back to PEFT's forward.
+    """
+    from ._backend import BACKENDS
+
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"peft_model must be an nn.Module (a PEFT model), got "
+                        f"{type(peft_model).__name__}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {list(BACKENDS)}, got {backend!r}")
+    L = _peft_lora()
+    targets, left, partial = [], [], []
+    for name, m in peft_model.named_modules():
+        if not isinstance(m, L.LoraLayer):
+            continue
+        if type(m) is L.Linear and _plain_base(m.base_layer):
+            targets.append(m)
+            bad = _variant_adapters(m)
+            if bad:
+                partial.append(f"{name} (adapters {bad})")
+        else:
+            base = getattr(m, "base_layer", None)
+            left.append(f"{name} ({type(m).__name__} over {type(base).__name__})")
+    if not targets:
+        raise ValueError("peft_model has no PEFT LoRA Linear layer over an nn.Linear / Conv1D "
+                         f"to patch (LoRA layers found: {left or 'none'})")
+    for m in targets:
+        setattr(m, _BACKEND, backend)
+        if not getattr(m, _FLAG, False):
+            m.forward = types.MethodType(_fused_forward, m)
+            setattr(m, _FLAG, True)
+    if left or partial:
+        msg = [f"patch_peft: {len(targets)} LoRA layer(s) run on lora_kernels"]
+        if left:
+            msg.append(f"{len(left)} left to PEFT (not fusable): {left}")
+        if partial:
+            msg.append("these adapters always run PEFT's forward (DoRA / variants / LoRA "
+                       f"bias): {partial}")
+        warnings.warn("; ".join(msg), stacklevel=2)
+    return peft_model
+
+
+def unpatch_peft(peft_model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_peft`: every patched layer runs PEFT's own forward again; return
+    ``peft_model``. ``ValueError`` if nothing in it is patched."""
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"peft_model must be an nn.Module (a PEFT model), got "
+                        f"{type(peft_model).__name__}")
+    patched = [m for m in peft_model.modules() if getattr(m, _FLAG, False)]
+    if not patched:
+        raise ValueError("peft_model has no layer patched by lora_kernels.patch_peft")
+    for m in patched:
+        del m.forward
+        delattr(m, _FLAG)
+        delattr(m, _BACKEND)
+    return peft_model
+
+
+def is_patched(module: nn.Module) -> bool:
+    """Whether ``module`` (a PEFT LoRA layer) runs on lora_kernels."""
+    return bool(getattr(module, _FLAG, False))

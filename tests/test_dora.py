@@ -1,0 +1,333 @@
+"""DoRA: the fused op against float64 (every backend runnable here), PEFT's DoRA layer, the layer,
+inject and PEFT DoRA adapter files both ways."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from lora_kernels.ops import dora as D
+from lora_kernels.ops._triton import draw_seed
+from lora_kernels.ops.lora import torch_keep_mask
+from lora_kernels.reference import dora as ref
+
+from conftest import DEVICE, DTYPES, TOL, backends
+from helpers import assert_close, noncontig, randn, rel_err
+
+SHAPES = [  # (T, in, out, r)
+    (1, 97, 75, 1),
+    (3, 37, 23, 7),
+    (67, 41, 53, 16),
+]
+
+
+def _inputs(T, i, o, r, dtype, bias=True, lead=None):
+    shape = (T, i) if lead is None else (*lead, i)
+    x = randn(*shape, dtype=dtype, requires_grad=True)
+    w = randn(o, i, dtype=dtype, scale=1 / math.sqrt(i))
+    b = randn(o, dtype=dtype) if bias else None
+    a = randn(r, i, dtype=dtype, scale=1 / math.sqrt(i), requires_grad=True)
+    bb = randn(o, r, dtype=dtype, scale=1 / math.sqrt(r), requires_grad=True)
+    m = (torch.rand(o, dtype=torch.float64) + 0.5).to(dtype=dtype, device=DEVICE)
+    return x, w, b, a, bb, m.requires_grad_(True)
+
+
+def _keep(backend, seed, x, p):
+    x2 = x.reshape(-1, x.shape[-1])
+    if backend == "torch":
+        return torch_keep_mask(seed, x2.shape, p, x2.device).reshape(x.shape)
+    return D._triton_keep(seed, x2.shape[0], x2.shape[1], p, x2.device).reshape(x.shape)
+
+
+def _check(args, s, backend, dtype, p=0.0, grads=True, factor=1.0):
+    x, w, b, a, bb, m = args
+    seed = keep = None
+    gen = None
+    if p > 0:
+        gen = torch.Generator().manual_seed(11)
+        seed = draw_seed(torch.Generator().manual_seed(11), x.device)
+        keep = _keep(backend, seed, x, p)
+    d = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
+         for t in args]
+    yr = ref.dora_linear(*d, s, keep=keep, dropout_p=p)
+    y = lk.dora_linear(x, w, b, a, bb, m, s, p, generator=gen, backend=backend)
+    assert y.dtype == dtype and y.shape == yr.shape
+    assert_close(y, yr, dtype, "y", factor)
+    if not grads:
+        return
+    leaves = [(t, dt) for t, dt in zip(args, d) if t is not None and t.requires_grad]
+    gy = torch.randn_like(yr)
+    got = torch.autograd.grad(y, [t for t, _ in leaves], gy.to(dtype))
+    want = torch.autograd.grad(yr, [dt for _, dt in leaves], gy)
+    for g, gr, (t, _) in zip(got, want, leaves):
+        assert g.shape == t.shape and g.dtype == t.dtype
+        assert_close(g, gr, dtype, f"grad {tuple(t.shape)}", factor)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_backward(backend, dtype, shape):
+    _check(_inputs(*shape, dtype), 0.7, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dropout_peft_semantics(backend, dtype, bias):
+    """p > 0: y = x W^T + b + (g-1) (xd W^T) + g s xd A^T B^T, the mask regenerated in backward."""
+    _check(_inputs(29, 37, 19, 5, dtype, bias=bias), 1.5, backend, dtype, p=0.3)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_no_bias_leading_dims_weight_and_bias_grads(backend):
+    args = _inputs(None, 31, 17, 3, torch.float32, bias=False, lead=(2, 3, 5))
+    args[1].requires_grad_(True)
+    _check(args, 2.0, backend, torch.float32)
+    args = _inputs(9, 31, 17, 3, torch.float32)
+    args[1].requires_grad_(True)
+    args[2].requires_grad_(True)
+    _check(args, 0.5, backend, torch.float32)
+    _check(args, 0.5, backend, torch.float32, p=0.2)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_noncontiguous_inputs(backend, dtype):
+    x, w, b, a, bb, m = _inputs(13, 41, 19, 6, dtype)
+    xn = noncontig(x.detach()).requires_grad_(True)
+    wn = noncontig(w)
+    an = noncontig(a.detach()).requires_grad_(True)
+    bn = bb.detach().t().contiguous().t().requires_grad_(True)        # column-major lora_B
+    _check((xn, wn, b, an, bn, m), 0.9, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_zero_magnitude_rows_and_no_grad_path(backend):
+    """m_j = 0 (y - b carries nothing there): dm is recomputed for those rows; the inference path
+    (nothing requires grad) gives the same y."""
+    x, w, b, a, bb, m = _inputs(11, 23, 13, 4, torch.float32)
+    with torch.no_grad():
+        m[[0, 5]] = 0.0
+    _check((x, w, b, a, bb, m), 0.8, backend, torch.float32)
+    with torch.no_grad():
+        y0 = lk.dora_linear(x, w, b, a, bb, m, 0.8, backend=backend)
+    y1 = lk.dora_linear(x, w, b, a, bb, m, 0.8, backend=backend)
+    assert not y0.requires_grad and y1.requires_grad
+    assert rel_err(y0, y1.detach()) < 1e-6
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_low_rank_norm_matches_dense(backend, dtype):
+    _, w, _, a, bb, _ = _inputs(1, 97, 75, 16, dtype)
+    n = D.dora_norm(w, a, bb, 1.3, backend=backend)
+    nr = ref.dora_weight_norm(w.double(), a.double(), bb.double(), 1.3)
+    assert n.dtype == torch.float32
+    assert_close(n, nr, dtype, "norm")
+    wsq = D.weight_sq_norm(w)
+    assert_close(D.dora_norm(w, a, bb, 1.3, wsq, backend=backend), nr, dtype, "norm (cached)")
+
+
+def test_bad_inputs_raise():
+    x, w, b, a, bb, m = _inputs(3, 8, 5, 2, torch.float32)
+    with pytest.raises(ValueError, match="magnitude"):
+        lk.dora_linear(x, w, b, a, bb, m[:4], 1.0)
+    with pytest.raises(TypeError, match="magnitude"):
+        lk.dora_linear(x, w, b, a, bb, m.double(), 1.0)
+    with pytest.raises(TypeError, match="magnitude"):
+        lk.dora_linear(x, w, b, a, bb, None, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        lk.dora_linear(x, w, b, a, bb[:, :1], m, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lk.dora_linear(x, w, b, a, bb, m, 1.0, 1.0)
+    with pytest.raises(TypeError, match="weight_sq_norm"):
+        lk.dora_linear(x, w, b, a, bb, m, 1.0, weight_sq_norm=torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weight_sq_norm"):
+        lk.dora_linear(x, w, b, a, bb, m, 1.0, weight_sq_norm=torch.ones(4))
+    with pytest.raises(ValueError, match="backend"):
+        lk.dora_linear(x, w, b, a, bb, m, 1.0, backend="nope")
+
+
+# ----------------------------------------------------------------------------- the layer
+def test_layer_starts_at_base_merges_and_injects():
+    torch.manual_seed(1)
+    lin = nn.Linear(29, 17).to(DEVICE)
+    layer = lk.DoRALinear.from_linear(lin, r=4, alpha=8)
+    assert layer.scaling == 2.0
+    x = torch.randn(5, 29, device=DEVICE)
+    assert rel_err(layer(x), lin(x)) < 1e-6                       # B = 0, m = ||W||: the base
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.magnitude.mul_(torch.rand(17, device=DEVICE) + 0.5)
+    y = layer(x)
+    merged = layer.merged()
+    assert type(merged) is nn.Linear
+    assert_close(merged(x), y, torch.float32, "merged")
+    assert_close(layer.delta_weight(), merged.weight - lin.weight, torch.float32, "delta")
+    assert_close(layer.row_scale(), (layer.magnitude / ref.dora_weight_norm(
+        lin.weight, layer.lora_A, layer.lora_B, 2.0)), torch.float32, "g")
+    with pytest.raises(NotImplementedError, match="as_dora"):
+        layer.as_lora()
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {
+        "lora_A", "lora_B", "magnitude"}
+    # the cached ||W||^2 follows an in-place change of the base weight
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    assert_close(layer.weight_sq_norm(), layer.weight.double().pow(2).sum(1), torch.float32, "wsq")
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(DEVICE)
+    x = torch.randn(3, 8, device=DEVICE)
+    y0 = model(x)
+    lk.inject(model, "dora", target_modules=["0", "2"], r=2, alpha=4, dropout=0.1)
+    assert isinstance(model[0], lk.DoRALinear) and isinstance(model[2], lk.DoRALinear)
+    model.eval()
+    assert rel_err(model(x), y0) < 1e-6
+    model.train()
+    model(x).sum().backward()
+    assert model[2].magnitude.grad is not None and model[0].lora_A.grad is not None
+
+
+# ----------------------------------------------------------------------------- PEFT
+peft = pytest.importorskip("peft")
+
+
+class _Fixed(nn.Module):
+    """Dropout with a given keep mask (so PEFT's dropout path sees our mask)."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep.to(x.dtype) / (1 - self.p)
+
+
+def _peft_dora(lin, r, alpha, dropout):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x)
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], use_dora=True,
+                          lora_dropout=dropout)
+    pm = peft.get_peft_model(M(), cfg)
+    layer = pm.base_model.model.lin
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        layer.lora_magnitude_vector["default"].weight.mul_(
+            torch.rand(lin.out_features, device=lin.weight.device) + 0.5)
+    return pm, layer
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_matches_peft_dora_layer(p):
+    """Outputs and gradients (x, A, B, m) equal PEFT's DoRA layer on the same weights; with
+    dropout, PEFT's dropout module is replaced by our torch-path mask."""
+    torch.manual_seed(2)
+    lin = nn.Linear(37, 23).to(DEVICE)
+    pm, pl = _peft_dora(lin, 4, 8, p)
+    ours = lk.DoRALinear.from_linear(lin, 4, 8, dropout=p, backend="torch")
+    with torch.no_grad():
+        ours.lora_A.copy_(pl.lora_A["default"].weight)
+        ours.lora_B.copy_(pl.lora_B["default"].weight)
+        ours.magnitude.copy_(pl.lora_magnitude_vector["default"].weight)
+    x = torch.randn(2, 7, 37, device=DEVICE)
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    pm.train()
+    ours.train()
+    gen = None
+    if p > 0:
+        gen = torch.Generator().manual_seed(5)
+        seed = draw_seed(torch.Generator().manual_seed(5), x.device)
+        keep = torch_keep_mask(seed, (14, 37), p, x.device).reshape(2, 7, 37)
+        pl.lora_dropout["default"] = _Fixed(keep, p)
+    yp = pm(x1)
+    yo = ours(x2, generator=gen)
+    assert_close(yo, yp, torch.float32, "y vs PEFT")
+    gy = torch.randn_like(yp)
+    pleaves = [x1, pl.lora_A["default"].weight, pl.lora_B["default"].weight,
+               pl.lora_magnitude_vector["default"].weight]
+    gp = torch.autograd.grad(yp, pleaves, gy)
+    go = torch.autograd.grad(yo, [x2, ours.lora_A, ours.lora_B, ours.magnitude], gy)
+    for a, b, name in zip(go, gp, ["x", "A", "B", "m"]):
+        assert_close(a, b, torch.float32, f"grad {name} vs PEFT", factor=10)
+    # PEFT's merge equals ours
+    pm.eval()
+    with torch.no_grad():
+        merged = pm.merge_and_unload().lin
+    assert_close(ours.merged().weight, merged.weight, torch.float32, "merge vs PEFT", factor=10)
+
+
+def test_peft_dora_adapter_round_trip(tmp_path):
+    """PEFT save -> load_peft_adapter -> our layers == PEFT; ours -> save -> PEFT loads it."""
+    torch.manual_seed(3)
+
+    def base():
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8, bias=False))
+
+    cfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"], use_dora=True)
+    pm = peft.get_peft_model(base(), cfg)
+    with torch.no_grad():
+        for n, prm in pm.named_parameters():
+            if "lora_B" in n or "magnitude" in n:
+                prm.add_(torch.randn_like(prm) * 0.3)
+    pm.eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        yp = pm(x)
+    pm.save_pretrained(tmp_path / "peft")
+    ad = lk.load_peft_adapter(tmp_path / "peft")
+    assert set(ad) == {"0", "2"}
+    assert isinstance(ad["0"], lk.peft_io.DoRAFactors) and ad["0"].magnitude.shape == (12,)
+    model = base()
+    lk.inject(model, "dora", target_modules=["0", "2"], r=3, alpha=6)
+    with torch.no_grad():
+        for name, (A, B, s, mag) in ad.items():
+            layer = model.get_submodule(name)
+            assert layer.scaling == s
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+            layer.magnitude.copy_(mag)
+    model.eval()
+    with torch.no_grad():
+        assert_close(model(x), yp, torch.float32, "loaded vs PEFT")
+    # ours -> disk -> PEFT
+    lk.save_peft_adapter(model, tmp_path / "ours")
+    pm2 = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert_close(pm2(x), yp, torch.float32, "PEFT on our file")
+    # a DoRA magnitude without use_dora, or a missing magnitude, is refused
+    with pytest.raises(ValueError, match="mixes DoRA"):
+        lk.save_peft_adapter({"a": ad["0"], "b": tuple(ad["2"][:3])}, tmp_path / "bad")
+
+
+def test_peft_dora_file_missing_magnitude_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"], use_dora=True)
+    pm = peft.get_peft_model(nn.Sequential(nn.Linear(6, 4)), cfg)
+    pm.save_pretrained(tmp_path)
+    fn = tmp_path / "adapter_model.safetensors"
+    t = load_file(fn)
+    save_file({k: v for k, v in t.items() if "magnitude" not in k}, fn)
+    with pytest.raises(ValueError, match="lora_magnitude_vector"):
+        lk.load_peft_adapter(tmp_path)
+    save_file(t, fn)
+    c = json.loads((tmp_path / "adapter_config.json").read_text())
+    c["use_dora"] = False
+    (tmp_path / "adapter_config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="use_dora is not set"):
+        lk.load_peft_adapter(tmp_path)
+
+
+assert TOL  # tolerance table shared with the other suites
