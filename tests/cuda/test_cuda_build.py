@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import lora_kernels
 from lora_kernels import _cuda
+from lora_kernels.ops.lora import Needs, Saved
 from lora_kernels.reference.lora import lora_linear as ref_lora_linear
 
 from conftest import DTYPES
@@ -377,7 +378,7 @@ def run_lora_case(dev, dtype, shape, kind, p):
     seed = torch.tensor([123456789], dtype=torch.int64, device=dev)
 
     y, S = lora_cuda.fwd(x, w, b, A, B, s, p, seed)
-    dx, dA, dB = lora_cuda.bwd(dy, x, w, A, B, S, s, p, seed, True, True, True)
+    dx, dA, dB = lora_cuda.bwd(dy, Saved(x, w, A, B, S, s, p, seed), Needs(True, True, True))
     keep = lora_cuda.keep_mask(seed, T, in_f, p).cpu() if p > 0 else None
 
     f64 = [t.detach().cpu().double().requires_grad_() for t in (x, w, b, A, B)]
@@ -452,8 +453,8 @@ def test_lora_grads_deterministic(kdev, dtype):
     dy = rnd(T, out_f, dtype=dtype, device=dev)
     seed = torch.tensor([5], dtype=torch.int64, device=dev)
     _, S = lora_cuda.fwd(x, w, None, A, B, 2.0, 0.1, seed)
-    g1 = lora_cuda.bwd(dy, x, w, A, B, S, 2.0, 0.1, seed, True, True, True)
-    g2 = lora_cuda.bwd(dy, x, w, A, B, S, 2.0, 0.1, seed, True, True, True)
+    g1 = lora_cuda.bwd(dy, Saved(x, w, A, B, S, 2.0, 0.1, seed), Needs(True, True, True))
+    g2 = lora_cuda.bwd(dy, Saved(x, w, A, B, S, 2.0, 0.1, seed), Needs(True, True, True))
     for a, b_ in zip(g1, g2):
         assert torch.equal(a, b_)
 
@@ -499,8 +500,8 @@ def test_lora_zero_tokens(kdev):
                                                                                          device=dev)
     y, S = lora_cuda.fwd(x, w, None, A, B, 1.0, 0.0, None)
     assert y.shape == (0, 8) and S.shape == (0, 4)
-    dx, dA, dB = lora_cuda.bwd(torch.empty(0, 8, device=dev), x, w, A, B, S, 1.0, 0.0, None,
-                               True, True, True)
+    dx, dA, dB = lora_cuda.bwd(torch.empty(0, 8, device=dev), Saved(x, w, A, B, S, 1.0, 0.0, None),
+                               Needs(True, True, True))
     assert dx.shape == (0, 16) and torch.equal(dA, torch.zeros_like(A))
     assert torch.equal(dB, torch.zeros_like(B))
 
