@@ -23,10 +23,14 @@ whenever the fused op would not compute the same thing:
 
 * adapters disabled (``with model.disable_adapter():``), merged (``merge_adapter()``), or a mixed
   batch (``adapter_names=``), or any extra forward argument;
-* an active adapter that is a PEFT *variant* (``use_dora``, ...) or has a LoRA bias
-  (``lora_bias=True``);
+* an active adapter that is a PEFT *variant* (other than DoRA, below) or has a LoRA bias
+  (``lora_bias=True``); a DoRA adapter (``use_dora=True``) that is not the only active one;
 * dtypes that differ between x, the base weight and the factors (e.g. PEFT's fp32 adapters on a
   bf16 base: PEFT computes that branch in fp32), or autocast enabled.
+
+A DoRA adapter (``use_dora=True``), the only active one, runs on :func:`lora_kernels.dora_linear`
+with PEFT's ``lora_magnitude_vector[a].weight``: the same output (PEFT's dropout semantics
+included, ``ops.dora``) and gradients to ``lora_A``, ``lora_B`` and the magnitude.
 
 Layers that are not PEFT LoRA ``Linear``s over a plain ``nn.Linear`` / ``Conv1D`` (embedding and
 convolution LoRA, bitsandbytes / GPTQ / HQQ bases, ``target_parameters``) are left to PEFT; one
@@ -67,11 +71,16 @@ def _plain_base(base) -> bool:
 def _variant_adapters(layer) -> list[str]:
     """Adapters of a PEFT LoRA layer that the fused op cannot compute (variants such as DoRA,
     LoRA biases)."""
-    bad = set(getattr(layer, "lora_variant", {}) or {})
-    bad |= {a for a, v in (getattr(layer, "use_dora", {}) or {}).items() if v}
+    bad = {a for a in (getattr(layer, "lora_variant", {}) or {}) if not _is_dora(layer, a)}
     bad |= {a for a, v in (getattr(layer, "lora_bias", {}) or {}).items() if v}
     bad |= {a for a, m in layer.lora_B.items() if getattr(m, "bias", None) is not None}
     return sorted(bad)
+
+
+def _is_dora(layer, a) -> bool:
+    """Whether adapter ``a`` of a PEFT LoRA layer is a DoRA adapter (``use_dora=True``)."""
+    return bool((getattr(layer, "use_dora", {}) or {}).get(a, False)) and a in (
+        getattr(layer, "lora_magnitude_vector", None) or {})
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -92,9 +101,11 @@ def _fused_forward(self, x, *args, **kwargs):
     # Conv1D: its (in, out) weight read through the (out, in) view, no copy
     W = base.weight.t() if not isinstance(base, nn.Linear) else base.weight
     b = base.bias
+    dora = _is_dora(self, active[0])
     for a in active:
         A, B = self.lora_A[a].weight, self.lora_B[a].weight
-        if (a in variants or lora_bias.get(a, False) or self.lora_B[a].bias is not None
+        if ((a in variants and not (dora and len(active) == 1))
+                or lora_bias.get(a, False) or self.lora_B[a].bias is not None
                 or A.dtype != x.dtype or B.dtype != x.dtype or W.dtype != x.dtype
                 or (b is not None and b.dtype != x.dtype)):
             return orig(self, x)
@@ -104,6 +115,15 @@ def _fused_forward(self, x, *args, **kwargs):
         d = self.lora_dropout[a]
         return float(d.p) if isinstance(d, nn.Dropout) and d.training else 0.0
 
+    if dora:
+        from .ops.dora import dora_linear
+
+        mag = self.lora_magnitude_vector[first].weight
+        if mag.dtype != x.dtype:
+            return orig(self, x)
+        return dora_linear(x, W, b, self.lora_A[first].weight, self.lora_B[first].weight, mag,
+                           float(self.scaling[first]), p_of(first),
+                           backend=getattr(self, _BACKEND))
     y = lora_linear(x, W, b, self.lora_A[first].weight, self.lora_B[first].weight,
                     float(self.scaling[first]), p_of(first), backend=getattr(self, _BACKEND))
     for a in rest:  # PEFT's own expression for the further active adapters
