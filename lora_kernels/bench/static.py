@@ -197,11 +197,13 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
         D._triton_bwd(dy, x, w, A, B, s, g, 2.0, 0.0, None, True, True, True)
         qw = quantize(torch.randn(N, K).to(dtype), "nf4")
         label[0] = f"qlora-nf4 fwd T{T} {K}x{N} r{r}"
-        _, s = Q._fwd_impl(x, qw, None, A, B, 2.0, 0.0, None, "triton")
+        qkw = dict(scaling=2.0, p=0.0, seed=None, backend="triton")
+        _, s = Q._fwd_impl(x, qw, None, A, B, **qkw)
         label[0] = f"qlora-nf4 bwd T{T} {K}x{N} r{r}"
-        Q._bwd_impl(dy, x, qw, A, B, s, 2.0, 0.0, None, "triton", True, True, True)
+        Q._bwd_impl(dy, L.Saved(x, qw, A, B, s, 2.0, 0.0, None), L.Needs(True, True, True),
+                    "triton")
         label[0] = f"qlora-nf4 decode T16 {K}x{N} r{r}"
-        Q._fwd_impl(e(16, K), qw, None, A, B, 2.0, 0.0, None, "triton")
+        Q._fwd_impl(e(16, K), qw, None, A, B, **qkw)
         label[0] = f"glora fwd T{T} {K}x{N} r{r} (A, B low-rank)"
         a1, a2 = G._parse("A", (e(N, r), e(r, K)), x, K, N)
         b1, b2 = G._parse("B", (e(N, r), e(r, K)), x, K, N)

@@ -99,7 +99,7 @@ def gemm_lowrank_tma(x, w, *, w_kmajor: bool, out_dtype, bias=None, s=None, bm=N
     return y
 
 
-def fwd(x2, weight, bias, A, B, scaling, p, seed, config=None):
+def fwd(x2, weight, bias, A, B, scaling, p, seed, *, config=None):
     """``(y, S)`` of the LoRA op (see module doc)."""
     _check_dims("in_features", x2.shape[1], x2)
     _check_dims("out_features", weight.shape[0], x2)
