@@ -214,8 +214,9 @@ def _impl_lora_tma() -> Impl:
             x = d["x"].detach()
             y, s = lora_tma.fwd(x, d["W"], d["b"], d["A"].detach(), d["B"].detach(), d["s"],
                                 0.0, None)
-            dx, dA, dB = lora_tma.bwd(d["dy"], x, d["W"], d["A"].detach(), d["B"].detach(), s,
-                                      d["s"], 0.0, None, True, True, True)
+            dx, dA, dB = lora_tma.bwd(
+                d["dy"], lora_tma.Saved(x, d["W"], d["A"].detach(), d["B"].detach(), s, d["s"],
+                                        0.0, None), lora_tma.Needs(True, True, True))
             return y, dx, dA, dB
         return step
     return Impl("ours_triton_tma", prepare,
