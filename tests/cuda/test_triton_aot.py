@@ -83,6 +83,7 @@ def _calls():
         w = torch.randn(20, 24, dtype=dtype)
         sup = {k: _shrink(v) for k, v in _supports({**cfg, "C": "none"}, 3, dtype).items()}
         lk.glora_linear(x, w, None, **sup, backend="triton").sum().backward()
+    __import__("test_quant").aot_calls()  # quantized bases (kernels.quant)
 
 
 def recorded_launches() -> list:
@@ -101,7 +102,8 @@ def test_all_kernels_compile_for_sm80_sm90(tmp_path):
     names = {ln["name"] for ln in launches}
     assert names == {"gemm_lowrank_kernel", "tn_kernel", "glora_gemm_kernel", "bgmv_kernel",
                      "sgmv_kernel", "seg_tn_kernel", "sgmv_gemm_kernel",
-                     "gemm_lowrank_tma_kernel", "keep_mask_kernel", "qgemm_lowrank_kernel"}, names
+                     "gemm_lowrank_tma_kernel", "keep_mask_kernel", "qgemm_lowrank_kernel",
+                     "splitk_epilogue_kernel"}, names
     modes = {(ln["constexprs"]["A_MODE"], ln["constexprs"]["B_MODE"]) for ln in launches
              if ln["name"] == "glora_gemm_kernel"}
     assert modes == {(4, 4), (2, 1), (3, 1), (1, 2), (1, 3)}, modes
