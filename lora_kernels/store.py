@@ -325,7 +325,8 @@ class AdapterStore:
 
     ``policy``: eviction policy (default :class:`LRUPolicy`); ``engine``: copy engine (default
     :func:`default_engine` for the pools' device). The store owns every slot of the pools: add
-    adapters through it, not through ``pool.add``.
+    adapters through it, not through ``pool.add``. Batches run on one compute stream (the
+    current stream when :meth:`acquire` is called); a slot's load is waited on once by it.
     """
 
     def __init__(self, pools, *, policy=None, engine=None):
@@ -457,6 +458,7 @@ class AdapterStore:
             free = self._free_slots()
             if free:
                 self._load(name, free[0], None)
+                self._order_compute(free[0])
                 self.stats.prefetches += 1
                 return free[0]
         return None
@@ -470,9 +472,17 @@ class AdapterStore:
                 raise ValueError(f"name {name!r} is in use by an in-flight batch (slot {s}); "
                                  "release its lease first")
             self._evict_submit(s, None)
+            self._order_compute(s)
         del self._host[name]
 
     # ------------------------------------------------------------------ slots
+    def _order_compute(self, s: int) -> None:
+        """``add`` / ``remove`` act like ordinary stream-ordered writes: later work on the
+        compute stream (a read of the pool, a kernel) sees them; the host does not block. Only
+        :meth:`prefetch` leaves its copies unordered until a batch acquires the slot."""
+        self.engine.wait(self._load_ev[s])
+        self._waited[s] = True
+
     def _free_slots(self) -> list[int]:
         return [s for s in range(self.num_slots) if self._name_at[s] is None]
 

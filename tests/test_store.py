@@ -303,3 +303,23 @@ def test_cuda_graph_replay_with_swapped_adapters(backend):
         torch.cuda.synchronize()
         assert_close(y, want, dtype, f"replay {step}")
     assert store.stats.misses > 0
+
+
+@pytest.mark.parametrize("hit_rate", [0.9, 0.5])
+def test_bench_schedule_hits_its_target(hit_rate):
+    """The store benchmark's schedule gives the store exactly the hit rate it is labelled with
+    (after the first step, which loads the hot set)."""
+    from lora_kernels.bench.cases_store import store_schedule
+
+    sched = store_schedule(hit_rate, 16, 91)
+    store = AdapterStore(lk.AdapterPool(4, 4, 16, 1, device=DEVICE))
+    for n in sorted({n for s in sched for n in s}):
+        store.add(n, (torch.ones(1, 4), torch.ones(4, 1), 1.0), load=False)
+    with store.lease(sched[0]):
+        pass
+    store.reset_stats()
+    for names in sched[1:]:
+        with store.lease(names):
+            pass
+    assert store.stats.hit_rate == pytest.approx(hit_rate, abs=0.01)
+    assert store.stats.evictions == store.stats.misses - 8    # once the 8 free slots are filled

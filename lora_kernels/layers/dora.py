@@ -58,6 +58,12 @@ class DoRALinear(AdapterLinear):
         Under ``torch.compile`` it is computed in the graph instead (one read of W per call): the
         cache key (a data pointer) is not traceable."""
         w = self.weight
+        if self.quantized:  # frozen codes: deq(W)'s norms, once per device / compute dtype
+            key = ("quantized", id(w), w.device, w.dtype)
+            if self._wsq is None or self._wsq_key != key:
+                self._wsq = weight_sq_norm(w.dequantize(torch.float32))
+                self._wsq_key = key
+            return self._wsq
         if torch.compiler.is_compiling():
             return weight_sq_norm(w.detach())
         key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))

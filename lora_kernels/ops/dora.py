@@ -73,8 +73,9 @@ from .. import _validate as V
 from .._backend import ENV_VAR, resolve_backend
 from . import _triton as TR
 from ._register import define_op
+from .lora import Needs, Saved, gemm_lowrank, tn, torch_keep_mask
 from .lora import _torch_bwd as _lora_torch_bwd
-from .lora import gemm_lowrank, tn, torch_keep_mask
+from .qlora import dense_weight
 
 
 # ----------------------------------------------------------------------------- the weight norm
@@ -90,6 +91,7 @@ def dora_norm(weight, lora_A, lora_B, scaling: float, wsq: torch.Tensor | None =
     ``wsq``: ``||W_j||^2`` (out,) fp32 or None (computed). The ``A W^T`` product runs on
     ``backend`` (Triton: fp32 accumulate and output; torch/cuda: one F.linear in W's dtype).
     """
+    weight = dense_weight(weight, lora_A)
     with torch.no_grad():
         if wsq is None:
             wsq = weight_sq_norm(weight)
@@ -141,8 +143,8 @@ def _torch_bwd(dy, x2, weight, A, B, s, g, scaling, p, seed, need_dx, need_dA, n
     gd = g.to(dy.dtype)
     dyg = dy * gd                                                   # g * dy (T, out)
     if p == 0.0:
-        return _lora_torch_bwd(dyg, x2, weight, A, B, s, scaling, 0.0, None,
-                               need_dx, need_dA, need_dB)
+        return _lora_torch_bwd(dyg, Saved(x2, weight, A, B, s, scaling, 0.0, None),
+                               Needs(need_dx, need_dA, need_dB))
     keep = torch_keep_mask(seed, x2.shape, p, x2.device)
     dx = dA = dB = None
     gs = (dyg @ B).mul_(scaling)                                    # s G (T, r)
@@ -227,9 +229,10 @@ def _cuda_bwd(dy, x2, weight, A, B, s, g, scaling, p, seed, need_dx, need_dA, ne
     gd = g.to(dy.dtype)
     dyg = dy * gd
     if p == 0.0:
-        return lora_cuda.bwd(dyg, x2, weight, A, B, s, scaling, 0.0, None,
-                             need_dx, need_dA, need_dB)
-    _, dA, dB = lora_cuda.bwd(dyg, x2, weight, A, B, s, scaling, p, seed, False, need_dA, need_dB)
+        return lora_cuda.bwd(dyg, Saved(x2, weight, A, B, s, scaling, 0.0, None),
+                             Needs(need_dx, need_dA, need_dB))
+    _, dA, dB = lora_cuda.bwd(dyg, Saved(x2, weight, A, B, s, scaling, p, seed),
+                              Needs(False, need_dA, need_dB))
     dx = None
     if need_dx:
         keep = lora_cuda.keep_mask(seed, x2.shape[0], x2.shape[1], p)
@@ -388,6 +391,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling=1.0, dropout
         ``(..., out)`` in x's dtype; gradients to x, magnitude, lora_A, lora_B (and weight/bias if
         they require grad).
     """
+    weight = dense_weight(weight, x)  # a quantized base: deq(W) per call (ops.qlora)
     in_f, out_f = V.lora_args(x, weight, bias, lora_A, lora_B)
     V.float_tensor("magnitude", magnitude, ndim=1)
     V.shape("magnitude", magnitude, (out_f,), "(out_features,)")

@@ -18,6 +18,8 @@ The dropout mask is regenerated from ``seed`` in backward, never stored.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -43,21 +45,45 @@ def _torch_fwd(x2, weight, bias, A, B, scaling, p, seed):
     return y, s.float()
 
 
-def _torch_bwd(dy, x2, weight, A, B, s, scaling, p, seed, need_dx, need_dA, need_dB):
+class Saved(NamedTuple):
+    """What every backend's backward reads (saved by the forward): ``x`` (T, in),
+    ``weight`` (out, in), ``A`` (r, in), ``B`` (out, r), ``s = drop(x) A^T`` (T, r) fp32,
+    ``scaling``, dropout ``p`` and its ``seed`` (int64 (1,) or None)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    s: torch.Tensor
+    scaling: float
+    p: float
+    seed: torch.Tensor | None
+
+
+class Needs(NamedTuple):
+    """Which of the low-rank backward's gradients to compute."""
+
+    dx: bool
+    dA: bool
+    dB: bool
+
+
+def _torch_bwd(dy, saved: Saved, need: Needs):
     # scaling is applied to the small (T, r) operands only: no extra pass over (T, in|out)
+    x2, weight, A, B, s, scaling, p, seed = saved
     dx = dA = dB = None
     keep = None if p == 0.0 else torch_keep_mask(seed, x2.shape, p, x2.device)
-    if need_dx or need_dA:
+    if need.dx or need.dA:
         gs = (dy @ B).mul_(scaling)                                   # s * G (T, r)
-    if need_dx:
+    if need.dx:
         if keep is None:
             dx = torch.mm(dy, weight).addmm_(gs, A)
         else:
             dx = torch.mm(dy, weight).add_((gs @ A) * keep, alpha=1.0 / (1.0 - p))
-    if need_dA:
+    if need.dA:
         xd = x2 if keep is None else x2 * keep / (1.0 - p)
         dA = gs.t() @ xd
-    if need_dB:
+    if need.dB:
         dB = dy.t() @ (s * scaling).to(dy.dtype)
     return dx, dA, dB
 
@@ -145,17 +171,18 @@ def _triton_fwd(x2, weight, bias, A, B, scaling, p, seed):
     return y, s
 
 
-def _triton_bwd(dy, x2, weight, A, B, s, scaling, p, seed, need_dx, need_dA, need_dB):
+def _triton_bwd(dy, saved: Saved, need: Needs):
+    x2, weight, A, B, s, scaling, p, seed = saved
     dx = dA = dB = None
     drop = p > 0.0
-    if need_dx or need_dA:
+    if need.dx or need.dA:
         g = gemm_lowrank(dy, B.t(), out_dtype=torch.float32)                  # (T, r)
-    if need_dx:
+    if need.dx:
         dx = gemm_lowrank(dy, weight.t(), out_dtype=x2.dtype, s=g, bm=A.t(), scale=scaling,
                           seed=seed, p=p, drop_epi=drop)
-    if need_dA:
+    if need.dA:
         dA = (tn(g, x2, seed=seed, p=p, drop_r=drop) * scaling).to(A.dtype)  # (r, in)
-    if need_dB:
+    if need.dB:
         dB = (tn(dy, s) * scaling).to(B.dtype)                                # (out, r)
     return dx, dA, dB
 
@@ -190,8 +217,8 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.
          seed: torch.Tensor | None, backend: str, need_dx: bool, need_dA: bool,
          need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx (T, in), dA (r, in), dB (out, r)); None (the op: empty) where unneeded."""
-    return _impl(backend)[1](dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed,
-                             need_dx, need_dA, need_dB)
+    return _impl(backend)[1](dy, Saved(x, weight, lora_A, lora_B, s, scaling, dropout_p, seed),
+                             Needs(need_dx, need_dA, need_dB))
 
 
 def _bwd_fake(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, backend, need_dx,
@@ -238,7 +265,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
 
     Args:
         x: ``(..., in)``; any strides.
-        weight: ``(out, in)`` base weight (frozen unless it requires grad).
+        weight: ``(out, in)`` base weight (frozen unless it requires grad), or a frozen
+            ``lora_kernels.quant`` NF4Weight / Int8Weight / FP8Weight (dequantised in x's dtype;
+            see ``ops.qlora``).
         bias: ``(out,)`` or ``None``.
         lora_A: ``(r, in)``; lora_B: ``(out, r)`` (PEFT layout).
         scaling: float multiplier of the low-rank branch (PEFT: ``alpha / r``).
@@ -248,7 +277,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
     Returns:
         ``(..., out)`` in x's dtype; gradients flow to every input that requires them.
     """
-    in_f, out_f = V.lora_args(x, weight, bias, lora_A, lora_B)
+    quantized = not isinstance(weight, torch.Tensor)  # a quant.QuantizedWeight: ops/qlora.py
+    if not quantized:
+        in_f, out_f = V.lora_args(x, weight, bias, lora_A, lora_B)
     scaling = V.scalar("scaling", scaling)
     p = V.scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -257,6 +288,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
     if be != "torch" and x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
     seed = TR.draw_seed(generator, x.device) if p > 0.0 else None
+    if quantized:
+        from .qlora import qlora_linear
+
+        return qlora_linear(x, weight, bias, lora_A, lora_B, scaling=scaling, p=p, seed=seed,
+                            backend=be)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)  # 2-D: no view node in the autograd graph
     x2 = compact_rows_for_cpu_gemm(x2)  # row-padded bf16/fp16 on CPU: see its docstring
     y, _ = LORA_OP(x2, weight, bias, lora_A, lora_B, scaling, p, seed, be)

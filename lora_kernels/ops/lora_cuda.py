@@ -3,7 +3,7 @@
 Same interface as ``_torch_fwd`` / ``_torch_bwd`` in :mod:`lora_kernels.ops.lora`:
 
 * ``fwd(x2, weight, bias, A, B, scaling, p, seed) -> (y, S)``
-* ``bwd(dy, x2, weight, A, B, S, scaling, p, seed, need_dx, need_dA, need_dB) -> (dx, dA, dB)``
+* ``bwd(dy, saved: Saved, need: Needs) -> (dx, dA, dB)`` (``ops.lora.Saved`` / ``Needs``)
 
 What runs where (per call):
 
@@ -25,11 +25,16 @@ backend is reproducible on its own); :func:`keep_mask` returns it for tests.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from .. import _cuda
 from ._triton import empty
+
+if TYPE_CHECKING:
+    from .lora import Needs, Saved
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Device type the wrappers accept. Only the CPU emulation tests (tests/cuda/test_cuda_build.py, with
@@ -126,79 +131,108 @@ def _check_lora(x2, weight, bias, A, B) -> tuple[torch.device, int]:
     return dev, code
 
 
+class Launcher:
+    """The compiled module's LoRA launchers bound to one call's dtype, device and stream: the one
+    place where raw pointers, leading dimensions and integer codes go into ``lora_kernels._C``.
+
+    Every matrix argument is a 2-D tensor whose rows are unit-stride (:func:`as_rows`); its leading
+    dimension is read from its strides here, so callers pass tensors only.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.C = _cuda.module()
+        self.code = dtype_code("x", x)
+        self.index = device_index(x.device)
+        self.stream = stream_of(x.device)
+
+    def shrink(self, x, w, out, *, seed_ptr: int = 0, p: float = 0.0) -> None:
+        """``out (T, r) fp32 = drop(x) w^T`` for ``x (T, K)``, ``w (r, K)`` contiguous."""
+        x, ldx = as_rows(x)
+        (T, K), r = x.shape, w.shape[0]
+        self.C.lora_shrink(x.data_ptr(), ldx, T, K, w.data_ptr(), r, out.data_ptr(), r, seed_ptr,
+                           float(p), self.code, self.index, self.stream)
+
+    def expand_(self, s, w, y, *, scaling: float, seed_ptr: int = 0,
+                p: float = 0.0) -> torch.Tensor:
+        """``y (T, N) += scaling * mask?(s w)`` for ``s (T, r)`` fp32, ``w (r, N)`` contiguous
+        (the mask of ``seed_ptr``/``p`` on the output, for the dx epilogue); returns ``y`` (a
+        row-contiguous copy if its rows were not unit-stride)."""
+        y, ldy = as_rows(y)
+        (T, N), r = y.shape, w.shape[0]
+        self.C.lora_expand(s.data_ptr(), r, w.data_ptr(), y.data_ptr(), ldy, T, N, r,
+                           float(scaling), seed_ptr, float(p), self.code, self.index, self.stream)
+        return y
+
+    def grad_tn(self, lhs, rhs, out, *, transpose: bool, scaling: float, seed_ptr: int = 0,
+                p: float = 0.0) -> None:
+        """``out = scaling * lhs^T drop(rhs)`` (``(RL, N)``, or its transpose ``(N, RL)`` when
+        ``transpose``) for ``lhs (T, RL)`` fp32 (None when T = 0), ``rhs (T, N)``; split-K over T
+        with fp32 partials and a fixed-order reduction (deterministic)."""
+        rhs, ldr = as_rows(rhs)
+        T, N = rhs.shape
+        RL = out.shape[1] if transpose else out.shape[0]
+        if lhs is not None:
+            lhs, ldl = as_rows(lhs)
+        C, dev = self.C, self.index
+        splits = C.grad_splits(T, RL, N, dev)
+        part = empty((splits, RL, C.grad_ldp(N)), torch.float32, out.device)
+        C.lora_grad_tn(lhs.data_ptr() if lhs is not None else 0, ldl if lhs is not None else RL,
+                       rhs.data_ptr(), ldr, T, RL, N, part.data_ptr(), splits, seed_ptr,
+                       float(p), self.code, dev, self.stream)
+        C.splitk_reduce(part.data_ptr(), splits, RL, N, out.data_ptr(), out.shape[1], transpose,
+                        float(scaling), self.code, dev, self.stream)
+
+
 # ----------------------------------------------------------------------------- forward / backward
 def fwd(x2, weight, bias, A, B, scaling, p, seed):
     """``(y, S)``: ``y = x2 W^T + b + scaling * drop(x2) A^T B^T``, ``S = drop(x2) A^T`` (fp32)."""
-    dev, code = _check_lora(x2, weight, bias, A, B)
-    C = _cuda.module()
-    T, in_f = x2.shape
-    out_f, r = B.shape
+    dev, _ = _check_lora(x2, weight, bias, A, B)
+    T = x2.shape[0]
+    r = B.shape[1]
     sp = seed_ptr(seed, p, dev)
     y = F.linear(x2, weight, bias)                      # base GEMM: cuBLAS
-    y, ldy = as_rows(y)
     s = empty((T, r), torch.float32, dev)
     if T == 0:
-        return y, s
-    xr, ldx = as_rows(x2)
-    A = A.contiguous()
-    Bt = B.t().contiguous()                             # (r, out): the expand's row layout
-    st = stream_of(dev)
-    C.lora_shrink(xr.data_ptr(), ldx, T, in_f, A.data_ptr(), r, s.data_ptr(), r, sp, float(p),
-                  code, device_index(dev), st)
-    C.lora_expand(s.data_ptr(), r, Bt.data_ptr(), y.data_ptr(), ldy, T, out_f, r, float(scaling),
-                  0, 0.0, code, device_index(dev), st)
+        return as_rows(y)[0], s
+    K = Launcher(x2)
+    K.shrink(x2, A.contiguous(), s, seed_ptr=sp, p=p)
+    # B^T (r, out) row-major: the expand's row layout
+    y = K.expand_(s, B.t().contiguous(), y, scaling=scaling)
     return y, s
 
 
-def bwd(dy, x2, weight, A, B, s, scaling, p, seed, need_dx, need_dA, need_dB):
+def bwd(dy, saved: Saved, need: Needs):
     """Gradients ``(dx | None, dA | None, dB | None)`` of :func:`fwd`'s ``y`` (see module doc)."""
-    dev, code = _check_lora(x2, weight, None, A, B)
-    C = _cuda.module()
+    x2, weight, A, B, s, scaling, p, seed = saved
+    dev, _ = _check_lora(x2, weight, None, A, B)
     T, in_f = x2.shape
     out_f, r = B.shape
     check_cuda_tensor("dy", dy, dev, ndim=2, dtype=x2.dtype)
     if tuple(dy.shape) != (T, out_f):
         raise ValueError(f"dy must have shape ({T}, {out_f}), got {tuple(dy.shape)}")
     sp = seed_ptr(seed, p, dev)
-    st = stream_of(dev)
-    dyr, lddy = as_rows(dy)
+    K = Launcher(x2)
+    dyr, _ = as_rows(dy)
     dx = dA = dB = None
 
     g = None
-    if (need_dx or need_dA) and T > 0:
+    if (need.dx or need.dA) and T > 0:
         g = empty((T, r), torch.float32, dev)           # G = dy B (fp32)
-        Bt = B.t().contiguous()                         # (r, out) row-major = B^T
-        C.lora_shrink(dyr.data_ptr(), lddy, T, out_f, Bt.data_ptr(), r, g.data_ptr(), r, 0, 0.0,
-                      code, device_index(dev), st)
-    if need_dx:
+        K.shrink(dyr, B.t().contiguous(), g)            # B^T (r, out) row-major
+    if need.dx:
         dx = torch.mm(dyr, weight)                      # base dX GEMM: cuBLAS
-        if T > 0:
-            dx, lddx = as_rows(dx)
-            Ac = A.contiguous()                         # (r, in): the expand's row layout
-            C.lora_expand(g.data_ptr(), r, Ac.data_ptr(), dx.data_ptr(), lddx, T, in_f, r,
-                          float(scaling), sp, float(p), code, device_index(dev), st)
-    if need_dA:
+        if T > 0:                                       # A (r, in): the expand's row layout
+            dx = K.expand_(g, A.contiguous(), dx, scaling=scaling, seed_ptr=sp, p=p)
+    if need.dA:
         dA = empty((r, in_f), A.dtype, dev)
-        xr, ldx = as_rows(x2)
-        _grad_tn(C, g, r, xr, ldx, T, r, in_f, dA, in_f, False, scaling, sp, p, code, dev, st)
-    if need_dB:
+        K.grad_tn(g, x2, dA, transpose=False, scaling=scaling, seed_ptr=sp, p=p)
+    if need.dB:
         check_cuda_tensor("s", s, dev, ndim=2, dtype=torch.float32)
         if tuple(s.shape) != (T, r):
             raise ValueError(f"s must have shape ({T}, {r}), got {tuple(s.shape)}")
-        sr, lds = as_rows(s)
         dB = empty((out_f, r), B.dtype, dev)
-        _grad_tn(C, sr, lds, dyr, lddy, T, r, out_f, dB, r, True, scaling, 0, 0.0, code, dev, st)
+        K.grad_tn(s, dyr, dB, transpose=True, scaling=scaling)
     return dx, dA, dB
-
-
-def _grad_tn(C, L, ldl, Rm, ldr, T, RL, N, out, ldo, transpose, scaling, sp, p, code, dev, st):
-    """``out = scaling * L^T drop(Rm)`` ((RL, N), or (N, RL) if transpose), split-K over T."""
-    splits = C.grad_splits(T, RL, N, device_index(dev))
-    part = empty((splits, RL, C.grad_ldp(N)), torch.float32, dev)
-    C.lora_grad_tn(L.data_ptr() if L is not None else 0, ldl, Rm.data_ptr(), ldr, T, RL, N,
-                   part.data_ptr(), splits, sp, float(p), code, device_index(dev), st)
-    C.splitk_reduce(part.data_ptr(), splits, RL, N, out.data_ptr(), ldo, transpose,
-                    float(scaling), code, device_index(dev), st)
 
 
 def keep_mask(seed: torch.Tensor, T: int, K: int, p: float) -> torch.Tensor:

@@ -57,6 +57,16 @@ def _calls():
             y = lk.multi_lora_linear(xm, w, b, pool, ids, backend="triton", path=path)
             y.sum().backward()
 
+    from lora_kernels.ops import lora_tma
+
+    for dtype in (torch.float32, torch.bfloat16):  # the TMA-descriptor candidate, with dropout
+        x, w = torch.randn(5, 24, dtype=dtype), torch.randn(16, 24, dtype=dtype)
+        a, bb = torch.randn(4, 24, dtype=dtype), torch.randn(16, 4, dtype=dtype)
+        seed = torch.tensor([3])
+        y, s = lora_tma.fwd(x, w, None, a, bb, 0.5, 0.1, seed)
+        lora_tma.bwd(torch.randn(5, 16, dtype=dtype), x, w, a, bb, s, 0.5, 0.1, seed,
+                     True, False, False)
+
     for cfg, dtype in ((FULL, torch.bfloat16), (CONFIGS["vec-scalar"], torch.float16),
                        (CONFIGS["mixed"], torch.float32)):
         x = torch.randn(5, 24, dtype=dtype, requires_grad=True)
@@ -65,17 +75,23 @@ def _calls():
         lk.glora_linear(x, w, None, **sup, backend="triton").sum().backward()
 
 
-def test_all_kernels_compile_for_sm80_sm90(tmp_path):
+def recorded_launches() -> list:
+    """Every kernel's distinct launches (one per JIT specialisation) of :func:`_calls`."""
     sys.path.insert(0, str(HERE))
     from aot_tools import dedupe, record_launches
 
     launches = []
     with record_launches(launches):
         _calls()
-    launches = dedupe(launches)
+    return dedupe(launches)
+
+
+def test_all_kernels_compile_for_sm80_sm90(tmp_path):
+    launches = recorded_launches()
     names = {ln["name"] for ln in launches}
     assert names == {"gemm_lowrank_kernel", "tn_kernel", "glora_gemm_kernel", "bgmv_kernel",
-                     "sgmv_kernel", "seg_tn_kernel", "sgmv_gemm_kernel", "keep_mask_kernel"}, names
+                     "sgmv_kernel", "seg_tn_kernel", "sgmv_gemm_kernel",
+                     "gemm_lowrank_tma_kernel", "keep_mask_kernel"}, names
     flags = {(ln["constexprs"]["ROW_SCALE"], ln["constexprs"]["X_SCALE"]) for ln in launches
              if ln["name"] == "gemm_lowrank_kernel"}
     assert flags == {(False, False), (True, False), (False, True)}, flags
