@@ -23,6 +23,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,12 +65,26 @@ def run_pass(label: str, extra_env: dict, args, repo: Path) -> dict:
               f"TRITON_INTERPRET=0 {' '.join(f'{k}={v}' for k, v in extra_env.items())}",
               flush=True)
         t0 = time.time()
-        proc = subprocess.run(cmd, cwd=repo, env=env)
+        proc = subprocess.Popen(cmd, cwd=repo, env=env)
+        interrupted = False
+        try:
+            proc.wait(timeout=args.deadline or None)
+        except subprocess.TimeoutExpired:
+            # SIGINT: pytest stops, reports what ran and still writes its junit XML
+            interrupted = True
+            print(f"\n== deadline {args.deadline} s reached: interrupting pytest", flush=True)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         tests = parse_junit(xml) if xml.exists() else []
     counts: dict[str, int] = {}
     for t in tests:
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
     return {"label": label, "env": extra_env, "returncode": proc.returncode,
+            "interrupted": interrupted,
             "wall_s": round(time.time() - t0, 1), "counts": counts, "tests": tests}
 
 
@@ -103,10 +118,12 @@ def _test_pair(test_id: str) -> tuple[str | None, str | None]:
 def verified_pairs(check_docs: list[dict]) -> frozenset[tuple[str, str]]:
     """(backend, op) pairs with at least one passed test and no failed / errored test, over
     every pass of every check file; a failure with no backend in its id blocks its op for every
-    backend; a file that did not finish (``ok`` missing) verifies nothing."""
+    backend; a pass interrupted at its deadline verifies nothing."""
     passed, blocked = set(), set()
     for doc in check_docs:
         for p in doc.get("passes", []):
+            if p.get("interrupted"):
+                continue
             for t in p.get("tests", []):
                 be, op = _test_pair(t["test"])
                 if op is None:
@@ -166,6 +183,9 @@ def main(argv=None) -> int:
     ap.add_argument("--env-backends", default="",
                     help="extra passes with LORA_KERNELS_BACKEND set, e.g. triton,cuda")
     ap.add_argument("--workers", type=int, default=1, help="pytest-xdist workers (default 1)")
+    ap.add_argument("--deadline", type=float, default=0,
+                    help="seconds per pass; then pytest is interrupted (SIGINT) and what ran is "
+                         "recorded; an interrupted pass verifies nothing (default: none)")
     ap.add_argument("--apply", metavar="RESULTS_DIR",
                     help="write VERIFIED_ON_GPU / MEASURED_DEFAULTS from a GPU run's results")
     ap.add_argument("--summary", metavar="RESULTS_DIR",
@@ -206,8 +226,8 @@ def main(argv=None) -> int:
             continue
         passes.append(run_pass(f"LORA_KERNELS_BACKEND={be}", {"LORA_KERNELS_BACKEND": be},
                                args, repo))
-    ok = all(p.get("skipped") or (p["returncode"] == 0 and p["counts"].get("passed"))
-             for p in passes)
+    ok = all(p.get("skipped") or (p["returncode"] == 0 and p["counts"].get("passed")
+                                  and not p.get("interrupted")) for p in passes)
     doc = {"device": info["name"], "device_info": info, "versions": info["versions"],
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "ok": bool(ok), "passes": passes}

@@ -29,6 +29,10 @@ whenever the fused op would not compute the same thing:
 * dtypes that differ between x, the base weight and the factors (e.g. PEFT's fp32 adapters on a
   bf16 base: PEFT computes that branch in fp32), or autocast enabled.
 
+A DoRA adapter (``use_dora=True``), the only active one, runs on :func:`lora_kernels.dora_linear`
+with PEFT's ``lora_magnitude_vector[a].weight``: the same output (PEFT's dropout semantics
+included, ``ops.dora``) and gradients to ``lora_A``, ``lora_B`` and the magnitude.
+
 QLoRA: a PEFT LoRA ``Linear`` (or PEFT's ``bnb.Linear4bit``, its class on CUDA; unverified on a
 GPU) over a bitsandbytes NF4 ``Linear4bit`` runs on the fused op with the
 packed NF4 codes read as they are (:meth:`lora_kernels.quant.NF4Weight.from_bnb`, cached, rebuilt

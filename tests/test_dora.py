@@ -151,6 +151,45 @@ def test_bad_inputs_raise():
         lk.dora_linear(x, w, b, a, bb, m, 1.0, backend="nope")
 
 
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck_and_compile(backend, p):
+    """torch.library.opcheck on both registered ops; a fullgraph torch.compile of the layer
+    matches eager (outputs and gradients)."""
+    from torch.library import opcheck
+
+    x, w, b, a, bb, m = _inputs(5, 12, 7, 3, torch.float32)
+    seed = torch.tensor([5], device=DEVICE) if p > 0 else None
+    args = (x.detach(), w, b, a, bb, m, D.weight_sq_norm(w), 0.5, p, seed, backend)
+    opcheck(torch.ops.lora_kernels.dora_fwd.default, args)
+    with torch.no_grad():
+        y, s, n, g, u = torch.ops.lora_kernels.dora_fwd(*args)
+    yu = u if p > 0 else y
+    dy = randn(5, 7)
+    needs_list = [(True,) * 6, (False, False, False, True, False, True),
+                  (True, False, False, False, True, False)]
+    for needs in needs_list if backend == "torch" else needs_list[:1]:   # interpreter: slow
+        opcheck(torch.ops.lora_kernels.dora_bwd.default,
+                (dy, x.detach(), w, b, a.detach(), bb.detach(), m.detach(), s, n, g, seed, yu,
+                 0.5, p, backend, *needs))
+    if p > 0:
+        return
+    torch._dynamo.reset()
+    layer = lk.DoRALinear.from_linear(nn.Linear(12, 7).to(DEVICE), r=4, alpha=8, backend=backend)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    xx = randn(2, 3, 12)
+    cm = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = cm(xx)
+    y.square().sum().backward()
+    grads = [layer.lora_A.grad.clone(), layer.magnitude.grad.clone()]
+    layer.zero_grad()
+    y0 = layer(xx)
+    y0.square().sum().backward()
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(grads, [layer.lora_A.grad, layer.magnitude.grad])
+
+
 # ----------------------------------------------------------------------------- the layer
 def test_layer_starts_at_base_merges_and_injects():
     torch.manual_seed(1)
@@ -359,3 +398,42 @@ def test_bench_case_and_headline():
     assert det["dora_train_overhead_vs_lora"]["met"] is False
     assert abs(vals["dora_train_speedup_vs_peft"] - 2.5) < 1e-12
     assert det["dora_train_speedup_vs_peft"]["met"] is True
+
+
+def test_patch_peft_dora_and_inject_adapter(monkeypatch):
+    """patch_peft runs a PEFT DoRA adapter on dora_linear (same output and gradients as PEFT,
+    training mode); inject_adapter builds DoRALinear layers from a loaded DoRA adapter."""
+    import copy
+
+    torch.manual_seed(6)
+    lin = nn.Linear(21, 13).to(DEVICE)
+    pm, pl = _peft_dora(lin, 3, 6, 0.0)
+    ref_m = copy.deepcopy(pm)
+    lk.patch_peft(pm, backend="torch")
+    calls = []
+    orig = D.dora_linear
+    monkeypatch.setattr(D, "dora_linear", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    x = torch.randn(4, 21, device=DEVICE, requires_grad=True)
+    pm.train()
+    ref_m.train()
+    y, yr = pm(x), ref_m(x)
+    assert calls, "patch_peft did not route the DoRA adapter to dora_linear"
+    assert_close(y, yr, torch.float32, "patched y")
+    rl = ref_m.base_model.model.lin
+    ga = torch.autograd.grad(y.square().sum(), [pl.lora_A["default"].weight,
+                                                pl.lora_magnitude_vector["default"].weight])
+    gr = torch.autograd.grad(yr.square().sum(), [rl.lora_A["default"].weight,
+                                                 rl.lora_magnitude_vector["default"].weight])
+    for a, b in zip(ga, gr):
+        assert_close(a, b, torch.float32, "patched grad", factor=10)
+    # inject_adapter with a DoRA entry
+    A, B = pl.lora_A["default"].weight.detach(), pl.lora_B["default"].weight.detach()
+    mag = pl.lora_magnitude_vector["default"].weight.detach()
+    holder = nn.Sequential(copy.deepcopy(lin))
+    lk.inject_adapter(holder, {"0": lk.peft_io.DoRAFactors(A, B, 2.0, mag)})
+    assert isinstance(holder[0], lk.DoRALinear)
+    with torch.no_grad():
+        assert_close(holder(x), yr, torch.float32, "inject_adapter DoRA")
+    with pytest.raises(ValueError, match="magnitude"):
+        lk.inject_adapter(nn.Sequential(copy.deepcopy(lin)), {"0": (A, B, 2.0, mag[:3])})
+

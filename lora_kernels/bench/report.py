@@ -150,7 +150,7 @@ def headline(rows: list[dict]) -> tuple[dict, dict]:
 
 
 def cpu_checks(rows: list[dict]) -> dict:
-    """Issue 6's CPU requirement: our default LoRA layer fwd+bwd vs PEFT lora.Linear (same run)."""
+    """CPU check: our default LoRA layer fwd+bwd vs PEFT lora.Linear (ratios from one run)."""
     ratios = {}
     for r in rows:
         if r.get("group") == "layer" and r.get("impl") == "ours_default":

@@ -480,6 +480,24 @@ def check_file(path: Path, launches: list[dict], spot: int) -> int:
     return 1 if problems else 0
 
 
+def compact_table(rows: list[dict]) -> str:
+    """Markdown table, one line per launch (its autotune candidates summarised)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["launch"], json.dumps(r.get("MNK"))), []).append(r)
+    lines = ["| kernel | launch (M, N, K) | candidates | regs | spills | MMA | widest load | TMA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (k, launch, mnk), rs in groups.items():
+        regs = sorted(r["regs"] for r in rs)
+        mma = "/".join(sorted({matrix_instruction(r) for r in rs}))
+        loads = "/".join(sorted({r["widest_global_load"] for r in rs}))
+        spills = sum(r["spill_stores"] + r["spill_loads"] for r in rs)
+        dims = ", ".join("-" if v is None else str(v) for v in json.loads(mnk) or [])
+        lines.append(f"| {k} | {launch} ({dims}) | {len(rs)} | {regs[0]}-{regs[-1]} | {spills} | "
+                     f"{mma} | {loads} | {'yes' if any(r['tma'] for r in rs) else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_kernels.bench.static", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -291,7 +291,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
     if quantized:
         from .qlora import qlora_linear
 
-        return qlora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed, be)
+        return qlora_linear(x, weight, bias, lora_A, lora_B, scaling=scaling, p=p, seed=seed,
+                            backend=be)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)  # 2-D: no view node in the autograd graph
     x2 = compact_rows_for_cpu_gemm(x2)  # row-padded bf16/fp16 on CPU: see its docstring
     y, _ = LORA_OP(x2, weight, bias, lora_A, lora_B, scaling, p, seed, be)

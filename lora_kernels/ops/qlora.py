@@ -197,7 +197,7 @@ def _dense(qw, dtype, device, reuse: bool) -> torch.Tensor:
     return buf.copy_(qw.dequantize(dtype))
 
 
-def _fwd_impl(x2, qw, bias, A, B, scaling, p, seed, backend):
+def _fwd_impl(x2, qw, bias, A, B, *, scaling, p, seed, backend):
     if backend == "triton":
         drop = p > 0.0
         s = L.gemm_lowrank(x2, A, out_dtype=torch.float32, seed=seed, p=p, drop_x=drop)
@@ -207,7 +207,10 @@ def _fwd_impl(x2, qw, bias, A, B, scaling, p, seed, backend):
     return L._impl(backend)[0](x2, w, bias, A, B, scaling, p, seed)
 
 
-def _bwd_impl(dy, x2, qw, A, B, s, scaling, p, seed, backend, need_dx, need_dA, need_dB):
+def _bwd_impl(dy, saved: L.Saved, need: L.Needs, backend: str):
+    """ops.lora's backward with ``saved.weight`` the quantized weight."""
+    x2, qw, A, B, s, scaling, p, seed = saved
+    need_dx, need_dA, need_dB = need
     if backend == "triton":
         dx = dA = dB = None
         drop = p > 0.0
@@ -225,8 +228,7 @@ def _bwd_impl(dy, x2, qw, A, B, s, scaling, p, seed, backend, need_dx, need_dA, 
         w = _dense(qw, x2.dtype, x2.device, backend == "cuda")
     else:  # the reference backward reads W only for dx
         w = torch.empty(0, dtype=x2.dtype, device=x2.device)
-    return L._impl(backend)[1](dy, L.Saved(x2, w, A, B, s, scaling, p, seed),
-                               L.Needs(need_dx, need_dA, need_dB))
+    return L._impl(backend)[1](dy, saved._replace(weight=w), need)
 
 
 # ----------------------------------------------------------------------------- registered op
@@ -235,8 +237,8 @@ def _fwd(x: torch.Tensor, qtensors: list[torch.Tensor], qmeta: list[int], fmt: s
          dropout_p: float, seed: torch.Tensor | None,
          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, in) -> (y (T, out), S = drop(x) A^T (T, r) fp32)."""
-    return _fwd_impl(x, _rebuild(fmt, qtensors, qmeta), bias, lora_A, lora_B, scaling,
-                     dropout_p, seed, backend)
+    return _fwd_impl(x, _rebuild(fmt, qtensors, qmeta), bias, lora_A, lora_B, scaling=scaling,
+                     p=dropout_p, seed=seed, backend=backend)
 
 
 def _fwd_fake(x, qtensors, qmeta, fmt, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
@@ -249,8 +251,9 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, qtensors: list[torch.Tensor], qmeta:
          dropout_p: float, seed: torch.Tensor | None, backend: str, need_dx: bool,
          need_dA: bool, need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (T, in), dA (r, in), dB (out, r)); None (the op: empty) where unneeded."""
-    return _bwd_impl(dy, x, _rebuild(fmt, qtensors, qmeta), lora_A, lora_B, s, scaling,
-                     dropout_p, seed, backend, need_dx, need_dA, need_dB)
+    saved = L.Saved(x, _rebuild(fmt, qtensors, qmeta), lora_A, lora_B, s, scaling, dropout_p,
+                    seed)
+    return _bwd_impl(dy, saved, L.Needs(need_dx, need_dA, need_dB), backend)
 
 
 def _bwd_fake(dy, x, qtensors, qmeta, fmt, lora_A, lora_B, s, scaling, dropout_p, seed, backend,
@@ -300,7 +303,7 @@ def check_quantized(name: str, qw, x) -> None:
         raise ValueError(f"{name} (quantized) must be on {x.device} (like x), got {qw.device}")
 
 
-def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, p, seed, backend):
+def qlora_linear(x, qweight, bias, lora_A, lora_B, *, scaling, p, seed, backend):
     """``lora_linear`` on a quantized ``qweight`` (arguments already validated by the caller
     except the quantized weight itself). The weight is dequantised in x's dtype."""
     if not isinstance(qweight, QuantizedWeight):

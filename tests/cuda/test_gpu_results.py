@@ -117,3 +117,9 @@ def test_gpu_session_script_refuses_without_gpu(tmp_path):
                        text=True, env=env, timeout=120)
     assert r.returncode == 2 and "no usable CUDA device" in r.stderr, r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_interrupted_pass_verifies_nothing():
+    doc = _fake_check()
+    doc["passes"][0]["interrupted"] = True
+    assert check.verified_pairs([doc]) == frozenset()
