@@ -53,12 +53,11 @@ def main() -> int:
             worst = max(worst, e)
             print(f"lora_linear {be} T{T} {i}x{o} r{r}: rel err {e:.2e}")
         from lora_kernels.ops import lora_tma
-        from lora_kernels.ops.lora import Needs, Saved
 
         y, s = lora_tma.fwd(padded(x0), w, b, A.detach(), B.detach(), 0.5, 0.0, None)
         lora_tma.bwd(padded(torch.randn(T, o, device=dev, dtype=dt)),
-                     Saved(x0, w, A.detach(), B.detach(), s, 0.5, 0.0, None),
-                     Needs(True, True, True))
+                     lora_tma.Saved(x0, w, A.detach(), B.detach(), s, 0.5, 0.0, None),
+                     lora_tma.Needs(True, True, True))
         e = rel(y, ref)
         worst = max(worst, e)
         print(f"lora_tma T{T} {i}x{o} r{r}: rel err {e:.2e}")

@@ -78,6 +78,7 @@ OPCHECKED = {
     "lora_kernels::multi_lora_bwd": "test_multi_lora.py::test_registered_ops_opcheck",
     "lora_kernels::multi_lora_add_": "test_multi_lora.py::test_registered_ops_opcheck",
     "lora_kernels::check_ids": "test_multi_lora.py::test_registered_ops_opcheck",
+    "lora_kernels::multi_lora_plan": "test_multi_lora.py::test_registered_ops_opcheck",
 }
 OPCHECKED.update({"lora_kernels::qlora_fwd": "test_library.py::test_opcheck_qlora",
                   "lora_kernels::qlora_bwd": "test_library.py::test_opcheck_qlora"})
