@@ -157,7 +157,10 @@ class MultiAdapterModel(nn.Module):
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._state = _ServingState(max_adapters)
         self.layers: dict[str, ServingLinear] = {}
+        # the replaced modules themselves, for unload() (a plain dict: not submodules)
+        self._originals: dict[str, nn.Module] | None = {}
         for name in names:
+            self._originals[name] = model.get_submodule(name)
             # a transformers Conv1D is served through its (out, in) weight view (same storage)
             lin = as_linear(model.get_submodule(name))
             pool = AdapterPool(lin.in_features, lin.out_features, max_adapters, max_rank,
@@ -203,6 +206,7 @@ class MultiAdapterModel(nn.Module):
         free one took it now, else None. Every entry is validated against its layer before
         anything is written; modules of the model the adapter does not name keep the base
         weights."""
+        self._live()
         _adapter_name(name)
         if name in self:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
@@ -241,6 +245,7 @@ class MultiAdapterModel(nn.Module):
 
     def add_sum(self, name: str, parts: Sequence[str]) -> None:
         """Serve ``sum(delta_p for p in parts)`` as adapter ``name`` (no weights copied)."""
+        self._live()
         _adapter_name(name)
         if name in self:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
@@ -268,6 +273,29 @@ class MultiAdapterModel(nn.Module):
             raise ValueError(f"name {name!r} is part of the summed adapter(s) {users}; remove "
                              "those first")
         self.store.remove(name)
+
+    def unload(self) -> nn.Module:
+        """Give the plain model back: every served layer is replaced by the very module it
+        replaced (the same objects: weights never copied or modified, a GPT-2 ``Conv1D`` stays a
+        ``Conv1D``), every adapter is dropped and the device slots are freed; returns the model.
+        The server is empty afterwards: any later call raises ``ValueError``."""
+        from .inject import _set
+
+        self._live()
+        model = self.model
+        for name, mod in self._originals.items():
+            _set(model, name, mod)
+        self._originals = None
+        self.layers = {}
+        self._sums = {}
+        self.store = None
+        del self.model
+        return model
+
+    def _live(self) -> None:
+        if self._originals is None:
+            raise ValueError("this MultiAdapterModel was unload()ed: it serves nothing any more "
+                             "(build a new one on the returned model)")
 
     # ------------------------------------------------------------------ forward
     def _seq_ids(self, adapters, batch: int, device):
@@ -307,6 +335,7 @@ class MultiAdapterModel(nn.Module):
     def using(self, adapters: Sequence[str | None]):
         """Select one adapter per sequence (batch dim of every served linear's input) for the
         calls made inside the ``with`` block."""
+        self._live()
         if isinstance(adapters, str) or not isinstance(adapters, Sequence):
             raise TypeError(f"adapters must be a list (one name or None per sequence), got "
                             f"{type(adapters).__name__}")
@@ -325,6 +354,7 @@ class MultiAdapterModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, adapters: Sequence[str | None] | None = None,
                 **kwargs):
         """``model(input_ids, **kwargs)`` with sequence ``b`` using ``adapters[b]``."""
+        self._live()
         if adapters is None:
             return self.model(input_ids, **kwargs)
         V.tensor("input_ids", input_ids, min_ndim=1)
