@@ -51,6 +51,8 @@ GROUPS += ("dora",)  # bench/cases_dora.py
 # (module, function) of the case groups that live in their own modules (each imports this one)
 EXTRA_CASES = (("cases_dora", "dora_cases"), ("cases_dropin", "dropin_cases"),
                ("cases_store", "store_cases"))
+GROUPS += ("qlora",)  # bench/cases_quant.py
+EXTRA_CASES += (("cases_quant", "quant_cases"),)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -51,6 +51,7 @@ PREFILL = dict(segments=4, seg_len=1024, K=4096, N=4096, r=16)
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
        torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int16: "i16",
        torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+_DT[torch.float8_e4m3fn] = "fp8e4nv"  # FP8 weights (kernels.quant)
 _TD = {v: k for k, v in _DT.items()}
 
 
