@@ -469,3 +469,49 @@ def test_cuda_backend_under_emulation(monkeypatch, p):
     for got, want, name in ((y, yr, "y"), (dx, d[0].grad, "dx"), (dA, d[1].grad, "dA"),
                             (dB, d[2].grad, "dB")):
         assert_close(got, want, torch.float32, name)
+
+
+def test_serving_mixed_dora_and_lora_batch_equals_merged_models():
+    """One mixed batch (DoRA, LoRA, base, DoRA) through MultiAdapterModel equals, row by row, the
+    model with that adapter merged (DoRA: g * (W + s B A)); removing the DoRA adapter drops its
+    row scales; a sum with a DoRA part is refused."""
+    import copy
+
+    from helpers import tiny_llama
+
+    base = tiny_llama()
+    targets = ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(8)
+    dora, lora = {}, {}
+    for name, mod in base.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            o, i = mod.weight.shape
+            A, B = torch.randn(3, i) / i ** 0.5, torch.randn(o, 3) * 0.3
+            m = torch.linalg.vector_norm(mod.weight.detach(), dim=1) * (1 + 0.3 * torch.rand(o))
+            dora[name] = lk.peft_io.DoRAFactors(A.to(DEVICE), B.to(DEVICE), 0.7, m.to(DEVICE))
+            lora[name] = (torch.randn(2, i, device=DEVICE) * 0.2,
+                          torch.randn(o, 2, device=DEVICE) * 0.2, 1.5)
+
+    def merged(ad):
+        m = lk.inject_adapter(copy.deepcopy(base), ad)
+        return lk.merge_and_unload(m).eval()
+
+    ref = {"d": merged(dora), "l": merged(lora), None: base}
+    server = lk.MultiAdapterModel(copy.deepcopy(base), targets, max_adapters=3, max_rank=4)
+    server.add("d", dora)
+    server.add("l", lora)
+    ids = torch.randint(0, 64, (4, 6), device=DEVICE)
+    names = ["d", "l", None, "d"]
+    with torch.no_grad():
+        out = server(ids, adapters=names).logits
+        for k, n in enumerate(names):
+            want = ref[n](ids[k:k + 1]).logits
+            assert_close(out[k:k + 1], want, torch.float32, f"row {k} ({n})", factor=10)
+    with pytest.raises(ValueError, match="DoRA"):
+        server.add_sum("dl", ["d", "l"])
+    server.remove("d")
+    assert not any(lay.dora_g for lay in server.layers.values())
+    with pytest.raises(ValueError, match="magnitude"):
+        bad = {k: (A, B, s, m[:-1]) for k, (A, B, s, m) in dora.items()}
+        server.add("bad", bad)
+    assert "bad" not in server
