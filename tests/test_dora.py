@@ -338,6 +338,13 @@ def test_peft_dora_adapter_round_trip(tmp_path):
     model.eval()
     with torch.no_grad():
         assert_close(model(x), yp, torch.float32, "loaded vs PEFT")
+    # the PEFT DoRA file served next to the base model (MultiAdapterModel.load_peft)
+    server = lk.MultiAdapterModel(base(), ["0", "2"], max_adapters=2, max_rank=4)
+    server.load_peft("d", tmp_path / "peft")
+    with torch.no_grad():
+        ys = server(x, adapters=["d", None, "d", "d", None])
+    assert_close(ys[[0, 2, 3]], yp[[0, 2, 3]], torch.float32, "served vs PEFT")
+    assert_close(ys[[1, 4]], base()(x)[[1, 4]].detach(), torch.float32, "served base rows")
     # ours -> disk -> PEFT
     lk.save_peft_adapter(model, tmp_path / "ours")
     pm2 = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
