@@ -522,3 +522,32 @@ def test_serving_mixed_dora_and_lora_batch_equals_merged_models():
         bad = {k: (A, B, s, m[:-1]) for k, (A, B, s, m) in dora.items()}
         server.add("bad", bad)
     assert "bad" not in server
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_multi_lora_linear_row_scale_mixes_dora_and_lora(backend):
+    """multi_lora_linear(..., row_scale=) with a DoRA slot (g) and a LoRA slot (1) in one batch:
+    each token equals its own adapter's formula in float64; -1 tokens are the base."""
+    T, i, o = 9, 23, 13
+    x, w, b, a, bb, m = _inputs(T, i, o, 3, torch.float32)
+    a2, b2 = randn(2, i, scale=0.2), randn(o, 2, scale=0.2)
+    pool = lk.AdapterPool(i, o, 3, 4, device=DEVICE)
+    pool.add("dora", a.detach(), bb.detach(), 0.8)
+    pool.add("lora", a2, b2, 1.5)
+    g = (m.detach() / D.dora_norm(w, a.detach(), bb.detach(), 0.8))
+    table = torch.ones(3, o, device=DEVICE)
+    table[pool.slot("dora")] = g
+    ids = torch.tensor([0, 1, -1, 0, 0, 1, -1, 1, 0], device=DEVICE)
+    y = lk.multi_lora_linear(x.detach(), w, b, pool, ids, backend=backend, row_scale=table)
+    d = lambda t: t.detach().double()  # noqa: E731
+    yd = ref.dora_linear(d(x), d(w), d(b), d(a), d(bb), d(m), 0.8)
+    yl = d(x) @ d(w).t() + 1.5 * d(x) @ d(a2).t() @ d(b2).t() + d(b)
+    yb = d(x) @ d(w).t() + d(b)
+    want = torch.stack([(yd, yl, yb)[{0: 0, 1: 1, -1: 2}[int(k)]][t] for t, k in enumerate(ids)])
+    assert_close(y, want, torch.float32, "row-scaled mixed batch")
+    with pytest.raises(ValueError, match="row_scale"):
+        lk.multi_lora_linear(x.detach(), None, None, pool, ids, row_scale=table)
+    with pytest.raises(ValueError, match="row_scale"):
+        lk.multi_lora_linear(x.detach(), w, b, pool, ids, row_scale=table[:2])
+    with pytest.raises(TypeError, match="row_scale"):
+        lk.multi_lora_linear(x.detach(), w, b, pool, ids, row_scale=table.double())
