@@ -250,9 +250,11 @@ class MultiAdapterModel(nn.Module):
         return self.store.stats
 
     def adapters(self) -> list[str]:
+        self._live()
         return self.store.names() + list(self._sums)
 
     def __contains__(self, name) -> bool:
+        self._live()
         return name in self.store or name in self._sums
 
     def add(self, name: str, adapter: Mapping) -> int | None:

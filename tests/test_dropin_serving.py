@@ -90,3 +90,7 @@ def test_unload_gives_back_the_original_model(kind):
         server.add("y", ad)
     with pytest.raises(ValueError, match="unload"):
         server.unload()
+    with pytest.raises(ValueError, match="unload"):
+        "x" in server  # noqa: B015
+    with pytest.raises(ValueError, match="unload"):
+        server.adapters()
