@@ -682,29 +682,6 @@ class ShardedAdapterPool(AdapterPool):
         _agree(self.mesh, meta, None, f"{who}({name!r})", local_exc=exc)
         return prepared
 
-    def local_factors(self, a: torch.Tensor, bt: torch.Tensor):
-        """This rank's slice of unsharded factors ``a (r, full_in)``, ``bt (r, full_out)`` (what
-        an :class:`~lora_kernels.store.AdapterStore` writes into this pool's slots)."""
-        k = self.mesh.get_local_rank()
-        if self.mode == ROWWISE:
-            n = self.in_features
-            return a[:, k * n:(k + 1) * n], bt
-        n = self.out_features
-        return a, bt[:, k * n:(k + 1) * n]
-
-    def agree_add(self, name, adapter, exc: Exception | None) -> None:
-        """Collective check of a store ``add`` over the mesh (called on every rank with this
-        rank's validation error or None): the ranks must add the same adapter (name, ranks,
-        scalings, checksums), else ``ValueError`` on every rank; a rank's own error is re-raised
-        there and reported by name elsewhere."""
-        meta = None
-        if exc is None:
-            meta = (name, sorted(
-                (m, tuple(A.shape), float(s), float(A.detach().double().sum()),
-                 float(B.detach().double().sum())) for m, (A, B, s) in (
-                    adapter.items() if isinstance(adapter, dict) else [("", adapter)])))
-        _agree(self.mesh, meta, None, f"AdapterStore.add({name!r})", local_exc=exc)
-
     def requires_grad_(self, requires_grad: bool = True):
         if requires_grad:
             raise NotImplementedError("a tensor-parallel AdapterPool is inference-only")

@@ -359,9 +359,6 @@ def _swap_slot(pool, s: int, old: str | None, new: str | None, entry) -> None:
     if entry is not None:
         a, bt, sc = entry
         r = a.shape[0]
-        local = getattr(pool, "local_factors", None)
-        if local is not None:  # a tensor-parallel shard keeps its slice of the full factors
-            a, bt = local(a, bt)
         pool.lora_A[s, :r].copy_(a)
         pool.lora_Bt[s, :r].copy_(bt)
     if r_old > r:
@@ -515,16 +512,7 @@ class AdapterStore:
         over one bare pool also a plain tuple) in host memory under ``name``. With ``load`` and a
         free slot it is also loaded now (never evicting anything): returns that slot, else None
         (it is loaded when a batch or :meth:`prefetch` names it). Refused calls change nothing."""
-        agree = getattr(next(iter(self.pools.values())), "agree_add", None)
-        if agree is None:
-            h = self._prepare(name, adapter)
-        else:  # tensor-parallel pools: every rank adds the same adapter, or every rank raises
-            h, exc = None, None
-            try:
-                h = self._prepare(name, adapter)
-            except (TypeError, ValueError) as e:
-                exc = e
-            agree(name, adapter, exc)
+        h = self._prepare(name, adapter)
         self._host[name] = h
         if load:
             free = self._free_slots()
