@@ -55,8 +55,9 @@ def main() -> int:
         from lora_kernels.ops import lora_tma
 
         y, s = lora_tma.fwd(padded(x0), w, b, A.detach(), B.detach(), 0.5, 0.0, None)
-        lora_tma.bwd(padded(torch.randn(T, o, device=dev, dtype=dt)), x0, w, A.detach(),
-                     B.detach(), s, 0.5, 0.0, None, True, True, True)
+        lora_tma.bwd(padded(torch.randn(T, o, device=dev, dtype=dt)),
+                     lora_tma.Saved(x0, w, A.detach(), B.detach(), s, 0.5, 0.0, None),
+                     lora_tma.Needs(True, True, True))
         e = rel(y, ref)
         worst = max(worst, e)
         print(f"lora_tma T{T} {i}x{o} r{r}: rel err {e:.2e}")

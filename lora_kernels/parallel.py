@@ -790,4 +790,7 @@ def parallelize_server(server, mesh_or_group, plan: dict) -> object:
             chosen[n] = (style if isinstance(style, ParallelStyle) else
                          ColwiseParallel() if mode == COLWISE else RowwiseParallel())
     parallelize_module(server.model, mesh, chosen)
+    store = getattr(server, "store", None)
+    if store is not None:  # the store writes swapped-in adapters into the (now sharded) pools
+        store.pools = {n: server.layers[n].pool for n in store.pools}
     return server

@@ -33,9 +33,13 @@ A DoRA adapter (``use_dora=True``), the only active one, runs on :func:`lora_ker
 with PEFT's ``lora_magnitude_vector[a].weight``: the same output (PEFT's dropout semantics
 included, ``ops.dora``) and gradients to ``lora_A``, ``lora_B`` and the magnitude.
 
-Layers that are not PEFT LoRA ``Linear``s over a plain ``nn.Linear`` / ``Conv1D`` (embedding and
-convolution LoRA, bitsandbytes / GPTQ / HQQ bases, ``target_parameters``) are left to PEFT; one
-warning lists them, and the adapters that will always fall back.
+QLoRA: a PEFT LoRA ``Linear`` (or PEFT's ``bnb.Linear4bit``, its class on CUDA; unverified on a
+GPU) over a bitsandbytes NF4 ``Linear4bit`` runs on the fused op with the
+packed NF4 codes read as they are (:meth:`lora_kernels.quant.NF4Weight.from_bnb`, cached, rebuilt
+when PEFT replaces the base weight). Layers that are not PEFT LoRA ``Linear``s over a plain
+``nn.Linear`` / ``Conv1D`` / NF4 ``Linear4bit`` (embedding and convolution LoRA, 8-bit / GPTQ /
+HQQ bases, ``target_parameters``) are left to PEFT; one warning lists
+them, and the adapters that will always fall back.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from ._conv1d import conv1d_class
 
 _FLAG = "_lora_kernels_patched"
 _BACKEND = "_lora_kernels_backend"
+_QW = "_lora_kernels_qweight"   # (bnb Params4bit, its data_ptr, NF4Weight) of a 4-bit base
 
 
 def _peft_lora():
@@ -61,12 +66,45 @@ def _peft_lora():
 
 
 def _plain_base(base) -> bool:
-    """Whether ``base`` is a plain ``nn.Linear`` / ``Conv1D`` (no subclass overriding forward,
-    e.g. bitsandbytes' ``Linear4bit`` is an ``nn.Linear`` subclass)."""
+    """Whether ``base`` is a plain ``nn.Linear`` / ``Conv1D`` (no subclass overriding forward)
+    or a bitsandbytes NF4 ``Linear4bit`` (an ``nn.Linear`` subclass; its packed weight is read
+    as it is through :meth:`lora_kernels.quant.NF4Weight.from_bnb`)."""
     conv = conv1d_class()
     if conv is not None and isinstance(base, conv):
         return type(base).forward is conv.forward
+    if _is_bnb4(base):
+        return True
     return isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
+
+
+def _is_bnb4(base) -> bool:
+    from .quant import is_bnb_linear4bit
+
+    qs = getattr(getattr(base, "weight", None), "quant_state", None)
+    return is_bnb_linear4bit(base) and getattr(qs, "quant_type", None) == "nf4"
+
+
+def _base_weight(layer):
+    """The ``(out, in)`` base weight the fused op reads: ``nn.Linear.weight``, a Conv1D's
+    ``weight.t()`` view, or a bnb NF4 weight wrapped (codes referenced, not copied) and cached
+    until the layer's base weight object or storage changes (PEFT's merge / unmerge re-quantise
+    it). None when a bnb weight cannot be wrapped (e.g. repacked for bitsandbytes' CPU kernel):
+    the caller then runs PEFT's forward."""
+    base = layer.base_layer
+    if not _is_bnb4(base):
+        return base.weight if isinstance(base, nn.Linear) else base.weight.t()
+    src = base.weight
+    cache = getattr(layer, _QW, None)
+    if cache is None or cache[0] is not src or cache[1] != src.data_ptr():
+        from .quant import NF4Weight
+
+        try:
+            qw = NF4Weight.from_bnb(src)
+        except ValueError:
+            return None
+        cache = (src, src.data_ptr(), qw)
+        setattr(layer, _QW, cache)
+    return cache[2]
 
 
 def _is_dora(layer, adapter: str) -> bool:
@@ -87,12 +125,6 @@ def _variant_adapters(layer) -> list[str]:
     return sorted(bad)
 
 
-def _is_dora(layer, a) -> bool:
-    """Whether adapter ``a`` of a PEFT LoRA layer is a DoRA adapter (``use_dora=True``)."""
-    return bool((getattr(layer, "use_dora", {}) or {}).get(a, False)) and a in (
-        getattr(layer, "lora_magnitude_vector", None) or {})
-
-
 def _fused_forward(self, x, *args, **kwargs):
     """PEFT's ``lora.Linear.forward`` on the fused op (see the module docstring); ``self`` is the
     PEFT layer."""
@@ -108,8 +140,9 @@ def _fused_forward(self, x, *args, **kwargs):
         return base(x)
     variants = getattr(self, "lora_variant", {}) or {}
     lora_bias = getattr(self, "lora_bias", {}) or {}
-    # Conv1D: its (in, out) weight read through the (out, in) view, no copy
-    W = base.weight.t() if not isinstance(base, nn.Linear) else base.weight
+    W = _base_weight(self)   # Conv1D: the (out, in) view; bnb 4-bit: the wrapped NF4 codes
+    if W is None:
+        return orig(self, x)
     b = base.bias
     # DoRA: fused only as the one active adapter (PEFT feeds a second adapter's DoRA term the
     # running result, earlier adapters included, as its "base" output)
@@ -129,6 +162,9 @@ def _fused_forward(self, x, *args, **kwargs):
 
     if dora:
         from .ops.dora import dora_linear
+
+        if not isinstance(W, torch.Tensor):   # DoRA over a 4-bit base: PEFT's forward
+            return orig(self, x)
 
         mag = self.lora_magnitude_vector[first].weight
         if mag.dtype != x.dtype:
@@ -167,7 +203,9 @@ def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Modul
     for name, m in peft_model.named_modules():
         if not isinstance(m, L.LoraLayer):
             continue
-        if type(m) is L.Linear and _plain_base(m.base_layer):
+        peft_bnb4 = (type(m).__name__ == "Linear4bit"
+                     and type(m).__module__ == "peft.tuners.lora.bnb")  # PEFT's CUDA QLoRA class
+        if (type(m) is L.Linear or peft_bnb4) and _plain_base(m.base_layer):
             targets.append(m)
             bad = _variant_adapters(m)
             if bad:
@@ -207,6 +245,8 @@ def unpatch_peft(peft_model: nn.Module) -> nn.Module:
         del m.forward
         delattr(m, _FLAG)
         delattr(m, _BACKEND)
+        if hasattr(m, _QW):
+            delattr(m, _QW)
     return peft_model
 
 

@@ -295,6 +295,13 @@ class _HostAdapter:
     buffers: list[torch.Tensor]
 
 
+def _factor_sizes(pool) -> tuple[int, int]:
+    """``(in, out)`` of the factors ``pool.add`` takes: a tensor-parallel shard
+    (``parallel.ShardedAdapterPool``) takes the unsharded ones and keeps its slice."""
+    return (getattr(pool, "full_in_features", pool.in_features),
+            getattr(pool, "full_out_features", pool.out_features))
+
+
 def _check_pools(pools) -> dict:
     from . import AdapterPool  # (wherever the package defines it)
 
@@ -318,6 +325,12 @@ def _check_pools(pools) -> dict:
     return dict(pools)
 
 
+def _plain_prepare():
+    from . import AdapterPool
+
+    return AdapterPool._prepare
+
+
 @torch.no_grad()
 def _swap_slot(pool, s: int, old: str | None, new: str | None, entry) -> None:
     """Slot ``s`` of ``pool``: ``old`` (if it is there) leaves, ``new`` enters with ``entry =
@@ -333,6 +346,14 @@ def _swap_slot(pool, s: int, old: str | None, new: str | None, entry) -> None:
     here = old is not None and pool._name_at[s] == old
     r_old = pool._rank_at[s] if here else 0
     if entry is None and not here:
+        return
+    if type(pool)._prepare is not _plain_prepare():
+        # a pool with its own add (e.g. parallel.ShardedAdapterPool: slices the unsharded
+        # factors, agrees with the other ranks) is written through its public API
+        if here:
+            pool.remove(old)
+        if entry is not None:
+            pool.add(new, entry[0], entry[1].t(), entry[2], slot=s)
         return
     r = 0
     if entry is not None:
@@ -444,6 +465,7 @@ class AdapterStore:
             if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
                 raise TypeError(f"adapter[{mod!r}] must be a (lora_A, lora_B, scaling) tuple")
             p = self.pools[mod]
+            in_f, out_f = _factor_sizes(p)
             A, B, s = entry
             try:
                 V.float_tensor("lora_A", A, ndim=2)
@@ -452,8 +474,8 @@ class AdapterStore:
                 if r < 1:
                     raise ValueError(f"lora_A must have at least one row (rank >= 1), got "
                                      f"{tuple(A.shape)}")
-                V.shape("lora_A", A, (r, p.in_features), "(r, in_features) of the pool")
-                V.shape("lora_B", B, (p.out_features, r),
+                V.shape("lora_A", A, (r, in_f), "(r, in_features) of the pool")
+                V.shape("lora_B", B, (out_f, r),
                         f"(out_features, r) with r={r} from lora_A")
                 if r > p.max_rank:
                     raise ValueError(f"lora_A has rank {r} > the pool's max_rank={p.max_rank}")
@@ -474,10 +496,11 @@ class AdapterStore:
         with torch.no_grad():
             for mod, (A, B, s, p) in checked.items():
                 r, buf, o = A.shape[0], bufs[p.dtype], off[p.dtype]
-                a = buf[o:o + r * p.in_features].view(r, p.in_features)
-                o += r * p.in_features
-                bt = buf[o:o + r * p.out_features].view(r, p.out_features)
-                off[p.dtype] = o + r * p.out_features
+                in_f, out_f = A.shape[1], B.shape[0]  # the factors' (validated) sizes
+                a = buf[o:o + r * in_f].view(r, in_f)
+                o += r * in_f
+                bt = buf[o:o + r * out_f].view(r, out_f)
+                off[p.dtype] = o + r * out_f
                 a.copy_(A.detach())
                 bt.copy_(B.detach().t())
                 entries[mod] = (a, bt, s)

@@ -31,6 +31,25 @@ def test_opcheck_lora(backend, p):
 
 
 @pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_opcheck_qlora(backend, fmt):
+    """The quantized-base LoRA ops (a list[Tensor] input: the packed weight) on both paths."""
+    from lora_kernels import quant
+    from lora_kernels.ops import qlora
+
+    cls = {"nf4": quant.NF4Weight, "int8": quant.Int8Weight}[fmt]
+    qt, qm, f = qlora._flatten(cls.from_float(randn(7, 64)))
+    x, b = randn(5, 64), randn(7)
+    a, bb = randn(3, 64, requires_grad=True), randn(7, 3, requires_grad=True)
+    opcheck(torch.ops.lora_kernels.qlora_fwd.default,
+            (x, qt, qm, f, b, a, bb, 0.5, 0.0, None, backend))
+    dy, S = randn(5, 7), randn(5, 3)
+    for needs in [(True, True, True), (False, True, False), (True, False, False)]:
+        opcheck(torch.ops.lora_kernels.qlora_bwd.default,
+                (dy, x, qt, qm, f, a.detach(), bb.detach(), S, 0.5, 0.0, None, backend, *needs))
+
+
+@pytest.mark.parametrize("backend", backends())
 def test_compile_fullgraph_lora_layer(backend):
     torch._dynamo.reset()
     m = lk.LoRALinear.from_linear(torch.nn.Linear(12, 7), r=4, alpha=8).to(DEVICE)
@@ -59,7 +78,10 @@ OPCHECKED = {
     "lora_kernels::multi_lora_bwd": "test_multi_lora.py::test_registered_ops_opcheck",
     "lora_kernels::multi_lora_add_": "test_multi_lora.py::test_registered_ops_opcheck",
     "lora_kernels::check_ids": "test_multi_lora.py::test_registered_ops_opcheck",
+    "lora_kernels::multi_lora_plan": "test_multi_lora.py::test_registered_ops_opcheck",
 }
+OPCHECKED.update({"lora_kernels::qlora_fwd": "test_library.py::test_opcheck_qlora",
+                  "lora_kernels::qlora_bwd": "test_library.py::test_opcheck_qlora"})
 OPCHECKED.update({"lora_kernels::dora_fwd": "test_dora.py::test_opcheck_and_compile",
                   "lora_kernels::dora_bwd": "test_dora.py::test_opcheck_and_compile"})
 

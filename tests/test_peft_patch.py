@@ -295,3 +295,50 @@ def test_patched_triton_backend_interpreter():
     ids = _batch(2, 5)
     with torch.no_grad():
         assert rel_err(pm(ids).logits, ref(ids).logits) < 1e-5
+
+
+def test_qlora_bnb_nf4_base_patched_trains_like_unpatched(calls):
+    """PEFT LoRA over a bitsandbytes NF4 Linear4bit (CPU): the patched layer reads the packed
+    codes through NF4Weight.from_bnb and trains like PEFT's own QLoRA forward."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q = bnb.nn.Linear4bit(64, 48, bias=True, quant_type="nf4",
+                                       compute_dtype=torch.float32)
+            self.q.load_state_dict(nn.Linear(64, 48).state_dict())
+            self.q = self.q.to(DEVICE)  # bitsandbytes quantises on the move to a device
+            self.o = nn.Linear(48, 8).to(DEVICE)
+
+        def forward(self, x):
+            return self.o(torch.tanh(self.q(x)))
+
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(Tiny(), peft.LoraConfig(target_modules=["q"], r=4, lora_alpha=8,
+                                                      init_lora_weights=False)).train()
+    pat = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the 4-bit layer is fused: nothing left to PEFT
+        lk.patch_peft(pat)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(5, 64, generator=g).to(DEVICE), torch.randn(5, 8, generator=g).to(DEVICE))
+            for _ in range(3)]
+    losses = {}
+    for name, m in (("ref", ref), ("pat", pat)):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for x, t in data:
+            loss = ((m(x) - t) ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert calls["fused"] == 3
+    for a, b in zip(losses["ref"], losses["pat"]):
+        assert abs(a - b) <= 1e-5 * abs(a), (losses["ref"], losses["pat"])
+    for k, v in ref.state_dict().items():
+        if "lora_" in k:
+            assert rel_err(pat.state_dict()[k], v) < 1e-5, k

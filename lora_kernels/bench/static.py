@@ -174,8 +174,8 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
             label[0] = f"train{'-dropout' if p else ''} fwd T{T} {K}x{N} r{r}"
             _, s = L._triton_fwd(x, w, None, A, B, 2.0, p, seed)
             label[0] = f"train{'-dropout' if p else ''} bwd T{T} {K}x{N} r{r}"
-            L._triton_bwd(dy, x, w, A, B, e(T, r, dt=torch.float32), 2.0, p, seed,
-                          True, True, True)
+            L._triton_bwd(dy, L.Saved(x, w, A, B, e(T, r, dt=torch.float32), 2.0, p, seed),
+                          L.Needs(True, True, True))
         from ..kernels.lora_tma import TMA_CONFIGS
         from ..ops import lora_tma as LT
 
@@ -187,10 +187,28 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
             label[0] = f"train-tma bwd T{T} {K}x{N} r{r}"
             LT.gemm_lowrank_tma(dy, w, w_kmajor=False, out_dtype=dtype, s=s, bm=A.t(),
                                 scale=2.0, config=c)
+        from ..ops import dora as D
+        from ..ops import qlora as Q
+        from ..quant import quantize
+
+        g = torch.ones(N)
+        label[0] = f"dora fwd T{T} {K}x{N} r{r}"
+        _, s, _ = D._triton_fwd(x, w, None, A, B, g, 2.0, 0.0, None)
+        label[0] = f"dora bwd T{T} {K}x{N} r{r}"
+        D._triton_bwd(dy, x, w, A, B, s, g, 2.0, 0.0, None, True, True, True)
+        qw = quantize(torch.randn(N, K).to(dtype), "nf4")
+        label[0] = f"qlora-nf4 fwd T{T} {K}x{N} r{r}"
+        qkw = dict(scaling=2.0, p=0.0, seed=None, backend="triton")
+        _, s = Q._fwd_impl(x, qw, None, A, B, **qkw)
+        label[0] = f"qlora-nf4 bwd T{T} {K}x{N} r{r}"
+        Q._bwd_impl(dy, L.Saved(x, qw, A, B, s, 2.0, 0.0, None), L.Needs(True, True, True),
+                    "triton")
+        label[0] = f"qlora-nf4 decode T16 {K}x{N} r{r}"
+        Q._fwd_impl(e(16, K), qw, None, A, B, **qkw)
         label[0] = f"glora fwd T{T} {K}x{N} r{r} (A, B low-rank)"
         a1, a2 = G._parse("A", (e(N, r), e(r, K)), x, K, N)
         b1, b2 = G._parse("B", (e(N, r), e(r, K)), x, K, N)
-        G._triton_fwd(x, w, None, a1, a2, b1, b2, None, None, None, None)
+        G._triton_fwd(x, w, None, G.Supports(a1, a2, b1, b2, None, None, None, None))
 
         T, na = DECODE["T"], DECODE["adapters"]
         Pa, Pb = e(na, r, K), e(na, r, N)
@@ -404,7 +422,7 @@ def headline_gemm(row: dict) -> bool:
     4096-wide weight operand in its main loop), not a rank-r shrink (N = r)."""
     _, n, k = row.get("MNK") or [None] * 3
     return row["kernel"] in ("gemm_lowrank_kernel", "glora_gemm_kernel", "sgmv_gemm_kernel",
-                             "gemm_lowrank_tma_kernel") \
+                             "gemm_lowrank_tma_kernel", "qgemm_lowrank_kernel") \
         and (n or 0) >= 1024 and (k or 0) >= 1024
 
 

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .. import _validate as V
 from ..ops.dora import dora_linear, dora_norm, weight_sq_norm
 from .base import AdapterLinear
+from .lora import init_lora_factors
 
 
 class DoRALinear(AdapterLinear):
@@ -32,17 +30,8 @@ class DoRALinear(AdapterLinear):
     def __init__(self, weight, bias, r: int, alpha: float = 1.0, dropout: float = 0.0,
                  use_rslora: bool = False, backend: str | None = None):
         super().__init__(weight, bias, backend)
-        V.rank("r", r)
-        self.r = r
-        self.alpha = V.scalar("alpha", alpha)
-        self.dropout = V.scalar("dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        init_lora_factors(self, r, alpha, dropout, use_rslora)
         w = self.weight
-        kw = dict(dtype=w.dtype, device=w.device)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self._wsq_key = None
         self._wsq = None
         self.magnitude = nn.Parameter(self.weight_sq_norm().sqrt().to(w.dtype))

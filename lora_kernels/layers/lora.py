@@ -11,6 +11,24 @@ from .. import _validate as V
 from .base import AdapterLinear, same
 
 
+def init_lora_factors(layer: AdapterLinear, r: int, alpha: float, dropout: float,
+                      use_rslora: bool) -> None:
+    """PEFT's LoRA parameters on ``layer`` (LoRALinear, DoRALinear): ``lora_A (r, in)``
+    kaiming-uniform, ``lora_B (out, r)`` zeros (the layer starts at its base), ``scaling =
+    alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), ``dropout`` in [0, 1); ``r``, ``alpha``,
+    ``use_rslora`` kept as attributes."""
+    V.rank("r", r)
+    layer.r = r
+    layer.alpha = V.scalar("alpha", alpha)
+    layer.dropout = V.scalar("dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
+    layer.use_rslora = bool(use_rslora)
+    layer.scaling = layer.alpha / (math.sqrt(r) if use_rslora else r)
+    kw = dict(dtype=layer.weight.dtype, device=layer.weight.device)
+    layer.lora_A = nn.Parameter(torch.empty(r, layer.in_features, **kw))
+    layer.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, **kw))
+    nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
+
+
 class LoRALinear(AdapterLinear):
     """``y = x W^T + b + scaling * dropout(x) A^T B^T``.
 
@@ -21,17 +39,7 @@ class LoRALinear(AdapterLinear):
     def __init__(self, weight, bias, r: int, alpha: float = 1.0, dropout: float = 0.0,
                  use_rslora: bool = False, backend: str | None = None):
         super().__init__(weight, bias, backend)
-        V.rank("r", r)
-        self.r = r
-        self.alpha = V.scalar("alpha", alpha)
-        self.dropout = V.scalar("dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
-        w = self.weight
-        kw = dict(dtype=w.dtype, device=w.device)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init_lora_factors(self, r, alpha, dropout, use_rslora)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float = 1.0, dropout: float = 0.0,

@@ -51,7 +51,8 @@ Rules the functions follow:
   a fresh empty tensor there (ops cannot return None; outputs may not alias), so ``grads`` must
   map unrequested gradients to None itself (``dx if nx else None``), as above. ``bwd_fake`` follows
   the same rule (return None where ``_bwd`` would), the helper fills in the same empties.
-* ``grads(ctx, bwd, *grad_outputs)`` returns one entry per forward input (None for non-tensors).
+* ``grads(ctx, bwd, *grad_outputs)`` returns one entry per forward input (None for non-tensors,
+  and None for a whole ``list[Tensor]`` input without gradients).
 * ``nondiff_outputs``: indices of forward outputs that carry no gradient (e.g. a saved fp32
   intermediate returned for the backward); the eager Function marks them non-differentiable.
 * An op without ``bwd`` (inference-only, or mutating: ``mutates_args=("y",)``) gets no autograd;
@@ -136,10 +137,23 @@ def define_op(name: str, fwd: Callable, *, fake: Callable, bwd_name: str | None 
     bdef.register_fake(_fill_empties(bwd_fake))
     bwd_op = _op_handle(bwd_name)
 
-    def registered_backward(ctx, *grad_outputs):
-        return grads(ctx, bwd_op, *grad_outputs)
+    def registered_setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.lk_list_inputs = {i: len(a) for i, a in enumerate(inputs)
+                              if isinstance(a, (list, tuple)) and a
+                              and all(isinstance(t, torch.Tensor) for t in a)}
 
-    cdef.register_autograd(registered_backward, setup_context=setup_context)
+    def registered_backward(ctx, *grad_outputs):
+        # the registered op wants one gradient per element of a Tensor[] input: a None that
+        # ``grads`` returns for such an input becomes [None] * len
+        out = grads(ctx, bwd_op, *grad_outputs)
+        lists = ctx.lk_list_inputs
+        if not lists:
+            return out
+        return tuple([None] * lists[i] if g is None and i in lists else g
+                     for i, g in enumerate(out))
+
+    cdef.register_autograd(registered_backward, setup_context=registered_setup)
     nondiff = tuple(nondiff_outputs)
 
     def forward(ctx, *args):

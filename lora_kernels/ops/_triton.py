@@ -42,6 +42,21 @@ def interpreter_tiles(M: int, N: int) -> dict:
                 GROUP_M=4)
 
 
+def tile_launch(plain, autotuned, M: int, N: int):
+    """``(kernel, tile kwargs, grid)`` of a tiled (M, N) GEMM launch: ``plain`` with
+    :func:`interpreter_tiles` under ``TRITON_INTERPRET=1``, else ``autotuned`` (its autotuner
+    picks the tiles); ``grid(meta)`` is one program per (BLOCK_M, BLOCK_N) output tile."""
+    if triton_interpret():
+        kernel, cfg = plain, interpreter_tiles(M, N)
+    else:
+        kernel, cfg = autotuned, {}
+
+    def grid(meta):
+        return (-(-M // meta["BLOCK_M"]) * -(-N // meta["BLOCK_N"]),)
+
+    return kernel, cfg, grid
+
+
 def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """An int64 seed tensor (1,) on ``device``, drawn from ``generator`` (or the default one)."""
     gdev = generator.device if generator is not None else torch.device("cpu")

@@ -50,7 +50,7 @@ from .. import _validate as V
 from .._backend import compact_rows_for_cpu_gemm, resolve_backend
 from . import _triton as TR
 from ._register import define_op
-from .lora import gemm_lowrank, tn, triton_cdiv
+from .lora import gemm_lowrank, tn
 from .qlora import dense_weight
 
 NONE, SCALAR, VEC_N, VEC_K, LOWRANK = 0, 1, 2, 3, 4
@@ -184,14 +184,7 @@ def glora_gemm(x, w, *, out_dtype, bias=None, A=(NONE, None, None), B=(NONE, Non
     bm, b1, b2 = B
     ra = a1.shape[1] if am == LOWRANK else 1
     rb = b1.shape[1] if bm == LOWRANK else 1
-    if TR.triton_interpret():
-        kernel, cfg = glora_gemm_kernel, TR.interpreter_tiles(M, N)
-    else:
-        kernel, cfg = glora_gemm_autotuned, {}
-
-    def grid(meta):
-        return (triton_cdiv(M, meta["BLOCK_M"]) * triton_cdiv(N, meta["BLOCK_N"]),)
-
+    kernel, cfg, grid = TR.tile_launch(glora_gemm_kernel, glora_gemm_autotuned, M, N)
     dummy = y
     sa1, sa2, sb1, sb2 = _strides(a1), _strides(a2), _strides(b1), _strides(b2)
     dts = [x.dtype, w.dtype] + [t.dtype for t in (a1, a2, b1, b2) if t is not None]

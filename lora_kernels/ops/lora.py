@@ -105,14 +105,7 @@ def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed
     if M == 0 or N == 0:
         return y
     R = s.shape[1] if s is not None else 1
-    if TR.triton_interpret():
-        kernel, cfg = gemm_lowrank_kernel, TR.interpreter_tiles(M, N)
-    else:
-        kernel, cfg = gemm_lowrank_autotuned, {}
-
-    def grid(meta):
-        return (triton_cdiv(M, meta["BLOCK_M"]) * triton_cdiv(N, meta["BLOCK_N"]),)
-
+    kernel, cfg, grid = TR.tile_launch(gemm_lowrank_kernel, gemm_lowrank_autotuned, M, N)
     dummy = y
     kernel[grid](
         x, w, y, bias if bias is not None else dummy, s if s is not None else dummy,

@@ -8,7 +8,7 @@ Same interface as ``ops.lora._triton_fwd`` / ``_triton_bwd`` (and ``lora_cuda.fw
   ``S = drop(x2) A^T`` (fp32, the skinny ``gemm_lowrank_kernel``: the same dropout mask as the
   Triton backend), then ``y = x2 W^T + b + scaling * S B^T`` on the TMA kernel (W (out, in) read
   K-major).
-* ``bwd(dy, x2, weight, A, B, S, scaling, p, seed, need_dx, need_dA, need_dB)``:
+* ``bwd(dy, Saved(x2, weight, A, B, S, scaling, p, seed), Needs(dx, dA, dB))``:
   ``G = dy B`` (skinny kernel), ``dx = dy W + scaling * keep/(1-p) * G A`` on the TMA kernel (W
   read as stored, (K=out, N=in)), ``dA`` / ``dB`` by ``tn_kernel`` as in the Triton backend.
 
@@ -25,7 +25,7 @@ import functools
 import torch
 
 from . import _triton as TR
-from .lora import gemm_lowrank, tn
+from .lora import Needs, Saved, gemm_lowrank, tn
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -99,7 +99,7 @@ def gemm_lowrank_tma(x, w, *, w_kmajor: bool, out_dtype, bias=None, s=None, bm=N
     return y
 
 
-def fwd(x2, weight, bias, A, B, scaling, p, seed, config=None):
+def fwd(x2, weight, bias, A, B, scaling, p, seed, *, config=None):
     """``(y, S)`` of the LoRA op (see module doc)."""
     _check_dims("in_features", x2.shape[1], x2)
     _check_dims("out_features", weight.shape[0], x2)
@@ -110,8 +110,11 @@ def fwd(x2, weight, bias, A, B, scaling, p, seed, config=None):
     return y, s
 
 
-def bwd(dy, x2, weight, A, B, s, scaling, p, seed, need_dx, need_dA, need_dB, config=None):
-    """``(dx | None, dA | None, dB | None)`` of :func:`fwd`'s ``y``."""
+def bwd(dy, saved: Saved, need: Needs, config=None):
+    """``(dx | None, dA | None, dB | None)`` of :func:`fwd`'s ``y`` (``ops.lora.Saved`` /
+    ``Needs``, as every backend's backward)."""
+    x2, weight, A, B, s, scaling, p, seed = saved
+    need_dx, need_dA, need_dB = need
     _check_dims("in_features", x2.shape[1], x2)
     _check_dims("out_features", weight.shape[0], x2)
     dx = dA = dB = None

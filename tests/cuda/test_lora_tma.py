@@ -14,6 +14,7 @@ import torch
 
 from lora_kernels.ops import lora as lora_ops
 from lora_kernels.ops import lora_tma
+from lora_kernels.ops.lora import Needs, Saved
 from lora_kernels.reference.lora import lora_linear as ref_lora_linear
 
 from conftest import DEVICE, DTYPES
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.skipif(
     reason="Triton kernels on CPU need TRITON_INTERPRET=1",
 )
 
+ALL = Needs(True, True, True)
 # (T, in, out, r): odd T (1, 3, 37), rank 1, tiles with tails in M and N, in/out multiples of 8
 SHAPES = [(1, 16, 8, 1), (3, 24, 40, 7), (37, 48, 40, 5)]
 
@@ -58,7 +60,7 @@ def test_tma_candidate_vs_float64(dtype, shape, kind):
     B = torch.randn(o, r, dtype=dtype, device=dev)
     dy = _rows(torch.randn(T, o, dtype=dtype, device=dev), kind)
     y, s = lora_tma.fwd(x, w, b, A, B, 0.7, 0.0, None)
-    dx, dA, dB = lora_tma.bwd(dy, x, w, A, B, s, 0.7, 0.0, None, True, True, True)
+    dx, dA, dB = lora_tma.bwd(dy, Saved(x, w, A, B, s, 0.7, 0.0, None), ALL)
     x64, A64, B64 = (t.detach().cpu().double().requires_grad_() for t in (x, A, B))
     y64 = ref_lora_linear(x64, w.cpu().double(), b.cpu().double(), A64, B64, 0.7)
     y64.backward(dy.cpu().double())
@@ -82,8 +84,8 @@ def test_tma_candidate_dropout_matches_triton_backend(dtype):
     seed = torch.tensor([1234], dtype=torch.int64, device=dev)
     y, s = lora_tma.fwd(x, w, None, A, B, 0.5, p, seed)
     yt, st = lora_ops._triton_fwd(x, w, None, A, B, 0.5, p, seed)
-    g = lora_tma.bwd(dy, x, w, A, B, s, 0.5, p, seed, True, True, True)
-    gt = lora_ops._triton_bwd(dy, x, w, A, B, st, 0.5, p, seed, True, True, True)
+    g = lora_tma.bwd(dy, Saved(x, w, A, B, s, 0.5, p, seed), ALL)
+    gt = lora_ops._triton_bwd(dy, Saved(x, w, A, B, st, 0.5, p, seed), ALL)
     assert torch.equal(s, st)
     assert_close(y, yt.double(), dtype, "y")
     for name, a, b_ in zip(("dx", "dA", "dB"), g, gt):
