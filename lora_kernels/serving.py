@@ -15,11 +15,11 @@ import functools
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _validate as V
 from ._backend import resolve_backend
+from .ops import qlora as _qlora
 from .ops.multi_lora import plan as _plan
 from .ops.multi_lora.registered import add_ as _add_
 from .ops.multi_lora.registered import apply as _apply
@@ -110,7 +110,8 @@ class ServingLinear(nn.Module):
                  backend: str | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
+        # a bitsandbytes Linear4bit's weight: an NF4Weight taken as it is (ops.qlora)
+        self.weight = _qlora.serving_base(linear)[0]
         self.bias = linear.bias
         self._pool_hook = None      # MultiAdapterModel: keeps its AdapterStore on this pool
         self.pool = pool
@@ -135,7 +136,7 @@ class ServingLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._state
         if st.seq_ids is None or len(self.pool) == 0:
-            return F.linear(x, self.weight, self.bias)
+            return _qlora.base_linear(x, self.weight, self.bias, self.backend or "torch")
         batch = st.seq_ids.shape[1]
         if x.dim() < 2 or x.shape[0] != batch:
             raise ValueError(f"ServingLinear expects batch-first input (batch={batch}, ..., "
@@ -148,7 +149,11 @@ class ServingLinear(nn.Module):
         view: PoolView = self.pool.view()
         # the plans' ids come from the server's own name -> slot map (always in range); a slot
         # this module's pool leaves empty has rank 0, which every backend treats as "no adapter"
-        y = _apply(x2, self.weight, self.bias, view, plans[0], be)
+        if isinstance(self.weight, torch.Tensor):
+            y = _apply(x2, self.weight, self.bias, view, plans[0], be)
+        else:  # a quantized base: its GEMM (ops.qlora) plus the adapters' delta
+            y = (_qlora.base_linear(x2, self.weight, self.bias, be)
+                 + _apply(x2, None, None, view, plans[0], be))
         for plan in plans[1:]:      # summed adapters: one more pass per extra part
             if torch.is_grad_enabled() and (y.requires_grad or view.lora_A.requires_grad):
                 y = y + _apply(x2, None, None, view, plan, be)
@@ -221,7 +226,7 @@ class MultiAdapterModel(nn.Module):
             # a transformers Conv1D is served through its (out, in) weight view (same storage)
             lin = as_linear(model.get_submodule(name))
             pool = AdapterPool(lin.in_features, lin.out_features, max_adapters, max_rank,
-                               dtype=lin.weight.dtype, device=lin.weight.device)
+                               dtype=_qlora.serving_base(lin)[1], device=lin.weight.device)
             layer = ServingLinear(lin, pool, self._state, backend)
             _set(model, name, layer)
             self.layers[name] = layer

@@ -171,3 +171,34 @@ def test_peft_linear4bit_adapter_loads_and_saves_unchanged(tmp_path):
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         assert_close(ours(ids).logits, back(ids).logits.double(), torch.float32, "logits")
+
+
+def test_multi_adapter_model_on_a_bnb_4bit_model():
+    """MultiAdapterModel on the bnb-4bit tiny Llama: the Linear4bit bases are served as NF4
+    weights (taken as they are); each sequence's adapter rows equal an injected LoRA model on the
+    same base, None rows the base model."""
+    _bnb()
+    base = bnb_tiny_llama(3)
+    ref_base = copy.deepcopy(base)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_base = ref_base(ids).logits
+    adapter = {}
+    g = torch.Generator().manual_seed(4)
+    for name, mod in base.named_modules():
+        if name.endswith(tuple(TARGETS)):
+            adapter[name] = (torch.randn(4, mod.in_features, generator=g) * 0.1,
+                             torch.randn(mod.out_features, 4, generator=g) * 0.1, 2.0)
+    lk.inject(ref_base, "lora", target_modules=TARGETS, r=4, alpha=8.0)
+    with torch.no_grad():
+        for name, (A, B, s) in adapter.items():
+            ref_base.get_submodule(name).lora_A.copy_(A)
+            ref_base.get_submodule(name).lora_B.copy_(B)
+        want = ref_base(ids).logits
+    server = lk.MultiAdapterModel(base, target_modules=TARGETS, max_adapters=2, max_rank=8)
+    server.add("a", adapter)
+    assert isinstance(server.layers[next(iter(server.layers))].weight, NF4Weight)
+    with torch.no_grad():
+        got = server(ids, adapters=["a", None]).logits
+    assert_close(got[0], want[0].double(), torch.float32, "adapter row")
+    assert_close(got[1], want_base[1].double(), torch.float32, "base row")

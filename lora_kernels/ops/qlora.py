@@ -375,3 +375,22 @@ def dense_weight(weight, like: torch.Tensor | None = None):
         check_quantized("weight", weight, like)
         return weight.dequantize(like.dtype)
     return weight
+
+
+def serving_base(linear) -> tuple[object, torch.dtype]:
+    """``(weight, compute dtype)`` of a linear a serving layer wraps: a bitsandbytes
+    ``Linear4bit``'s weight as an :class:`~lora_kernels.quant.NF4Weight` (taken as it is), an
+    adapter layer's quantized weight as it is, else ``linear.weight`` and its dtype."""
+    from ..quant import is_bnb_linear4bit
+
+    w = linear.weight
+    if is_bnb_linear4bit(linear):
+        w = NF4Weight.from_bnb(linear)
+    return w, w.dtype
+
+
+def base_linear(x, weight, bias, backend: str = "torch"):
+    """``x W^T + b`` for a dense or quantized ``weight`` (serving's base-only path)."""
+    if isinstance(weight, QuantizedWeight):
+        return quant_linear(x, weight, bias, backend=backend)
+    return torch.nn.functional.linear(x, weight, bias)
