@@ -191,7 +191,7 @@ def test_multi_adapter_model_on_a_bnb_4bit_model():
                              torch.randn(mod.out_features, 4, generator=g) * 0.1, 2.0)
     lk.inject(ref_base, "lora", target_modules=TARGETS, r=4, alpha=8.0)
     with torch.no_grad():
-        for name, (A, B, s) in adapter.items():
+        for name, (A, B, _s) in adapter.items():
             ref_base.get_submodule(name).lora_A.copy_(A)
             ref_base.get_submodule(name).lora_B.copy_(B)
         want = ref_base(ids).logits
