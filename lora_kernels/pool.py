@@ -172,7 +172,8 @@ class AdapterPool:
         if torch.compiler.is_compiling():  # data-dependent: checked inside one opaque op
             return V.CHECK_IDS_OP(ids, self.ranks)
         if ids.device.type == "cpu":
-            V.ids_in_slots(name, ids, self.max_adapters, self._occupied, self._loaded_desc())
+            if ids.shape[0] > 64 or not self._host_ok(ids.tolist()):   # small: host ints only
+                V.ids_in_slots(name, ids, self.max_adapters, self._occupied, self._loaded_desc())
             return ids.to(self.device, non_blocking=True) if self.device.type != "cpu" else ids
         if ids.device != self.device:
             raise ValueError(f"{name} must be on the CPU or on the pool's device {self.device}, "
@@ -181,6 +182,12 @@ class AdapterPool:
             return ids
         V.ids_in_slots(name, ids, self.max_adapters, self.ranks > 0, self._loaded_desc())
         return ids
+
+    def _host_ok(self, ids: list[int]) -> bool:
+        """Whether every id is -1 or an occupied slot (the host mirror; a False sends the ids
+        to :func:`~lora_kernels._validate.ids_in_slots`, which names the first bad one)."""
+        names, maxa = self._name_at, self.max_adapters
+        return all(i == -1 or (0 <= i < maxa and names[i] is not None) for i in ids)
 
     def _loaded_desc(self) -> str:
         return str({n: s for n, s in self._slot_of.items()})

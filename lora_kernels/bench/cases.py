@@ -518,10 +518,14 @@ def prefill_case(n_seg, seg_len, K, N, r, dtype, device) -> Case:
 class _LinearStack(nn.Module):
     """A batch-first stand-in for a deep model: ``n`` square ``nn.Linear``s with tanh between."""
 
-    def __init__(self, n: int, hidden: int, dtype, device):
+    def __init__(self, n: int, hidden: int, dtype, device, g):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden, dtype=dtype, device=device)
                                     for _ in range(n))
+        with torch.no_grad():
+            for lin in self.layers:     # seeded: every implementation builds the same stack
+                lin.weight.copy_(_randn(lin.weight.shape, dtype, device, g, hidden ** -0.5))
+                lin.bias.copy_(_randn(lin.bias.shape, dtype, device, g, 0.1))
 
     def forward(self, x):
         for lin in self.layers:
@@ -566,7 +570,7 @@ def served_case(n_layers, batch, seq, hidden, r, n_adapters, dtype, device, grou
         from lora_kernels import MultiAdapterModel
 
         g = _gen(dev, 77)
-        model = _LinearStack(n_layers, hidden, dtype, dev)
+        model = _LinearStack(n_layers, hidden, dtype, dev, g)
         server = MultiAdapterModel(model, [f"layers.{i}" for i in range(n_layers)],
                                    max_adapters=n_adapters, max_rank=r)
         for j in range(n_adapters):
