@@ -21,10 +21,15 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "LORA_KERNELS_BACKEND"
 
-# (backend, op) pairs that passed the float64-referenced suite on a real GPU.
-# Empty: no GPU run has been made yet (see README "Status"). Explicit backend="triton" / "cuda"
-# still runs those kernels on request.
+# (backend, op) pairs that passed the float64-referenced suite on a real GPU, and the defaults
+# the GPU benchmark chose (op -> backend to prefer when both kernels are verified; the multi-LoRA
+# prefill path). Written only by ``python -m lora_kernels.check --apply RESULTS_DIR`` from a
+# committed GPU run's results (lora_kernels.check.apply_results). Empty: no GPU run has been made
+# yet (see README "Status"). Explicit backend="triton" / "cuda" still runs those kernels.
+# BEGIN measured
 VERIFIED_ON_GPU: frozenset[tuple[str, str]] = frozenset()
+MEASURED_DEFAULTS: dict[str, str] = {}
+# END measured
 
 
 def triton_interpret() -> bool:
@@ -90,10 +95,13 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
             backend = env
     if backend is None:
         if device.type == "cuda":
-            if ("cuda", op) in VERIFIED_ON_GPU and cuda_available():
-                return "cuda"
-            if ("triton", op) in VERIFIED_ON_GPU and triton_available():
-                return "triton"
+            order = ("cuda", "triton")
+            if MEASURED_DEFAULTS.get(op) == "triton":  # measured faster on a GPU
+                order = ("triton", "cuda")
+            for be in order:
+                usable = cuda_available() if be == "cuda" else triton_available()
+                if (be, op) in VERIFIED_ON_GPU and usable:
+                    return be
         return "torch"
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")

@@ -7,8 +7,9 @@ still stores ``lora_A (r, in)`` / ``lora_B (out, r)`` for it). Everything here w
 kernels take strides (the torch path's ``F.linear(x, W)`` with ``W = weight.t()`` is one GEMM on the
 contiguous ``(in, out)`` buffer, and the Triton GEMMs read ``W`` through its strides).
 
-transformers is never imported here: a model can only hold a ``Conv1D`` if transformers is loaded,
-so the class is looked up in ``sys.modules``.
+Recognising a ``Conv1D`` never imports transformers (a model can only hold one if transformers is
+loaded, so the class is looked up in ``sys.modules``); only :func:`to_conv1d`, which builds one,
+imports it.
 """
 
 from __future__ import annotations
@@ -62,9 +63,8 @@ def as_linear(module) -> nn.Linear:
 def to_conv1d(linear: nn.Linear) -> nn.Module:
     """A ``Conv1D`` computing what ``linear`` computes (weight stored ``(in, out)``, contiguous).
     A missing bias becomes a zero bias (``Conv1D`` always has one)."""
-    cls = conv1d_class()
-    if cls is None:
-        raise TypeError("to_conv1d needs transformers (import transformers first)")
+    from transformers.pytorch_utils import Conv1D as cls  # building one needs transformers
+
     out_f, in_f = linear.weight.shape
     conv = cls(out_f, in_f)
     w = linear.weight

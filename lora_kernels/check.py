@@ -9,6 +9,12 @@ duration and failure message) and prints a summary. Optional extra passes re-run
 backend run on those kernels too.
 
 Without a usable CUDA device it exits with status 2 and says so; it never falls back to CPU.
+
+``python -m lora_kernels.check --apply RESULTS_DIR`` (no GPU needed; after a GPU run's results are
+committed): rewrites the measured block of ``lora_kernels/_backend.py`` with exactly the
+(backend, op) pairs whose tests all passed in ``RESULTS_DIR/check-*.json`` (:func:`verified_pairs`)
+and the defaults ``RESULTS_DIR/decisions.json`` chose (:func:`measured_defaults`).
+``--summary RESULTS_DIR`` prints both without writing.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,13 +65,114 @@ def run_pass(label: str, extra_env: dict, args, repo: Path) -> dict:
               f"TRITON_INTERPRET=0 {' '.join(f'{k}={v}' for k, v in extra_env.items())}",
               flush=True)
         t0 = time.time()
-        proc = subprocess.run(cmd, cwd=repo, env=env)
+        proc = subprocess.Popen(cmd, cwd=repo, env=env)
+        interrupted = False
+        try:
+            proc.wait(timeout=args.deadline or None)
+        except subprocess.TimeoutExpired:
+            # SIGINT: pytest stops, reports what ran and still writes its junit XML
+            interrupted = True
+            print(f"\n== deadline {args.deadline} s reached: interrupting pytest", flush=True)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         tests = parse_junit(xml) if xml.exists() else []
     counts: dict[str, int] = {}
     for t in tests:
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
     return {"label": label, "env": extra_env, "returncode": proc.returncode,
+            "interrupted": interrupted,
             "wall_s": round(time.time() - t0, 1), "counts": counts, "tests": tests}
+
+
+# test file -> op its backend-parametrised tests cover (tests/cuda/test_cuda_build.py's [cuda]
+# kernel tests: by test name, below)
+TEST_FILE_OPS = {"test_lora.py": "lora_linear", "test_glora.py": "glora_linear",
+                 "test_multi_lora.py": "multi_lora_linear",
+                 "test_serving_model.py": "multi_lora_linear"}
+VARIANT_OPS = {"nora": "nora_linear", "cur": "cur_linear", "deep": "deep_lora_linear"}
+
+
+def _test_pair(test_id: str) -> tuple[str | None, str | None]:
+    """(backend | None, op | None) a test id belongs to, e.g.
+    'tests.test_lora::test_fwd[triton-bf16]' -> ('triton', 'lora_linear')."""
+    path, _, name = test_id.partition("::")
+    fname = path.replace(".", "/").split("/")[-1] + ".py" if not path.endswith(".py") \
+        else path.split("/")[-1]
+    params = name[name.find("[") + 1:-1].replace("[", "-").split("-") if "[" in name else []
+    backend = next((b for b in ("triton", "cuda") if b in params), None)
+    op = TEST_FILE_OPS.get(fname)
+    if fname == "test_variants.py":
+        op = next((o for k, o in VARIANT_OPS.items() if k in name.lower()), None)
+    if fname == "test_cuda_build.py":  # [cuda] kernel tests ([emu] ones run on CPU only)
+        gpu = "cuda" in params or "cuda_backend" in name or "cuda_graph" in name
+        backend = "cuda" if gpu else None
+        op = None if not gpu else "multi_lora_linear" if "multi_lora" in name else \
+            "lora_linear" if ("lora" in name or "dropout" in name) else None
+    return backend, op
+
+
+def verified_pairs(check_docs: list[dict]) -> frozenset[tuple[str, str]]:
+    """(backend, op) pairs with at least one passed test and no failed / errored test, over
+    every pass of every check file; a failure with no backend in its id blocks its op for every
+    backend; a pass interrupted at its deadline verifies nothing."""
+    passed, blocked = set(), set()
+    for doc in check_docs:
+        for p in doc.get("passes", []):
+            if p.get("interrupted"):
+                continue
+            for t in p.get("tests", []):
+                be, op = _test_pair(t["test"])
+                if op is None:
+                    continue
+                if t["outcome"] in ("failed", "error"):
+                    blocked |= {(b, op) for b in ("triton", "cuda")} if be is None else {(be, op)}
+                elif t["outcome"] == "passed" and be is not None:
+                    passed.add((be, op))
+    return frozenset(passed - blocked)
+
+
+def measured_defaults(decisions: dict, verified: frozenset) -> dict[str, str]:
+    """op -> preferred backend (and ``multi_lora_prefill_path``) from a decisions document, for
+    verified pairs only."""
+    out: dict[str, str] = {}
+    for name, p in decisions.get("points", {}).items():
+        choice = p.get("choice") or {}
+        be = choice.get("backend")
+        if name == "train" and be and ("tma" not in choice.values()):
+            if (be, "lora_linear") in verified:
+                out["lora_linear"] = be
+        if name == "decode" and be and (be, "multi_lora_linear") in verified:
+            out["multi_lora_linear"] = be
+        if name == "prefill" and ("triton", "multi_lora_linear") in verified:
+            out["multi_lora_prefill_path"] = choice.get("path", "prefill") if be else "prefill"
+    return out
+
+
+def _read_results(folder: Path) -> tuple[list[dict], dict]:
+    checks = [json.loads(f.read_text()) for f in sorted(folder.glob("check-*.json"))]
+    if not checks:
+        raise FileNotFoundError(f"no check-*.json in {folder}")
+    dec = folder / "decisions.json"
+    return checks, (json.loads(dec.read_text()) if dec.exists() else {})
+
+
+def apply_results(folder: Path, backend_py: Path | None = None) -> tuple[frozenset, dict]:
+    """Rewrite the ``# BEGIN measured`` block of ``_backend.py`` from a results folder."""
+    checks, dec = _read_results(Path(folder))
+    pairs = verified_pairs(checks)
+    defaults = measured_defaults(dec, pairs)
+    path = Path(backend_py) if backend_py else Path(__file__).with_name("_backend.py")
+    src = path.read_text()
+    a, b = src.index("# BEGIN measured\n"), src.index("# END measured")
+    body = ("# BEGIN measured\n"
+            f"VERIFIED_ON_GPU: frozenset[tuple[str, str]] = frozenset({sorted(pairs)!r})\n"
+            f"MEASURED_DEFAULTS: dict[str, str] = {dict(sorted(defaults.items()))!r}\n")
+    path.write_text(src[:a] + body + src[b:])
+    return pairs, defaults
 
 
 def main(argv=None) -> int:
@@ -75,8 +183,26 @@ def main(argv=None) -> int:
     ap.add_argument("--env-backends", default="",
                     help="extra passes with LORA_KERNELS_BACKEND set, e.g. triton,cuda")
     ap.add_argument("--workers", type=int, default=1, help="pytest-xdist workers (default 1)")
+    ap.add_argument("--deadline", type=float, default=0,
+                    help="seconds per pass; then pytest is interrupted (SIGINT) and what ran is "
+                         "recorded; an interrupted pass verifies nothing (default: none)")
+    ap.add_argument("--apply", metavar="RESULTS_DIR",
+                    help="write VERIFIED_ON_GPU / MEASURED_DEFAULTS from a GPU run's results")
+    ap.add_argument("--summary", metavar="RESULTS_DIR",
+                    help="print what --apply would write")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args(argv)
+    if args.apply or args.summary:
+        folder = Path(args.apply or args.summary)
+        if args.apply:
+            pairs, defaults = apply_results(folder)
+        else:
+            checks, dec = _read_results(folder)
+            pairs = verified_pairs(checks)
+            defaults = measured_defaults(dec, pairs)
+        print(f"verified on GPU: {sorted(pairs)}\nmeasured defaults: {defaults}"
+              + ("\nwritten to lora_kernels/_backend.py" if args.apply else ""))
+        return 0
     if not args.gpu:
         ap.error("nothing to do: pass --gpu (the CPU suite is `make test`)")
     if not torch.cuda.is_available():
@@ -100,8 +226,8 @@ def main(argv=None) -> int:
             continue
         passes.append(run_pass(f"LORA_KERNELS_BACKEND={be}", {"LORA_KERNELS_BACKEND": be},
                                args, repo))
-    ok = all(p.get("skipped") or (p["returncode"] == 0 and p["counts"].get("passed"))
-             for p in passes)
+    ok = all(p.get("skipped") or (p["returncode"] == 0 and p["counts"].get("passed")
+                                  and not p.get("interrupted")) for p in passes)
     doc = {"device": info["name"], "device_info": info, "versions": info["versions"],
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "ok": bool(ok), "passes": passes}

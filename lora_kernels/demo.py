@@ -9,7 +9,8 @@
    (``as_lora()``), their ``sum_loras`` and the base model (``None``), one adapter per sequence;
    check every served row against the corresponding merged model.
 5. Print a table (method, trainable params, loss start -> end, merged-check error, served-check
-   error, time) and save a PNG of loss curves and timings plus a JSON under ``bench/results/``.
+   error, time) and save a PNG of loss curves and timings plus a JSON under ``runs/``
+   (untracked; ``--out bench/results`` writes the committed reference deliberately).
 
 CPU by default when no GPU is present (a few minutes at most on 2 cores); ``--device cuda`` /
 ``--backend triton`` on a GPU. Each method is one entry of :data:`METHODS`. A method whose pieces
@@ -294,7 +295,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", default="runs",
+                    help="output folder (default runs/, untracked; --out bench/results refreshes "
+                         "the committed reference)")
     ap.add_argument("--only", default=None, help="comma-separated method names")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 1 on CPU)")

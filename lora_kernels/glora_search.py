@@ -190,7 +190,7 @@ def _key(cands: dict[str, dict]) -> tuple:
 
 def evolutionary_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], budget: int,
                         population: int = 20, generations: int = 10, parents: int = 5,
-                        mutate_prob: float = 0.2, seed: int = 0,
+                        mutate_prob: float = 0.2, *, seed: int = 0,
                         max_tries: int = 1000) -> SearchResult:
     """Search per-layer configs minimising ``eval_fn(model)`` (e.g. validation loss, evaluated
     under ``torch.no_grad`` with the candidate set) with at most ``budget`` trainable params.

@@ -110,10 +110,12 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
     recorded as ``scaling * r``) and the factors copied in (converted to the base weight's dtype
     and device). ``trainable=False`` freezes the factors. Everything is checked and built before
     the first replacement: a refused call (unknown module, non-linear module, shape mismatch)
-    leaves the model unchanged.
+    leaves the model unchanged. A DoRA entry (``DoRAFactors`` / a 4-tuple ``(lora_A, lora_B,
+    scaling, magnitude)``, from a ``use_dora=True`` PEFT adapter) becomes a
+    :class:`~lora_kernels.DoRALinear` with its magnitude copied in too.
     """
     from .compose import _factors
-    from .layers import AdapterLinear, LoRALinear
+    from .layers import AdapterLinear, DoRALinear, LoRALinear
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -125,6 +127,9 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
     mods = dict(model.named_modules())
     new = {}
     for name, entry in adapter.items():
+        mag = None
+        if isinstance(entry, (tuple, list)) and len(entry) == 4:      # DoRA
+            entry, mag = tuple(entry[:3]), entry[3]
         A, B, s = _factors(f"adapter[{name!r}]", entry)
         if name not in mods or not name:
             some = [n for n, m in mods.items() if is_linear_like(m)][:8]
@@ -145,13 +150,21 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
                              f"the model's {name!r} maps {in_f} -> {out_f}")
         if not math.isfinite(s):
             raise ValueError(f"adapter[{name!r}]: scaling must be finite, got {s}")
-        layer = LoRALinear.from_linear(mod, r, alpha=s * r, dropout=dropout, backend=backend)
+        if mag is not None and (not isinstance(mag, torch.Tensor) or mag.dim() != 1
+                                or mag.shape[0] != out_f or not mag.is_floating_point()):
+            raise ValueError(f"adapter[{name!r}]: the DoRA magnitude must be a float ({out_f},) "
+                             f"tensor, got {getattr(mag, 'shape', type(mag).__name__)}")
+        cls = LoRALinear if mag is None else DoRALinear
+        layer = cls.from_linear(mod, r, alpha=s * r, dropout=dropout, backend=backend)
         layer.scaling = float(s)  # exact (alpha / r might not round-trip to the same float)
         with torch.no_grad():
             layer.lora_A.copy_(A.to(layer.lora_A.dtype))
             layer.lora_B.copy_(B.to(layer.lora_B.dtype))
-        layer.lora_A.requires_grad_(trainable)
-        layer.lora_B.requires_grad_(trainable)
+            if mag is not None:
+                layer.magnitude.copy_(mag.to(layer.magnitude.dtype))
+        for prm in layer.parameters():
+            if prm is not layer.weight and prm is not layer.bias:
+                prm.requires_grad_(trainable)
         new[name] = layer
     for name, layer in new.items():
         _set(model, name, layer)

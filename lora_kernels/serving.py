@@ -338,7 +338,16 @@ class MultiAdapterModel(nn.Module):
             return self.model(input_ids, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, adapters: Sequence[str | None], **kwargs):
-        """``model.generate`` with per-sequence adapters (KV-cached decode steps included)."""
-        with self.using(adapters):
+        """``model.generate`` with per-sequence adapters (KV-cached decode steps included).
+
+        ``adapters[b]`` serves input row ``b``; with ``num_beams = k > 1`` (beam search) or
+        ``num_return_sequences = n`` without beams, transformers runs ``k`` (resp. ``n``) rows
+        per input, each name is repeated as many times (as PEFT does for ``adapter_names``), and
+        the output has those rows in the same order. Both are read from ``kwargs`` or, if absent,
+        from ``generation_config`` (the argument or the model's)."""
+        from .generate import expand_adapters
+
+        rows = expand_adapters(self.model, input_ids, adapters, kwargs)
+        with self.using(rows):
             return self.model.generate(input_ids, **kwargs)
 

@@ -31,8 +31,29 @@ def noncontig(t: torch.Tensor) -> torch.Tensor:
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0, requires_grad=False):
-    t = (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=DEVICE)
+    """Standard normal (drawn in float64, then cast) on DEVICE; ``randn()`` is a 0-d tensor."""
+    t = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype=dtype, device=DEVICE)
     return t.requires_grad_(requires_grad)
+
+
+def to64(v):
+    """A float64 leaf copy of ``v`` keeping ``requires_grad`` (lists/tuples element by element;
+    None and integer tensors as they are): the inputs of a float64 reference."""
+    if isinstance(v, (list, tuple)):
+        return type(v)(to64(t) for t in v)
+    if v is None or not v.is_floating_point():
+        return v
+    return v.detach().double().requires_grad_(v.requires_grad)
+
+
+def perturb_(module, scale=0.3):
+    """Every trainable parameter of ``module`` set to ``scale * N(0, 1)`` (so no adapter term or
+    gradient is trivially zero); returns ``module``."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * scale)
+    return module
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

@@ -14,15 +14,9 @@ from lora_kernels.layers.glora import FORMS, check_config, support_params
 from lora_kernels.reference import variants as ref
 
 from conftest import DEVICE, backends
-from helpers import assert_close, noncontig, rel_err
+from helpers import assert_close, noncontig, perturb_, randn, rel_err, to64
 
 IN, OUT = 97, 75
-
-
-def randn(*shape, dtype=torch.float32, scale=1.0, requires_grad=False):
-    """helpers.randn that also makes 0-d (scalar) tensors."""
-    t = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype=dtype, device=DEVICE)
-    return t.requires_grad_(requires_grad)
 
 HERE = Path(__file__).parent
 FULL = {"A": "lora", "B": "lora", "C": "lora", "D": "vector", "E": "vector"}
@@ -67,14 +61,6 @@ def _leaves(sup):
     return out
 
 
-def _to64(v):
-    if v is None:
-        return None
-    if isinstance(v, tuple):
-        return tuple(_to64(t) for t in v)
-    return v.detach().double().requires_grad_(v.requires_grad)
-
-
 def _check(backend, cfg, dtype, lead, r, bias=True, nc=False, wgrad=False):
     x = randn(*lead, IN, dtype=dtype)
     if nc:
@@ -84,8 +70,8 @@ def _check(backend, cfg, dtype, lead, r, bias=True, nc=False, wgrad=False):
     b = randn(OUT, dtype=dtype, requires_grad=wgrad) if bias else None
     sup = _supports(cfg, r, dtype)
     y = lk.glora_linear(x, w, b, **sup, backend=backend)
-    sup64 = {k: _to64(v) for k, v in sup.items()}
-    x64, w64, b64 = _to64(x), _to64(w), _to64(b)
+    sup64 = {k: to64(v) for k, v in sup.items()}
+    x64, w64, b64 = to64(x), to64(w), to64(b)
     yr = ref.glora_linear(x64, w64, b64, **sup64)
     assert y.shape == (*lead, OUT) and y.dtype == dtype
     assert_close(y, yr, dtype, "y")
@@ -183,13 +169,6 @@ def test_opcheck_registered_ops(backend):
 
 
 # ----------------------------------------------------------------------------- layer
-def _perturb(layer, scale=0.2):
-    with torch.no_grad():
-        for p in layer.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * scale)
-
-
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("bias", [True, False])
 def test_layer_starts_at_base_and_merges(backend, bias):
@@ -203,7 +182,7 @@ def test_layer_starts_at_base_and_merges(backend, bias):
         assert not layer.delta_weight().any()
         db = layer.delta_bias()
         assert db is None or not db.any()
-        _perturb(layer)
+        perturb_(layer, 0.2)
         y = layer(x)
         assert rel_err(y, base) > 1e-2
         merged = layer.merged()
@@ -225,7 +204,7 @@ def test_layer_params_names_counts_and_state_dict():
     assert n == 6 * (OUT + IN) * 2 + 6 * (IN + 1) + 2 * OUT
     small = {"A": "scalar", "E": "vector"}
     assert lk.count_trainable(lk.GLoRALinear.from_linear(lin, 6, small)) == 1 + OUT
-    _perturb(layer)
+    perturb_(layer, 0.2)
     other = lk.GLoRALinear.from_linear(lin, 6)
     other.load_state_dict(layer.state_dict())
     x = randn(3, IN)

@@ -61,6 +61,8 @@ OPCHECKED = {
     "lora_kernels::check_ids": "test_multi_lora.py::test_registered_ops_opcheck",
     "lora_kernels::multi_lora_plan": "test_multi_lora.py::test_registered_ops_opcheck",
 }
+OPCHECKED.update({"lora_kernels::dora_fwd": "test_dora.py::test_opcheck_and_compile",
+                  "lora_kernels::dora_bwd": "test_dora.py::test_opcheck_and_compile"})
 
 
 def test_every_registered_op_is_opchecked():

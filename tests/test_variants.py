@@ -12,7 +12,7 @@ from lora_kernels.ops.cur import inverted_probabilities, sample_cur_indices
 from lora_kernels.reference import variants as ref
 
 from conftest import DEVICE, backends
-from helpers import assert_close, noncontig, randn, rel_err
+from helpers import assert_close, noncontig, perturb_, randn, rel_err, to64
 
 IN, OUT = 97, 75
 # (dtype, leading dims of x, rank, bias, non-contiguous x, base weight/bias require grad)
@@ -53,14 +53,6 @@ OPS = {"nora": (lk.nora_linear, ref.nora_linear), "cur": (lk.cur_linear, ref.cur
        "deep": (lk.deep_lora_linear, ref.deep_lora_linear)}
 
 
-def _to64(a):
-    if isinstance(a, list):
-        return [_to64(t) for t in a]
-    if a is None or not a.is_floating_point():
-        return a
-    return a.detach().double().requires_grad_(a.requires_grad)
-
-
 def _run(method, backend, dtype, lead, r, bias, nc, wgrad, depth=3):
     op, rop = OPS[method]
     x = _t(*lead, IN, dtype=dtype)
@@ -72,7 +64,7 @@ def _run(method, backend, dtype, lead, r, bias, nc, wgrad, depth=3):
     b = _t(OUT, dtype=dtype, grad=wgrad) if bias else None
     args, leaves = _method_args(method, r, dtype, depth)
     y = op(x, w, b, *args, 0.7, backend=backend)
-    x64, w64, b64, args64 = _to64(x), _to64(w), _to64(b), [_to64(a) for a in args]
+    x64, w64, b64, args64 = to64(x), to64(w), to64(b), [to64(a) for a in args]
     yr = rop(x64, w64, b64, *args64, 0.7)
     assert y.shape == (*lead, OUT) and y.dtype == dtype
     assert_close(y, yr, dtype, f"{method} y")
@@ -116,7 +108,7 @@ def test_backend_none_is_torch_on_cpu_and_bad_backend():
     w = _t(OUT, IN, dtype=torch.float32)
     (fs,), _ = _method_args("deep", 2, torch.float32)
     y = lk.deep_lora_linear(x, w, None, fs)
-    assert_close(y, ref.deep_lora_linear(x.double(), w.double(), None, _to64(fs)), torch.float32)
+    assert_close(y, ref.deep_lora_linear(x.double(), w.double(), None, to64(fs)), torch.float32)
     with pytest.raises(ValueError, match="backend"):
         lk.deep_lora_linear(x, w, None, fs, backend="bogus")
 
@@ -134,13 +126,6 @@ def _layers(lin, backend=None):
         "curlora": lk.CURLoRALinear.from_linear(lin, 6, alpha=0.5, generator=g, backend=backend),
         "deep_lora": lk.DeepLoRALinear.from_linear(lin, 5, depth=4, generator=g, backend=backend),
     }
-
-
-def _perturb(layer):
-    with torch.no_grad():
-        for p in layer.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p) * 0.3)
 
 
 def test_methods_registered():
@@ -164,7 +149,7 @@ def test_layers_start_at_base_merge_and_as_lora(backend):
         else:
             assert not dw.any(), name
         assert not layer.weight.requires_grad
-        _perturb(layer)
+        perturb_(layer, 0.3)
         y = layer(x)
         assert rel_err(y, base) > 1e-2, name          # the perturbation is visible
         merged = layer.merged()
@@ -249,7 +234,7 @@ def test_nora_layer_buffers_and_state_dict():
     assert not layer.inner_B.any()
     sd = layer.state_dict()
     assert {"outer_A", "outer_B", "inner_A", "inner_B", "weight", "bias"} <= set(sd)
-    _perturb(layer)
+    perturb_(layer, 0.3)
     other = lk.NoRALinear.from_linear(lin, 12, 5)            # different (plain) outer factors
     other.load_state_dict(layer.state_dict())
     x = _t(3, IN, dtype=torch.float32)
@@ -289,7 +274,7 @@ def test_curlora_layer_indices_state_dict_and_merge_uses_w0():
     assert not layer.U.any()
     bufs = dict(layer.named_buffers())
     assert set(bufs) == {"col_idx", "row_idx"}                 # C, R never stored
-    _perturb(layer)
+    perturb_(layer, 0.3)
     sd = layer.state_dict()
     assert torch.equal(sd["col_idx"], layer.col_idx) and torch.equal(sd["row_idx"], layer.row_idx)
     other = lk.CURLoRALinear.from_linear(lin, 6, alpha=0.5,
@@ -423,7 +408,7 @@ def test_layers_compile_fullgraph():
     lin = _linear()
     x = _t(5, IN, dtype=torch.float32)
     for name, layer in _layers(lin).items():
-        _perturb(layer)
+        perturb_(layer, 0.3)
         y = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
         params = [p for p in layer.parameters() if p.requires_grad]
         g = torch.autograd.grad(y.sum(), params)

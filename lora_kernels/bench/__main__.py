@@ -2,7 +2,10 @@
 
 Writes ``<out>/<device-slug>.json`` for a full run on all groups (the file the README table comes
 from), ``<device-slug>-quick.json`` for ``--quick`` and ``<slug>[-quick]-<groups>.json`` for an
-``--only`` run, plus a PNG of the same name. The JSON is rewritten after every case with
+``--only`` run, plus a PNG of the same name. ``<out>`` defaults to ``runs/`` (untracked, in
+.gitignore) for ``--quick`` and ``--only`` runs, so a checkout stays clean, and to
+``bench/results/`` for the full sweep; refresh a committed reference deliberately with
+``--out bench/results``. The JSON is rewritten after every case with
 ``"complete": false`` so an interrupted run keeps what it measured.
 
 If a full GPU sweep does not fit one time limit, run it in parts (``--only train,methods``, then
@@ -22,13 +25,18 @@ from pathlib import Path
 
 import torch
 
+SCRATCH_DIR = "runs"             # run outputs by default (untracked)
+REFERENCE_DIR = "bench/results"  # committed reference results
+
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m lora_kernels.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small sweep (CPU: under two minutes on 2 cores; GPU: headline points)")
-    p.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: {SCRATCH_DIR}/ for --quick and --only runs, "
+                        f"untracked; {REFERENCE_DIR}/ for the full sweep, the committed reference)")
     p.add_argument("--only", default=None,
                    help="comma-separated groups: train,layer,methods,decode,prefill")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -83,7 +91,8 @@ def main(argv=None) -> int:
     info = device_info(device)
     cases = build_cases(device, args.quick, only)
     stem = info["slug"] + ("-quick" if args.quick else "") + (f"-{'-'.join(only)}" if only else "")
-    out_dir = Path(args.out)
+    out_dir = Path(args.out if args.out is not None else
+                   SCRATCH_DIR if (args.quick or only) else REFERENCE_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
     print(f"lora_kernels.bench: {len(cases)} cases on {info['name']} "
@@ -122,7 +131,7 @@ def main(argv=None) -> int:
     print(report.format_headline(final["headline_detail"]))
     if "cpu_checks" in final:
         cc = final["cpu_checks"]
-        print("\nCPU check (issue 6): our default LoRALinear fwd+bwd / PEFT lora.Linear:")
+        print("\nCPU check: our default LoRALinear fwd+bwd / PEFT lora.Linear:")
         for k, v in cc["lora_layer_fwd_bwd_vs_peft"].items():
             print(f"  {k:<28} {_fmt(v.get('ours_over_peft'))}"
                   + (f"   (ours {v['ours_ms']:.3f} ms, peft {v['peft_ms']:.3f} ms)"

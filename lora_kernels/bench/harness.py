@@ -509,6 +509,8 @@ def run_case(case: Case, device: torch.device, peaks: Peaks, budget: Budget,
         try:
             with torch.set_grad_enabled(case.grad):
                 step = impl.prepare(sets[:n], device)
+                if getattr(step, "peak_mem_mb", None) is not None:   # measured by the case (CPU)
+                    row["peak_mem_mb"] = step.peak_mem_mb
                 out = step(0)
                 sync(device)
                 if case.ref is not None:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .cases import HEAD_DECODE, HEAD_PREFILL, HEAD_TRAIN, decode_key, prefill_key, train_key
+from .cases_store import HEAD_STORE, store_key
 
 HEADLINE_KEYS = ("lora_train_overhead_vs_base", "lora_train_speedup_vs_peft",
                  "decode_hbm_bandwidth_util", "decode_speedup_vs_peft_loop",
@@ -51,6 +52,26 @@ HEADLINE_SPEC = {
         goal="<= 1.10", ok=lambda v: v <= 1.10,
         definition="time(multi_lora_linear triton, 4 adapters x 1024 tokens) / time(base GEMM)"),
 }
+
+# DoRA (bench/cases_dora.py)
+from .cases_dora import DORA_HEADLINE, dora_cpu_checks  # noqa: E402
+
+HEADLINE_KEYS += tuple(DORA_HEADLINE)
+HEADLINE_SPEC.update(DORA_HEADLINE)
+
+# QLoRA (bench/cases_quant.py)
+from .cases_quant import QUANT_HEADLINE, qlora_cpu_checks  # noqa: E402
+
+HEADLINE_KEYS += tuple(QUANT_HEADLINE)
+HEADLINE_SPEC.update(QUANT_HEADLINE)
+
+# issue 14: more adapters than device slots (lora_kernels/bench/cases_store.py)
+HEADLINE_KEYS += ("decode_overhead_at_90pct_hits",)
+HEADLINE_SPEC["decode_overhead_at_90pct_hits"] = dict(
+    group="store", key=store_key(*HEAD_STORE), num="store_hits90_prefetch", den="all_resident",
+    goal="<= 1.10", ok=lambda v: v <= 1.10,
+    definition="time(decode step through the AdapterStore, 16 slots, 90 % hits, next step "
+               "prefetched) / time(the same steps with every adapter resident)")
 
 
 def _find(rows, group, key, impl):
@@ -135,7 +156,7 @@ def headline(rows: list[dict]) -> tuple[dict, dict]:
 
 
 def cpu_checks(rows: list[dict]) -> dict:
-    """Issue 6's CPU requirement: our default LoRA layer fwd+bwd vs PEFT lora.Linear (same run)."""
+    """CPU check: our default LoRA layer fwd+bwd vs PEFT lora.Linear (ratios from one run)."""
     ratios = {}
     for r in rows:
         if r.get("group") == "layer" and r.get("impl") == "ours_default":
@@ -162,6 +183,8 @@ def cpu_checks(rows: list[dict]) -> dict:
                and v["ours_over_peft"] > 1.0 + 0.5 * max(v["spread_ours"] or 0.0,
                                                          v["spread_peft"] or 0.0)]
         out["significantly_slower"] = sig
+    out["dora"] = dora_cpu_checks(rows)
+    out["qlora"] = qlora_cpu_checks(rows)
     return out
 
 

@@ -36,3 +36,38 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     first_m = (pid // group) * GROUP_M
     gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
     return first_m + (pid % group) % gsize, (pid % group) // gsize
+
+
+@triton.jit
+def lowrank_epilogue(acc, S, BM, BIAS, SEED, rm, rn, rm64, rn64, mask_m, mask_n, N, R,
+                     stride_sm, stride_sr, stride_bn, stride_br, scale, p,
+                     HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, DROP_EPI: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """The "+ low-rank + bias" epilogue of every base GEMM, on an fp32 tile ``acc (BLOCK_M,
+    BLOCK_N)`` of rows ``rm`` and columns ``rn``:
+
+        acc += scale * mask?(S[rm, :] @ BM[rn, :]^T)  (+ BIAS[rn])
+
+    S (M, R) fp32 and BM (N, R) any strides; the rank is looped in BLOCK_R chunks. With DROP_EPI
+    the low-rank term is multiplied by keep(t*N + n)/(1-p) (the dX path of LoRA dropout).
+    """
+    if HAS_LOWRANK:
+        rr = tl.arange(0, BLOCK_R)
+        lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            ri = r0 + rr
+            mr = ri < R
+            s = tl.load(S + rm64[:, None] * stride_sm + ri[None, :] * stride_sr,
+                        mask=mask_m[:, None] & mr[None, :], other=0.0).to(tl.float32)
+            b = tl.load(BM + rn64[None, :] * stride_bn + ri[:, None] * stride_br,
+                        mask=mask_n[None, :] & mr[:, None], other=0.0).to(tl.float32)
+            lr = tl.dot(s, b, lr, input_precision=PRECISION)
+        lr = lr * scale
+        if DROP_EPI:
+            keep = keep_mask(SEED, rm[:, None] * N + rn[None, :], p)
+            lr = tl.where(keep, lr / (1.0 - p), 0.0)
+        acc += lr
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc

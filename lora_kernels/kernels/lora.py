@@ -40,7 +40,7 @@ same counter, so they see the same mask.
 import triton
 import triton.language as tl
 
-from .common import grouped_tile, keep_mask, mma
+from .common import grouped_tile, keep_mask, lowrank_epilogue, mma
 
 
 @triton.jit
@@ -86,23 +86,10 @@ def gemm_lowrank_kernel(
     if DROP_X:
         acc = acc / (1.0 - p)
 
-    if HAS_LOWRANK:
-        # acc += scale * S[rm, :] @ Bm[rn, :]^T, looping over the rank in BLOCK_R chunks
-        rr = tl.arange(0, BLOCK_R)
-        lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            ri = r0 + rr
-            mr = ri < R
-            s = tl.load(S + rm64[:, None] * stride_sm + ri[None, :] * stride_sr,
-                        mask=mask_m[:, None] & mr[None, :], other=0.0).to(tl.float32)
-            b = tl.load(BM + rn64[None, :] * stride_bn + ri[:, None] * stride_br,
-                        mask=mask_n[None, :] & mr[:, None], other=0.0).to(tl.float32)
-            lr = tl.dot(s, b, lr, input_precision=PRECISION)
-        lr = lr * scale
-        if DROP_EPI:
-            keep = keep_mask(SEED, rm[:, None] * N + rn[None, :], p)
-            lr = tl.where(keep, lr / (1.0 - p), 0.0)
-        acc += lr
+    # low-rank term (the shared epilogue helper); the bias is added after DoRA's row scale
+    acc = lowrank_epilogue(acc, S, BM, BIAS, SEED, rm, rn, rm64, rn64, mask_m, mask_n, N, R,
+                           stride_sm, stride_sr, stride_bn, stride_br, scale, p,
+                           HAS_LOWRANK, False, DROP_EPI, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
     if ROW_SCALE:
         acc = acc * tl.load(ROWS + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -149,12 +136,22 @@ def tn_kernel(
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (a skinny rank-r N, a decode-sized M)."""
+    """Drop tiles far larger than the problem (a skinny rank-r N, a decode-sized M), and the
+    tiles that spill when the launch also draws a dropout mask (DROP_X_SPILLS, DROP_EPI_SPILLS)."""
     M, N = named_args["M"], named_args["N"]
     keep = [c for c in configs
             if c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(N))
             and c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(M))]
+    spills = (DROP_X_SPILLS if kwargs.get("DROP_X") else []) + \
+        (DROP_EPI_SPILLS if kwargs.get("DROP_EPI") else [])
+    if spills:
+        bad = {_key(c) for c in spills}
+        keep = [c for c in keep if _key(c) not in bad] or keep
     return keep or configs[-1:]
+
+
+def _key(c):
+    return (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
 
 
 def _cfg(bm, bn, bk, warps, stages):
@@ -163,13 +160,26 @@ def _cfg(bm, bn, bk, warps, stages):
 
 
 # Candidate tiles (unmeasured on a GPU so far): the usual Hopper/Ampere bf16 GEMM shapes, plus
-# skinny-N tiles for the rank-r shrink and small-M tiles for decode.
+# skinny-N tiles for the rank-r shrink and small-M tiles for decode. No candidate may spill with
+# the low-rank epilogue (bench/results/static-sm90.json, tests/cuda/test_triton36.py): its second
+# fp32 (BLOCK_M, BLOCK_N) accumulator doubles the registers per thread, so 128x256 at 8 warps and
+# 128x128 at 4 warps (2 x 128 fp32 accumulators per thread + operands > 255 registers: ~390 / ~165
+# STL in SASS) were removed; 128x128 at 8 warps (2 x 64) is the largest tile that does not spill.
 GEMM_CONFIGS = [
-    _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
+    _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4),
     _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4),
     _cfg(32, 64, 128, 4, 4), _cfg(128, 32, 128, 4, 4), _cfg(256, 16, 64, 8, 3),
     _cfg(128, 16, 128, 4, 4), _cfg(64, 16, 256, 4, 3), _cfg(32, 16, 256, 4, 3),
 ]
+
+# Candidates that spill only when a dropout mask is drawn in the same kernel (tl.rand per element
+# of the x tile, DROP_X: the forward shrink; of the output tile, DROP_EPI: the dX epilogue), read
+# off bench/results/static-sm90.json (Triton 3.6, sm_90): 64x16x256 679 STL, 128x16x128 12 STL with
+# DROP_X; 128x128 at 8 warps 269 STL, 64x128 / 128x64 at 4 warps 201 / 155 STL with DROP_EPI.
+# _prune leaves them out of those launches only.
+DROP_X_SPILLS = [_cfg(128, 16, 128, 4, 4), _cfg(64, 16, 256, 4, 3)]
+DROP_EPI_SPILLS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4),
+                   _cfg(128, 64, 64, 4, 4)]
 
 gemm_lowrank_autotuned = triton.autotune(
     configs=GEMM_CONFIGS,
@@ -179,4 +189,4 @@ gemm_lowrank_autotuned = triton.autotune(
 
 # GPU tile configs that tests/cuda/test_triton_aot.py compiles ahead of time for sm_80/sm_90 (the
 # largest shared-memory footprint and the skinny shrink tile).
-AOT_CONFIGS = {"gemm_lowrank_kernel": [GEMM_CONFIGS[0], GEMM_CONFIGS[-3]]}
+AOT_CONFIGS = {"gemm_lowrank_kernel": [GEMM_CONFIGS[1], GEMM_CONFIGS[-3]]}

@@ -19,6 +19,7 @@ from torch import nn
 
 from .._conv1d import as_linear, is_conv1d
 from ..ops.lora import lora_linear
+from ..quant import QuantizedWeight, layer_base
 
 
 def same(t):
@@ -50,10 +51,15 @@ class AdapterLinear(nn.Module):
             inner = fl.__func__
 
             @functools.wraps(inner)
-            def from_linear(c, linear, *args, **kw):
+            def from_linear(c, linear, *args, quantize=None, **kw):
+                # a quantized base (lora_kernels.quant.layer_base): a bnb Linear4bit as it is, or
+                # quantize="nf4" | "int8" | "fp8"; the constructor sees deq(W) once
                 conv = is_conv1d(linear)
-                layer = inner(c, as_linear(linear) if conv else linear, *args, **kw)
+                linear, qweight = layer_base(as_linear(linear) if conv else linear, quantize)
+                layer = inner(c, linear, *args, **kw)
                 layer.fan_in_fan_out = conv
+                if qweight is not None:
+                    layer.set_quantized_base(qweight)
                 return layer
 
             cls.from_linear = classmethod(from_linear)
@@ -68,6 +74,21 @@ class AdapterLinear(nn.Module):
         self.bias = (nn.Parameter(bias.detach().clone(), requires_grad=False)
                      if bias is not None else None)
         self.backend = backend
+
+    def set_quantized_base(self, qweight: QuantizedWeight) -> None:
+        """Replace the frozen dense ``weight`` with a quantized one (a ``lora_kernels.quant``
+        module, registered as the submodule ``weight``; every op dequantises it in the kernels).
+        """
+        if tuple(qweight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"qweight must have shape {(self.out_features, self.in_features)}, "
+                             f"got {tuple(qweight.shape)}")
+        del self.weight
+        self.weight = qweight
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen base is a quantized weight."""
+        return isinstance(self.weight, QuantizedWeight)
 
     @staticmethod
     def _check_linear(linear) -> None:
@@ -114,11 +135,16 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the delta folded in (zero extra inference cost)."""
+        """A plain ``nn.Linear`` with the delta folded in (zero extra inference cost).
+
+        On a quantized base: ``deq(W) + delta`` in float64, rounded once to the compute dtype;
+        the result is dense and is *not* re-quantised (``self.weight.requantize(lin.weight)``
+        gives that, with the format's rounding error on the merged weight)."""
         has_bias = self.bias is not None or self.delta_bias() is not None
         lin = nn.Linear(self.in_features, self.out_features, bias=has_bias,
                         device=self.weight.device, dtype=self.weight.dtype)
-        lin.weight.copy_((self.weight.double() + self.delta_weight().double()).to(lin.weight.dtype))
+        w = (self.weight.dequantize(torch.float64) if self.quantized else self.weight.double())
+        lin.weight.copy_((w + self.delta_weight().double()).to(lin.weight.dtype))
         if has_bias:
             b = self.bias.double() if self.bias is not None else torch.zeros(
                 self.out_features, dtype=torch.float64, device=self.weight.device)

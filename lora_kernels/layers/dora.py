@@ -54,8 +54,18 @@ class DoRALinear(AdapterLinear):
         return cls(linear.weight, linear.bias, r, alpha, dropout, use_rslora, backend)
 
     def weight_sq_norm(self) -> torch.Tensor:
-        """``||W_j||^2`` (out,) fp32 of the frozen base, cached per (storage, version, device)."""
+        """``||W_j||^2`` (out,) fp32 of the frozen base, cached per (storage, version, device).
+        Under ``torch.compile`` it is computed in the graph instead (one read of W per call): the
+        cache key (a data pointer) is not traceable."""
         w = self.weight
+        if self.quantized:  # frozen codes: deq(W)'s norms, once per device / compute dtype
+            key = ("quantized", id(w), w.device, w.dtype)
+            if self._wsq is None or self._wsq_key != key:
+                self._wsq = weight_sq_norm(w.dequantize(torch.float32))
+                self._wsq_key = key
+            return self._wsq
+        if torch.compiler.is_compiling():
+            return weight_sq_norm(w.detach())
         key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
         if self._wsq is None or self._wsq_key != key:
             self._wsq = weight_sq_norm(w.detach())

@@ -72,8 +72,10 @@ import torch.nn.functional as F
 from .. import _validate as V
 from .._backend import ENV_VAR, resolve_backend
 from . import _triton as TR
-from .lora import _needs_grad, gemm_lowrank, tn, torch_keep_mask
+from ._register import define_op
+from .lora import Needs, Saved, gemm_lowrank, tn, torch_keep_mask
 from .lora import _torch_bwd as _lora_torch_bwd
+from .qlora import dense_weight
 
 
 # ----------------------------------------------------------------------------- the weight norm
@@ -89,6 +91,7 @@ def dora_norm(weight, lora_A, lora_B, scaling: float, wsq: torch.Tensor | None =
     ``wsq``: ``||W_j||^2`` (out,) fp32 or None (computed). The ``A W^T`` product runs on
     ``backend`` (Triton: fp32 accumulate and output; torch/cuda: one F.linear in W's dtype).
     """
+    weight = dense_weight(weight, lora_A)
     with torch.no_grad():
         if wsq is None:
             wsq = weight_sq_norm(weight)
@@ -105,7 +108,7 @@ def dora_norm(weight, lora_A, lora_B, scaling: float, wsq: torch.Tensor | None =
         return n2.clamp_min_(0.0).sqrt_()
 
 
-def _coldot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 22) -> torch.Tensor:
+def _coldot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.Tensor:
     """``sum_t a[t, j] * b[t, j]`` (out,) in fp32, over row chunks (bounded fp32 temporaries)."""
     T, N = a.shape
     out = torch.zeros(N, dtype=torch.float32, device=a.device)
@@ -140,8 +143,8 @@ def _torch_bwd(dy, x2, weight, A, B, s, g, scaling, p, seed, need_dx, need_dA, n
     gd = g.to(dy.dtype)
     dyg = dy * gd                                                   # g * dy (T, out)
     if p == 0.0:
-        return _lora_torch_bwd(dyg, x2, weight, A, B, s, scaling, 0.0, None,
-                               need_dx, need_dA, need_dB)
+        return _lora_torch_bwd(dyg, Saved(x2, weight, A, B, s, scaling, 0.0, None),
+                               Needs(need_dx, need_dA, need_dB))
     keep = torch_keep_mask(seed, x2.shape, p, x2.device)
     dx = dA = dB = None
     gs = (dyg @ B).mul_(scaling)                                    # s G (T, r)
@@ -226,9 +229,10 @@ def _cuda_bwd(dy, x2, weight, A, B, s, g, scaling, p, seed, need_dx, need_dA, ne
     gd = g.to(dy.dtype)
     dyg = dy * gd
     if p == 0.0:
-        return lora_cuda.bwd(dyg, x2, weight, A, B, s, scaling, 0.0, None,
-                             need_dx, need_dA, need_dB)
-    _, dA, dB = lora_cuda.bwd(dyg, x2, weight, A, B, s, scaling, p, seed, False, need_dA, need_dB)
+        return lora_cuda.bwd(dyg, Saved(x2, weight, A, B, s, scaling, 0.0, None),
+                             Needs(need_dx, need_dA, need_dB))
+    _, dA, dB = lora_cuda.bwd(dyg, Saved(x2, weight, A, B, s, scaling, p, seed),
+                              Needs(False, need_dA, need_dB))
     dx = None
     if need_dx:
         keep = lora_cuda.keep_mask(seed, x2.shape[0], x2.shape[1], p)
@@ -259,42 +263,93 @@ def _dm(dy, y, u, bias, x2, weight, B, s, m, n, scaling):
     return dm
 
 
-class DoRAFunction(torch.autograd.Function):
-    """Autograd of :func:`dora_linear` (the module docstring has the formulas)."""
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+         weight_sq_norm: torch.Tensor | None, scaling: float, dropout_p: float,
+         seed: torch.Tensor | None, backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (T, in) -> (y (T, out), S (T, r) fp32, n (out,) fp32, g (out,) fp32,
+    u (T, out) if dropout_p > 0 else (0,))."""
+    n = dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, backend)
+    g = magnitude.detach().float() / n
+    y, s, u = _IMPLS[backend][0](x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed)
+    return y, s, n, g, (u if u is not None else x.new_empty(0))
 
-    @staticmethod
-    def forward(ctx, x2, weight, bias, A, B, m, wsq, scaling, p, seed, backend):
-        n = dora_norm(weight, A, B, scaling, wsq, backend)
-        g = m.detach().float() / n
-        y, s, u = _IMPLS[backend][0](x2, weight, bias, A, B, g, scaling, p, seed)
-        ctx.save_for_backward(x2, weight, bias, A, B, m, s, n, g, seed, y if u is None else u)
-        ctx.scaling, ctx.p, ctx.backend, ctx.has_u = scaling, p, backend, u is not None
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, bias, A, B, m, s, n, g, seed, yu = ctx.saved_tensors
-        nx, nw, nb, na, nB, nm = ctx.needs_input_grad[:6]
-        dy = dy.contiguous() if dy.stride(-1) != 1 else dy
-        sc, p = ctx.scaling, ctx.p
-        dx, dA, dB = _IMPLS[ctx.backend][1](dy, x2, weight, A, B, s, g, sc, p, seed, nx, na, nB)
-        dm = dW = db = None
-        if nm:
-            u, y = (yu, None) if ctx.has_u else (None, yu)
-            dm = _dm(dy, y, u, bias, x2, weight, B, s, m, n, sc).to(m.dtype)
-        if nw:
-            gd = g.to(dy.dtype)
-            if p == 0.0:
-                dW = (dy * gd).t() @ x2
-            else:
-                keep = _keep_for(ctx.backend, seed, x2, p)
-                dW = dy.t() @ x2 + (dy * (gd - 1)).t() @ (x2 * keep / (1.0 - p))
-        if nb and bias is not None:
-            db = dy.sum(0)
-        return dx, dW, db, dA, dB, dm, None, None, None, None, None
+def _fwd_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, dropout_p,
+              seed, backend):
+    T, out_f, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+    f32 = torch.float32
+    return (x.new_empty((T, out_f)), x.new_empty((T, r), dtype=f32),
+            x.new_empty((out_f,), dtype=f32), x.new_empty((out_f,), dtype=f32),
+            x.new_empty((T, out_f) if dropout_p > 0.0 else (0,)))
+
+
+def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor, s: torch.Tensor,
+         n: torch.Tensor, g: torch.Tensor, seed: torch.Tensor | None, yu: torch.Tensor,
+         scaling: float, dropout_p: float, backend: str, need_dx: bool, need_dW: bool,
+         need_db: bool, need_dA: bool, need_dB: bool, need_dm: bool
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                    torch.Tensor]:
+    """(dx, dW, db, dA, dB, dm); None (the op: empty) where unneeded. ``yu``: the saved y
+    (dropout_p == 0) or u (dropout_p > 0), see the module docstring."""
+    p = dropout_p
+    dx, dA, dB = _IMPLS[backend][1](dy, x, weight, lora_A, lora_B, s, g, scaling, p, seed,
+                                    need_dx, need_dA, need_dB)
+    dm = dW = db = None
+    if need_dm:
+        y, u = (None, yu) if p > 0.0 else (yu, None)
+        dm = _dm(dy, y, u, bias, x, weight, lora_B, s, magnitude, n, scaling).to(magnitude.dtype)
+    if need_dW:
+        gd = g.to(dy.dtype)
+        if p == 0.0:
+            dW = (dy * gd).t() @ x
+        else:
+            keep = _keep_for(backend, seed, x, p)
+            dW = dy.t() @ x + (dy * (gd - 1)).t() @ (x * keep / (1.0 - p))
+    if need_db and bias is not None:
+        db = dy.sum(0)
+    return dx, dW, db, dA, dB, dm
+
+
+def _bwd_fake(dy, x, weight, bias, lora_A, lora_B, magnitude, s, n, g, seed, yu, scaling,
+              dropout_p, backend, need_dx, need_dW, need_db, need_dA, need_dB, need_dm):
+    def like(flag, t):
+        return t.new_empty(t.shape) if flag and t is not None else None
+
+    return (like(need_dx, x), like(need_dW, weight), like(need_db, bias), like(need_dA, lora_A),
+            like(need_dB, lora_B), like(need_dm, magnitude))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, m, _wsq, scaling, p, seed, backend = inputs
+    y, s, n, g, u = output
+    ctx.save_for_backward(x, weight, bias, A, B, m, s, n, g, seed, u if p > 0.0 else y)
+    ctx.scaling, ctx.p, ctx.backend = scaling, p, backend
+
+
+def _grads(ctx, bwd, dy, *_nondiff):
+    x, weight, bias, A, B, m, s, n, g, seed, yu = ctx.saved_tensors
+    nx, nw, nb, na, nB, nm = ctx.needs_input_grad[:6]
+    dy = dy.contiguous() if dy.stride(-1) != 1 else dy
+    dx, dW, db, dA, dB, dm = bwd(dy, x, weight, bias, A, B, m, s, n, g, seed, yu, ctx.scaling,
+                                 ctx.p, ctx.backend, nx, nw, nb and bias is not None, na, nB, nm)
+    return (dx if nx else None, dW if nw else None, db if (nb and bias is not None) else None,
+            dA if na else None, dB if nB else None, dm if nm else None,
+            None, None, None, None, None)
+
+
+DORA_OP = define_op("lora_kernels::dora_fwd", _fwd, fake=_fwd_fake,
+                    bwd_name="lora_kernels::dora_bwd", bwd=_bwd, bwd_fake=_bwd_fake,
+                    setup_context=_setup_context, grads=_grads, nondiff_outputs=(1, 2, 3, 4),
+                    function_name="DoRAFunction")
+#: Eager fast path of ``lora_kernels::dora_fwd`` (see :mod:`lora_kernels.ops._register`).
+DoRAFunction = DORA_OP.Function
 
 
 def _keep_for(backend, seed, x2, p):
+    """The keep mask (T, in) bool of ``backend`` for ``seed`` (only for dW with dropout)."""
     if backend == "torch":
         return torch_keep_mask(seed, x2.shape, p, x2.device)
     if backend == "triton":
@@ -336,6 +391,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling=1.0, dropout
         ``(..., out)`` in x's dtype; gradients to x, magnitude, lora_A, lora_B (and weight/bias if
         they require grad).
     """
+    weight = dense_weight(weight, x)  # a quantized base: deq(W) per call (ops.qlora)
     in_f, out_f = V.lora_args(x, weight, bias, lora_A, lora_B)
     V.float_tensor("magnitude", magnitude, ndim=1)
     V.shape("magnitude", magnitude, (out_f,), "(out_features,)")
@@ -358,11 +414,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling=1.0, dropout
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
     seed = TR.draw_seed(generator, x.device) if p > 0.0 else None
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
-    if _needs_grad(x2, weight, bias, lora_A, lora_B, magnitude):
-        y = DoRAFunction.apply(x2, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm,
-                               scaling, p, seed, be)
-    else:  # inference: no autograd node
-        n = dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, be)
-        y, _, _ = _IMPLS[be][0](x2, weight, bias, lora_A, lora_B, magnitude.float() / n,
-                                scaling, p, seed)
+    # registered op under compile, eager autograd.Function with grad, plain forward otherwise
+    y = DORA_OP(x2, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm, scaling, p, seed,
+                be)[0]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)

@@ -51,6 +51,7 @@ from .._backend import compact_rows_for_cpu_gemm, resolve_backend
 from . import _triton as TR
 from ._register import define_op
 from .lora import gemm_lowrank, tn, triton_cdiv
+from .qlora import dense_weight
 
 NONE, SCALAR, VEC_N, VEC_K, LOWRANK = 0, 1, 2, 3, 4
 _FORMS = {
@@ -403,6 +404,7 @@ def glora_linear(x, weight, bias, A=None, B=None, C=None, D=None, E=None, *, bac
     Returns:
         ``(..., out)`` in x's dtype; gradients to every tensor that requires them.
     """
+    weight = dense_weight(weight, x)  # a quantized base: deq(W) per call (ops.qlora)
     in_f, out_f = V.linear_args(x, weight, bias)
     a1, a2 = _parse("A", A, x, in_f, out_f)
     b1, b2 = _parse("B", B, x, in_f, out_f)
@@ -421,6 +423,7 @@ def glora_linear(x, weight, bias, A=None, B=None, C=None, D=None, E=None, *, bac
 def glora_delta(weight, bias, A=None, B=None, C=None, D=None, E=None):
     """Dense ``(dW (out, in), db (out,) | None)`` of a GLoRA adapter (computed in fp32 for half
     weights, returned in weight's dtype): ``dW = W*A + B``, ``db = b*D + E + W@C``."""
+    weight = dense_weight(weight)  # a quantized base: deq(W)
     V.float_tensor("weight", weight, ndim=2)
     out_f, in_f = weight.shape
     a1, a2 = _parse("A", A, weight, in_f, out_f, "weight")

@@ -265,7 +265,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
 
     Args:
         x: ``(..., in)``; any strides.
-        weight: ``(out, in)`` base weight (frozen unless it requires grad).
+        weight: ``(out, in)`` base weight (frozen unless it requires grad), or a frozen
+            ``lora_kernels.quant`` NF4Weight / Int8Weight / FP8Weight (dequantised in x's dtype;
+            see ``ops.qlora``).
         bias: ``(out,)`` or ``None``.
         lora_A: ``(r, in)``; lora_B: ``(out, r)`` (PEFT layout).
         scaling: float multiplier of the low-rank branch (PEFT: ``alpha / r``).
@@ -275,7 +277,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
     Returns:
         ``(..., out)`` in x's dtype; gradients flow to every input that requires them.
     """
-    in_f, out_f = V.lora_args(x, weight, bias, lora_A, lora_B)
+    quantized = not isinstance(weight, torch.Tensor)  # a quant.QuantizedWeight: ops/qlora.py
+    if not quantized:
+        in_f, out_f = V.lora_args(x, weight, bias, lora_A, lora_B)
     scaling = V.scalar("scaling", scaling)
     p = V.scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -284,6 +288,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, *,
     if be != "torch" and x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
     seed = TR.draw_seed(generator, x.device) if p > 0.0 else None
+    if quantized:
+        from .qlora import qlora_linear
+
+        return qlora_linear(x, weight, bias, lora_A, lora_B, scaling=scaling, p=p, seed=seed,
+                            backend=be)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)  # 2-D: no view node in the autograd graph
     x2 = compact_rows_for_cpu_gemm(x2)  # row-padded bf16/fp16 on CPU: see its docstring
     y, _ = LORA_OP(x2, weight, bias, lora_A, lora_B, scaling, p, seed, be)

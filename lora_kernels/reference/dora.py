@@ -22,7 +22,7 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling):
     return torch.linalg.vector_norm(w, dim=1).detach()
 
 
-def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling=1.0, keep=None,
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling=1.0, *, keep=None,
                 dropout_p=0.0):
     """PEFT's DoRA output with an explicit keep-mask (bool, like ``x``) or None (no dropout)."""
     g = magnitude / dora_weight_norm(weight, lora_A, lora_B, scaling)

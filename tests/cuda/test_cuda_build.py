@@ -29,14 +29,15 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lora_kernels
 from lora_kernels import _cuda
+from lora_kernels.ops.lora import Needs, Saved
 from lora_kernels.reference.lora import lora_linear as ref_lora_linear
+from lora_kernels.reference.philox import philox4x32_10_np, philox_keep_reference
 
 from conftest import DTYPES
 from helpers import assert_close as check
@@ -307,35 +308,6 @@ def rnd(*shape, dtype, device, scale=1.0):
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
 
 
-def philox4x32_10_np(c0, c1, c2, c3, k0, k1):
-    """numpy Philox4x32-10 (Salmon et al. 2011) on uint64 arrays holding 32-bit words."""
-    m32 = np.uint64(0xFFFFFFFF)
-    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in (c0, c1, c2, c3))
-    k0, k1 = np.uint64(k0), np.uint64(k1)
-    for _ in range(10):
-        p0 = c0 * np.uint64(0xD2511F53)
-        p1 = c2 * np.uint64(0xCD9E8D57)
-        hi0, lo0 = p0 >> np.uint64(32), p0 & m32
-        hi1, lo1 = p1 >> np.uint64(32), p1 & m32
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = (k0 + np.uint64(0x9E3779B9)) & m32
-        k1 = (k1 + np.uint64(0xBB67AE85)) & m32
-    return c0, c1, c2, c3
-
-
-def philox_keep_reference(seed: int, T: int, K: int, p: float) -> np.ndarray:
-    """The kernels' keep mask (csrc/common.cuh) in numpy: element idx = t * K + k uses word
-    idx % 4 of Philox(counter = idx // 4, key = seed), kept if (its top 24 bits) / 2^24 >= p."""
-    idx = np.arange(T * K, dtype=np.uint64)
-    ctr = idx >> np.uint64(2)
-    zero = np.zeros_like(ctr)
-    words = np.stack(philox4x32_10_np(ctr & np.uint64(0xFFFFFFFF), ctr >> np.uint64(32), zero, zero,
-                                      seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
-    words = words[(idx & np.uint64(3)).astype(np.int64), np.arange(T * K)]
-    u = (words >> np.uint64(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
-    return (u >= np.float32(p)).reshape(T, K)
-
-
 def test_reference_philox_known_answers():
     """Random123's known-answer vectors for philox4x32_10 (kat_vectors)."""
     kats = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
@@ -377,7 +349,7 @@ def run_lora_case(dev, dtype, shape, kind, p):
     seed = torch.tensor([123456789], dtype=torch.int64, device=dev)
 
     y, S = lora_cuda.fwd(x, w, b, A, B, s, p, seed)
-    dx, dA, dB = lora_cuda.bwd(dy, x, w, A, B, S, s, p, seed, True, True, True)
+    dx, dA, dB = lora_cuda.bwd(dy, Saved(x, w, A, B, S, s, p, seed), Needs(True, True, True))
     keep = lora_cuda.keep_mask(seed, T, in_f, p).cpu() if p > 0 else None
 
     f64 = [t.detach().cpu().double().requires_grad_() for t in (x, w, b, A, B)]
@@ -452,8 +424,8 @@ def test_lora_grads_deterministic(kdev, dtype):
     dy = rnd(T, out_f, dtype=dtype, device=dev)
     seed = torch.tensor([5], dtype=torch.int64, device=dev)
     _, S = lora_cuda.fwd(x, w, None, A, B, 2.0, 0.1, seed)
-    g1 = lora_cuda.bwd(dy, x, w, A, B, S, 2.0, 0.1, seed, True, True, True)
-    g2 = lora_cuda.bwd(dy, x, w, A, B, S, 2.0, 0.1, seed, True, True, True)
+    g1 = lora_cuda.bwd(dy, Saved(x, w, A, B, S, 2.0, 0.1, seed), Needs(True, True, True))
+    g2 = lora_cuda.bwd(dy, Saved(x, w, A, B, S, 2.0, 0.1, seed), Needs(True, True, True))
     for a, b_ in zip(g1, g2):
         assert torch.equal(a, b_)
 
@@ -499,8 +471,8 @@ def test_lora_zero_tokens(kdev):
                                                                                          device=dev)
     y, S = lora_cuda.fwd(x, w, None, A, B, 1.0, 0.0, None)
     assert y.shape == (0, 8) and S.shape == (0, 4)
-    dx, dA, dB = lora_cuda.bwd(torch.empty(0, 8, device=dev), x, w, A, B, S, 1.0, 0.0, None,
-                               True, True, True)
+    dx, dA, dB = lora_cuda.bwd(torch.empty(0, 8, device=dev), Saved(x, w, A, B, S, 1.0, 0.0, None),
+                               Needs(True, True, True))
     assert dx.shape == (0, 16) and torch.equal(dA, torch.zeros_like(A))
     assert torch.equal(dB, torch.zeros_like(B))
 
@@ -609,7 +581,10 @@ def test_multi_lora_y_is_x(kdev, mode):
 @gpu
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 def test_multi_lora_cuda_graph_replay(mode):
-    """Capture one decode (or prefill) step in a CUDA graph, replay it on new inputs."""
+    """Capture one decode (or prefill) step in a CUDA graph, replay it on new inputs, new ids and
+    with an adapter of another rank swapped into a slot between replays (the kernels read ranks
+    and factors from the pool tensors, so the captured graph serves whatever the slots hold;
+    tests/test_store.py does the same through the AdapterStore's side-stream copies)."""
     from lora_kernels.ops import multi_lora_cuda
 
     dev = torch.device("cuda")
@@ -636,6 +611,12 @@ def test_multi_lora_cuda_graph_replay(mode):
     for step in range(3):
         x.copy_(rnd(T, in_f, dtype=dtype, device=dev))
         ids.copy_(torch.randint(-1, 8, (T,), generator=torch.Generator().manual_seed(step)))
+        slot, r_new = (3 * step + 1) % 8, [5, 16, 1][step]      # swap an adapter in
+        A[slot].zero_()
+        Bt[slot].zero_()
+        A[slot, :r_new] = rnd(r_new, in_f, dtype=dtype, device=dev, scale=in_f ** -0.5)
+        Bt[slot, :r_new] = rnd(r_new, out_f, dtype=dtype, device=dev, scale=r_new ** -0.5)
+        rk[slot], sc[slot] = r_new, 0.3 + step
         graph.replay()
         eager = y0.clone()
         multi_lora_cuda.add_lora_(eager, x, A, Bt, rk, sc, ids, mode=mode)

@@ -42,6 +42,10 @@ def _calls():
         for p in (0.0, 0.1):
             y = lk.lora_linear(x, w, b, a, bb, 0.5, p, generator=g, backend="triton")
             y.sum().backward()
+            # DoRA: the ROW_SCALE / X_SCALE flags of gemm_lowrank_kernel and keep_mask_kernel
+            m = torch.rand(20, dtype=dtype).add_(0.5).requires_grad_(True)
+            y = lk.dora_linear(x, w, b, a, bb, m, 0.5, p, generator=g, backend="triton")
+            y.sum().backward()
 
         pool = lk.AdapterPool(24, 20, 3, 8, dtype=dtype)
         pool.add("a", torch.randn(3, 24), torch.randn(20, 3), 0.5)
@@ -53,25 +57,60 @@ def _calls():
             y = lk.multi_lora_linear(xm, w, b, pool, ids, backend="triton", path=path)
             y.sum().backward()
 
+    from lora_kernels.ops import lora_tma
+    from lora_kernels.quant import quantize
+
+    for dtype in (torch.float32, torch.bfloat16):  # DoRA (row scale) and QLoRA (NF4 base)
+        x = torch.randn(5, 64, dtype=dtype, requires_grad=True)
+        w, b = torch.randn(32, 64, dtype=dtype), torch.randn(32, dtype=dtype)
+        a = torch.randn(4, 64, dtype=dtype, requires_grad=True)
+        bb = torch.randn(32, 4, dtype=dtype, requires_grad=True)
+        g = torch.Generator().manual_seed(0)
+        for p in (0.0, 0.1):
+            lk.dora_linear(x, w, b, a, bb, torch.rand(32, dtype=dtype) + 0.5, 0.5, p,
+                           generator=g, backend="triton").sum().backward()
+        lk.lora_linear(x, quantize(w, "nf4"), b, a, bb, 0.5, 0.1, generator=g,
+                       backend="triton").sum().backward()
+
+    for dtype in (torch.float32, torch.bfloat16):  # the TMA-descriptor candidate, with dropout
+        x, w = torch.randn(5, 24, dtype=dtype), torch.randn(16, 24, dtype=dtype)
+        a, bb = torch.randn(4, 24, dtype=dtype), torch.randn(16, 4, dtype=dtype)
+        seed = torch.tensor([3])
+        y, s = lora_tma.fwd(x, w, None, a, bb, 0.5, 0.1, seed)
+        lora_tma.bwd(torch.randn(5, 16, dtype=dtype),
+                     lora_tma.Saved(x, w, a, bb, s, 0.5, 0.1, seed),
+                     lora_tma.Needs(True, False, False))
+
     for cfg, dtype in ((FULL, torch.bfloat16), (CONFIGS["vec-scalar"], torch.float16),
                        (CONFIGS["mixed"], torch.float32)):
         x = torch.randn(5, 24, dtype=dtype, requires_grad=True)
         w = torch.randn(20, 24, dtype=dtype)
         sup = {k: _shrink(v) for k, v in _supports({**cfg, "C": "none"}, 3, dtype).items()}
         lk.glora_linear(x, w, None, **sup, backend="triton").sum().backward()
+    __import__("test_quant").aot_calls()  # quantized bases (kernels.quant)
 
 
-def test_all_kernels_compile_for_sm80_sm90(tmp_path):
+def recorded_launches() -> list:
+    """Every kernel's distinct launches (one per JIT specialisation) of :func:`_calls`."""
     sys.path.insert(0, str(HERE))
     from aot_tools import dedupe, record_launches
 
     launches = []
     with record_launches(launches):
         _calls()
-    launches = dedupe(launches)
+    return dedupe(launches)
+
+
+def test_all_kernels_compile_for_sm80_sm90(tmp_path):
+    launches = recorded_launches()
     names = {ln["name"] for ln in launches}
     assert names == {"gemm_lowrank_kernel", "tn_kernel", "glora_gemm_kernel", "bgmv_kernel",
-                     "sgmv_kernel", "seg_tn_kernel", "sgmv_gemm_kernel"}, names
+                     "sgmv_kernel", "seg_tn_kernel", "sgmv_gemm_kernel",
+                     "gemm_lowrank_tma_kernel", "keep_mask_kernel", "qgemm_lowrank_kernel",
+                     "splitk_epilogue_kernel"}, names
+    flags = {(ln["constexprs"]["ROW_SCALE"], ln["constexprs"]["X_SCALE"]) for ln in launches
+             if ln["name"] == "gemm_lowrank_kernel"}
+    assert flags == {(False, False), (True, False), (False, True)}, flags
     modes = {(ln["constexprs"]["A_MODE"], ln["constexprs"]["B_MODE"]) for ln in launches
              if ln["name"] == "glora_gemm_kernel"}
     assert modes == {(4, 4), (2, 1), (3, 1), (1, 2), (1, 3)}, modes

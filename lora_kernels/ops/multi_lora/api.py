@@ -66,7 +66,8 @@ def multi_lora_linear(x, weight, bias, pool, adapter_ids, *, backend=None, path=
 
     Args:
         x: ``(..., in)`` in the pool's dtype and device; any strides. ``T`` = number of rows.
-        weight: ``(out, in)`` base weight, or ``None`` to return the adapter delta alone
+        weight: ``(out, in)`` base weight (or a ``lora_kernels.quant`` quantized one), or
+            ``None`` to return the adapter delta alone
             (``y[t] = s_i x[t] A_i^T B_i^T``, autograd-aware; ``bias`` must then be None).
         bias: ``(out,)`` or ``None``.
         pool: the :class:`lora_kernels.AdapterPool` holding the adapters.
@@ -87,6 +88,14 @@ def multi_lora_linear(x, weight, bias, pool, adapter_ids, *, backend=None, path=
         require grad, and to ``pool.lora_A`` / ``pool.lora_Bt`` (dense, per slot) when the pool was
         made trainable with ``pool.requires_grad_()``.
     """
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        # a quantized base (lora_kernels.quant): its GEMM dequantises in the kernel (ops.qlora),
+        # the adapters' delta is this op's delta-only form
+        from ..qlora import quant_linear
+
+        delta = multi_lora_linear(x, None, None, pool, adapter_ids, backend=backend, path=path)
+        be = resolve_backend(backend, x.device, "multi_lora_linear")
+        return quant_linear(x, weight, bias, backend=be) + delta
     x2, plan, be = _check_common(x, pool, adapter_ids, backend, path)
     out_f = pool.out_features
     if weight is not None:

@@ -1,172 +1,27 @@
 """torch.distributed: DDP, FSDP2 and tensor-parallel adapter layers and serving pools.
 
-CPU only, gloo backend on loopback. Each world size (2 and 4 processes) is one spawn: the
-processes run every scenario registered for that size, each in its own process group with a
-short collective timeout (a desynchronised scenario errors out instead of hanging), and write
-one result per scenario; a launcher deadline kills what is left. Every scenario compares against
-a single-process reference computed in the same process from the same seed.
+Each scenario below (``@scenario(world sizes)``) runs in spawned gloo processes on CPU through
+:mod:`dist_harness` (the process harness: one spawn per world size, per-scenario process groups
+with a collective timeout, a launcher deadline) and compares against a single-process reference
+computed in the same process from the same seed.
 """
 
 from __future__ import annotations
 
 import copy
-import datetime
-import importlib.util
-import json
 import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import lora_kernels
 
-GROUP_TIMEOUT_S = 40  # per collective, inside a scenario
-DEADLINE_S = {2: 200, 4: 200}  # per world size, whole spawn (startup included)
+from dist_harness import check, launch, params, scenario, selected
+
 TOL = 1e-5  # fp32 rounding: different summation order only
-
-SCENARIOS: dict[str, tuple] = {}
-
-
-def scenario(*worlds):
-    def deco(fn):
-        SCENARIOS[fn.__name__] = (fn, worlds)
-        return fn
-    return deco
-
-
-# ----------------------------------------------------------------------------- worker side
-class Ctx:
-    def __init__(self, rank, world, pg, mesh, tmp):
-        self.rank, self.world, self.pg, self.mesh, self.tmp = rank, world, pg, mesh, tmp
-
-
-def _loopback_ifname() -> str | None:
-    for _, name in socket.if_nameindex():
-        if name.startswith("lo"):
-            return name
-    return None
-
-
-def _worker(rank, world, port, names, outdir):
-    os.environ["TRITON_INTERPRET"] = "1"  # only for layers that ask for backend="triton"
-    ifname = _loopback_ifname()
-    if ifname:
-        os.environ["GLOO_SOCKET_IFNAME"] = ifname
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    from torch.distributed.device_mesh import DeviceMesh
-
-    results = {}
-    path = os.path.join(outdir, f"rank{rank}.json")
-    for name in names:
-        t0 = time.time()
-        try:
-            pg = dist.new_group(list(range(world)), backend="gloo", timeout=timeout)
-            mesh = DeviceMesh.from_group(pg, "cpu")
-            tmp = os.path.join(outdir, name)
-            torch.manual_seed(0)
-            SCENARIOS[name][0](Ctx(rank, world, pg, mesh, tmp))
-            results[name] = {"ok": True, "time": time.time() - t0}
-        except BaseException:  # noqa: B036 - reported to the parent, which fails the test
-            results[name] = {"ok": False, "time": time.time() - t0,
-                             "error": traceback.format_exc()[-4000:]}
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f)
-        os.replace(path + ".tmp", path)
-    dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- parent side
-def _launch(world: int, outdir: str, names: list[str] | None = None) -> dict:
-    names = _names(world) if names is None else names
-    if importlib.util.find_spec("triton") is None:
-        names = [n for n in names if n not in NEEDS_TRITON]
-    for n in names:
-        os.makedirs(os.path.join(outdir, n), exist_ok=True)
-    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-    t0 = time.time()
-    ctx = mp.start_processes(_worker, args=(world, store.port, names, outdir), nprocs=world,
-                             join=False, start_method="spawn")
-    note = None
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.time() - t0 > DEADLINE_S[world]:
-                note = f"killed after the {DEADLINE_S[world]} s deadline"
-                break
-    except Exception as e:  # a worker died outside a scenario (init, crash)
-        note = f"worker failure: {e}"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    per_rank = []
-    for r in range(world):
-        path = os.path.join(outdir, f"rank{r}.json")
-        per_rank.append(json.load(open(path)) if os.path.exists(path) else {})
-    return {"per_rank": per_rank, "note": note, "wall": time.time() - t0}
-
-
-# Known limitations outside this package, as strict xfails: scenario -> (error text, reason).
-# The test fails if the scenario passes (remove the entry) or fails any other way.
-KNOWN: dict[str, tuple[str, str]] = {}
-
-
-def _check(res: dict, name: str) -> None:
-    bad = []
-    for r, got in enumerate(res["per_rank"]):
-        if name not in got:
-            bad.append(f"rank {r}: no result ({res['note'] or 'worker exited early'})")
-        elif not got[name]["ok"]:
-            bad.append(f"rank {r}:\n{got[name]['error']}")
-    msg = f"scenario {name} failed:\n" + "\n".join(bad)
-    if bad and name in KNOWN and not all(KNOWN[name][0] in b for b in bad):
-        raise RuntimeError(f"not the known limitation ({KNOWN[name][0]!r}): {msg}")
-    assert not bad, msg
-
-
-NEEDS_TRITON = {"tp_triton_interpreter"}
-
-
-def _params(world):
-    no_triton = importlib.util.find_spec("triton") is None
-    out = []
-    for n in _names(world):
-        marks = []
-        if n in KNOWN:
-            marks.append(pytest.mark.xfail(strict=True, raises=AssertionError,
-                                           reason=KNOWN[n][1]))
-        if n in NEEDS_TRITON:
-            marks.append(pytest.mark.skipif(no_triton, reason="triton is not installed"))
-        out.append(pytest.param(n, marks=marks))
-    return out
-
-
-def _selected(request, world: int) -> list[str]:
-    """The scenarios of the tests pytest selected for this world size (``-k`` runs only those)."""
-    fn = f"test_world{world}"
-    return [it.callspec.params["name"] for it in request.session.items
-            if getattr(it, "originalname", None) == fn and it.module is request.module]
-
-
-@pytest.fixture(scope="module")
-def world2(request, tmp_path_factory):
-    return _launch(2, str(tmp_path_factory.mktemp("dist2")), _selected(request, 2))
-
-
-@pytest.fixture(scope="module")
-def world4(request, tmp_path_factory):
-    return _launch(4, str(tmp_path_factory.mktemp("dist4")), _selected(request, 4))
 
 
 # ----------------------------------------------------------------------------- layers
@@ -183,6 +38,11 @@ def make_layer(kind: str, in_f: int, out_f: int, seed: int = 0, bias: bool = Tru
             lin.bias.copy_(torch.randn(out_f, generator=g) * 0.1)
     if kind == "lora":
         m = lora_kernels.LoRALinear.from_linear(lin, r=3, alpha=6.0)
+    elif kind == "lora_conv1d":  # transformers Conv1D base: weight read as a transposed view
+        from lora_kernels._conv1d import to_conv1d
+
+        m = lora_kernels.LoRALinear.from_linear(to_conv1d(lin), r=3, alpha=6.0)
+        assert m.fan_in_fan_out and m.weight.stride() == (1, out_f)
     elif kind == "nora":
         m = lora_kernels.NoRALinear.from_linear(lin, outer_rank=4, inner_rank=2, alpha=2.0)
     elif kind == "curlora":
@@ -504,6 +364,36 @@ def _tp_scenario(kind):
 
 for _k in KINDS:
     scenario(2, 4)(_tp_scenario(_k))
+scenario(2)(_tp_scenario("lora_conv1d"))  # issue 13: GPT-2 layout under TP
+
+
+@scenario(2)
+def tp_plain_conv1d(ctx):
+    """transformers' Conv1D itself (weight (in, out)) under our column / row-parallel styles:
+    weight sharded on dim 1 / dim 0, forward, input and weight gradients equal the reference."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from lora_kernels._conv1d import to_conv1d
+    from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(to_conv1d(nn.Linear(12, 8)), nn.Tanh(), to_conv1d(nn.Linear(8, 6)))
+    tp = parallelize_module(copy.deepcopy(ref), ctx.mesh,
+                            {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    assert tp[0].weight.placements == (Shard(1),) and tp[2].weight.placements == (Shard(0),)
+    assert tp[0].weight.to_local().shape == (12, 8 // ctx.world)
+    x = torch.randn(2, 3, 12)
+    xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yt = ref(xr), tp(xt)
+    assert_close(yt, yr, "forward")
+    w = torch.randn_like(yr)
+    (yr * w).sum().backward()
+    (yt * w).sum().backward()
+    assert_close(xt.grad, xr.grad, "x.grad")
+    tparams = dict(tp.named_parameters())
+    for n, p in ref.named_parameters():
+        assert_close(tparams[n].grad, p.grad, f"grad {n}")
 
 
 @scenario(2)
@@ -739,15 +629,23 @@ def tp_bad_mesh(ctx):
 
 
 # ----------------------------------------------------------------------------- pytest entry
-def _names(world):
-    return [n for n, (_, ws) in SCENARIOS.items() if world in ws]
 
 
-@pytest.mark.parametrize("name", _params(2))
+@pytest.mark.parametrize("name", params(2))
 def test_world2(world2, name):
-    _check(world2, name)
+    check(world2, name)
 
 
-@pytest.mark.parametrize("name", _params(4))
+@pytest.mark.parametrize("name", params(4))
 def test_world4(world4, name):
-    _check(world4, name)
+    check(world4, name)
+
+
+@pytest.fixture(scope="module")
+def world2(request, tmp_path_factory):
+    return launch(2, str(tmp_path_factory.mktemp("dist2")), __name__, selected(request, 2))
+
+
+@pytest.fixture(scope="module")
+def world4(request, tmp_path_factory):
+    return launch(4, str(tmp_path_factory.mktemp("dist4")), __name__, selected(request, 4))

@@ -1,0 +1,1 @@
+"""Runnable examples (``python -m lora_kernels.examples.<name>``)."""
