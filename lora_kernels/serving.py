@@ -204,18 +204,9 @@ class MultiAdapterModel(nn.Module):
         anything is written; modules of the model the adapter does not name keep the base
         weights."""
         _adapter_name(name)
-        if name in self:
+        if name in self._sums:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
-        if not isinstance(adapter, Mapping):
-            raise TypeError(f"adapter must be a dict {{module name: (lora_A, lora_B, scaling)}}, "
-                            f"got {type(adapter).__name__}")
-        if not adapter:
-            raise ValueError("adapter must name at least one module")
-        unknown = [k for k in adapter if k not in self.layers]
-        if unknown:
-            raise ValueError(f"adapter names modules that are not served: {unknown[:5]} "
-                             f"(served: {self.module_names})")
-        return self.store.add(name, adapter)
+        return self.store.add(name, adapter)     # validates every entry against its pool
 
     def prefetch(self, adapters: Sequence[str | None]) -> list[str]:
         """Start loading the adapters of a coming batch (copies overlap the current one on a

@@ -580,7 +580,8 @@ class _PerLayerPlan(nn.Module):
         return x
 
 
-def served_case(n_layers, batch, seq, hidden, r, n_adapters, dtype, device, group) -> Case:
+def served_case(n_layers, batch, seq, hidden, r, n_adapters, *, dtype, device,
+                group) -> Case:
     """A ``MultiAdapterModel`` over ``n_layers`` served linears and a batch of ``batch``
     sequences of ``seq`` tokens with their adapters in unsorted order: the batch plan is built
     once per forward (``plan_builds_per_forward``, counted while preparing) and shared by every
@@ -715,8 +716,8 @@ def cpu_cases(device, quick: bool) -> list[Case]:
         cases.append(decode_case(64, 1024, 1024, 16, 64, "uniform", f32, device))
     cases.append(prefill_case(4, 64, 512, 512, 8, f32, device))
     # the batch plan built once per forward, on a deep served model (decode and prefill shapes)
-    cases.append(served_case(32, 8, 1, 256, 8, 4, f32, device, "decode"))
-    cases.append(served_case(32, 4, 32, 256, 8, 3, f32, device, "prefill"))
+    cases.append(served_case(32, 8, 1, 256, 8, 4, dtype=f32, device=device, group="decode"))
+    cases.append(served_case(32, 4, 32, 256, 8, 3, dtype=f32, device=device, group="prefill"))
     if not quick:
         cases.append(prefill_case(4, 256, 1024, 1024, 16, f32, device))
     return cases
