@@ -11,7 +11,6 @@ from the shared :class:`_ServingState`; each layer only adds its own pool's fact
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -77,22 +76,9 @@ class ServingLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._pool_hook = None      # MultiAdapterModel: keeps its AdapterStore on this pool
         self.pool = pool
         self._state = state
         self.backend = backend
-
-    @property
-    def pool(self) -> AdapterPool:
-        return self._pool
-
-    @pool.setter
-    def pool(self, pool: AdapterPool) -> None:
-        # replaced e.g. by parallel.parallelize_server (a sharded pool): the owning server's
-        # store must write later adds into the new pool, not the old one
-        self._pool = pool
-        if self._pool_hook is not None:
-            self._pool_hook(pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._state
@@ -169,8 +155,6 @@ class MultiAdapterModel(nn.Module):
 
         # every stored adapter (any number) in host memory; the hot ones in the max_adapters slots
         self.store = AdapterStore({n: lay.pool for n, lay in self.layers.items()})
-        for n, lay in self.layers.items():
-            lay._pool_hook = functools.partial(self.store.pools.__setitem__, n)
         self._sums: dict[str, list[str]] = {}     # served sums: name -> stored parts
 
     # ------------------------------------------------------------------ adapters
