@@ -172,7 +172,7 @@ class AdapterPool:
         if torch.compiler.is_compiling():  # data-dependent: checked inside one opaque op
             return V.CHECK_IDS_OP(ids, self.ranks)
         if ids.device.type == "cpu":
-            if ids.shape[0] > 64 or not self._host_ok(ids.tolist()):   # small: host ints only
+            if not self._host_ok(ids):     # numpy on the host mirror; the check names the bad id
                 V.ids_in_slots(name, ids, self.max_adapters, self._occupied, self._loaded_desc())
             return ids.to(self.device, non_blocking=True) if self.device.type != "cpu" else ids
         if ids.device != self.device:
@@ -183,11 +183,14 @@ class AdapterPool:
         V.ids_in_slots(name, ids, self.max_adapters, self.ranks > 0, self._loaded_desc())
         return ids
 
-    def _host_ok(self, ids: list[int]) -> bool:
-        """Whether every id is -1 or an occupied slot (the host mirror; a False sends the ids
-        to :func:`~lora_kernels._validate.ids_in_slots`, which names the first bad one)."""
-        names, maxa = self._name_at, self.max_adapters
-        return all(i == -1 or (0 <= i < maxa and names[i] is not None) for i in ids)
+    def _host_ok(self, ids: torch.Tensor) -> bool:
+        """Whether every (CPU) id is -1 or an occupied slot, by numpy on the host mirror."""
+        k = ids.numpy()
+        if k.size == 0:
+            return True
+        if k.min() < -1 or k.max() >= self.max_adapters:
+            return False
+        return bool(self._occupied.numpy()[k[k >= 0]].all())
 
     def _loaded_desc(self) -> str:
         return str({n: s for n, s in self._slot_of.items()})

@@ -7,6 +7,8 @@ check), builds a :class:`~.plan.BatchPlan` for the ids (or takes the caller's), 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ... import _validate as V
@@ -56,8 +58,27 @@ def _check_common(x, pool, adapter_ids, backend, path):
         plan = _check_plan(adapter_ids, pool, T, be, path)
     else:
         ids = pool.check_ids(adapter_ids, T)
-        plan = P.build(ids, pool.max_adapters, len(pool), backend=be, path=path or "auto")
+        plan = _plan_cached(ids, pool, be, path or "auto")
     return x.reshape(T, in_f), plan, be
+
+
+_LAST: list = [None]   # (weakref to ids, ids._version, key, plan) of the last eager build
+
+
+def _plan_cached(ids: torch.Tensor, pool: AdapterPool, backend: str, path: str) -> P.BatchPlan:
+    """:func:`~.plan.build`, reusing the previous call's plan when it was built from this very
+    ids tensor, unmodified since (its ``_version``), for the same slot count, backend and path:
+    the layers of a model called with one ids tensor share one plan, as a served model's do.
+    The ids are still checked against each pool (:meth:`AdapterPool.check_ids`) every call."""
+    key = (pool.max_adapters, len(pool), backend, path)
+    if torch.compiler.is_compiling():
+        return P.build(ids, *key[:2], backend=backend, path=path)
+    last = _LAST[0]
+    if last is not None and last[0]() is ids and last[1] == ids._version and last[2] == key:
+        return last[3]
+    plan = P.build(ids, *key[:2], backend=backend, path=path)
+    _LAST[0] = (weakref.ref(ids), ids._version, key, plan)
+    return plan
 
 
 def multi_lora_linear(x, weight, bias, pool, adapter_ids, *, backend=None, path=None):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..._backend import triton_available
@@ -40,8 +41,6 @@ DECODE_TOKENS_PER_ADAPTER = 4
 DECODE_MAX_TOKENS = 16
 # the CPU path slices runs of equal ids only when they average at least this many tokens
 RUN_MIN_ROWS = 8
-# CPU batches up to this many tokens get their plan built from host ints (no tensor ops)
-HOST_BUILD_MAX_TOKENS = 64
 
 _BUILDS = [0]   # plans built so far (a plain list: readable by the benchmark and the tests)
 
@@ -199,23 +198,12 @@ def build_eager(ids: torch.Tensor, max_adapters: int, num_adapters: int, *, back
     T = ids.shape[0]
     resolved = path if path != "auto" else choose_path(T, num_adapters)
     tiles = _needs_tiles(backend) if tiles is None else tiles
-    if ids.device.type == "cpu" and T <= HOST_BUILD_MAX_TOKENS and not tiles:
-        perm, seg_off, host = _host_build(ids.tolist(), max_adapters)
+    if ids.device.type == "cpu":
+        perm, seg_off, host = _host_build(ids, max_adapters)
     else:
         perm, seg_off = sort_tokens(ids, max_adapters)
         host = torch.zeros((1 + cdiv(T, RUN_MIN_ROWS), 3), dtype=torch.int64)
-        if ids.device.type == "cpu" and T > 0:
-            ids64 = ids.long()
-            key = ids64.masked_fill((ids64 < 0) | (ids64 >= max_adapters), max_adapters)
-            vals, cnt = torch.unique_consecutive(key, return_counts=True)
-            if vals.shape[0] * RUN_MIN_ROWS <= T:
-                end = torch.cumsum(cnt, 0)
-                host[1:1 + vals.shape[0]] = torch.stack([vals, end - cnt, end], 1)
-                host[0, 2] = vals.shape[0]
-            else:
-                host[0, 2] = -1
-        else:
-            host[0, 2] = -1
+        host[0, 2] = -1                    # runs of GPU ids are not read (that would sync)
     tt = tile_table(seg_off, T, _tiles.block_m("prefill")) if tiles else None
     ft = (tile_table(seg_off, T, _tiles.block_m("fused"), include_base=True)
           if tiles and resolved == "prefill_fused" else None)
@@ -223,30 +211,26 @@ def build_eager(ids: torch.Tensor, max_adapters: int, num_adapters: int, *, back
     return BatchPlan(ids, path, perm, seg_off, tt, ft, host)
 
 
-def _host_build(ids: list[int], max_adapters: int):
-    """:func:`sort_tokens` and the run table in Python, for small CPU batches (a counting sort
-    over T host ints: a few microseconds, where ~12 tensor ops cost ~10x more)."""
-    T = len(ids)
-    keys = [i if 0 <= i < max_adapters else max_adapters for i in ids]
-    off = [0] * (max_adapters + 2)
-    for k in keys:
-        off[k + 1] += 1
-    for a in range(max_adapters + 1):
-        off[a + 1] += off[a]
-    pos, perm = off[:-1], [0] * T
-    for t, k in enumerate(keys):                  # stable: tokens of one key keep their order
-        perm[pos[k]] = t
-        pos[k] += 1
-    runs, start = [], 0
-    for t in range(1, T + 1):
-        if t == T or keys[t] != keys[start]:
-            runs.append([keys[start], start, t])
-            start = t
-    n_runs = len(runs) if len(runs) * RUN_MIN_ROWS <= T else -1
-    rows = [[0, 0, n_runs]] + (runs if n_runs >= 0 else [])
-    rows += [[0, 0, 0]] * (1 + cdiv(T, RUN_MIN_ROWS) - len(rows))
-    return (torch.tensor(perm, dtype=torch.int64), torch.tensor(off, dtype=torch.int64),
-            torch.tensor(rows, dtype=torch.int64))
+def _host_build(ids: torch.Tensor, max_adapters: int):
+    """CPU ids: :func:`sort_tokens` and the run table with numpy on the host (~10 numpy calls,
+    a few microseconds each, where the same tensor ops cost ~10x more on a busy CPU)."""
+    T = ids.shape[0]
+    k = ids.numpy().astype(np.int64)
+    key = np.where((k >= 0) & (k < max_adapters), k, max_adapters)
+    perm = np.argsort(key, kind="stable")
+    off = np.zeros(max_adapters + 2, dtype=np.int64)
+    np.cumsum(np.bincount(key, minlength=max_adapters + 1), out=off[1:])
+    host = np.zeros((1 + cdiv(T, RUN_MIN_ROWS), 3), dtype=np.int64)
+    starts = np.flatnonzero(np.diff(key)) + 1 if T else np.zeros(0, dtype=np.int64)
+    n_runs = starts.shape[0] + 1 if T else 0
+    if n_runs * RUN_MIN_ROWS <= T:
+        host[1:1 + n_runs, 0] = key[np.concatenate(([0], starts))] if T else 0
+        host[1:1 + n_runs, 1] = np.concatenate(([0], starts))
+        host[1:1 + n_runs, 2] = np.concatenate((starts, [T]))
+    else:
+        n_runs = -1
+    host[0, 2] = n_runs
+    return torch.from_numpy(perm), torch.from_numpy(off), torch.from_numpy(host)
 
 
 def _tile_counts(T: int, max_adapters: int) -> tuple[int, int]:
