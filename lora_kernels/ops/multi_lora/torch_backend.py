@@ -62,12 +62,15 @@ def dense_add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) -> 
     maxa, maxr = P.shape[:2]
     T = x.shape[0]
     acc = _acc(y.dtype)
-    ids = plan.ids.long()
-    slots = torch.arange(maxa, device=x.device)
-    own = (ids[:, None] == slots[None, :]) & (view.ranks > 0)[None, :]         # (T, MAXA)
+    clean = _all_adapted(view, plan)       # host: no base-only token, no empty slot named
+    own = plan.ids.long()[:, None] == torch.arange(maxa, device=x.device)[None, :]  # (T, MAXA)
+    if not clean:
+        own &= (view.ranks > 0)[None, :]
     w = torch.where(own, view.scalings.to(acc)[None, :], 0.0)                 # (T, MAXA)
     S = torch.mm(x.to(acc), P.reshape(maxa * maxr, -1).to(acc).t()).view(T, maxa, maxr)
-    S = torch.where(own[:, :, None], S, 0.0).mul_(w[:, :, None]).view(T, maxa * maxr)
+    if not clean:                       # masked rows may hold NaN (x of base-only tokens)
+        S = torch.where(own[:, :, None], S, 0.0)
+    S = S.mul_(w[:, :, None]).view(T, maxa * maxr)
     Qf = Q.reshape(maxa * maxr, -1).to(acc)
     if y.dtype == acc:
         y.addmm_(S, Qf)
