@@ -576,7 +576,9 @@ class _PerLayerPlan(nn.Module):
         from lora_kernels import multi_lora_linear
 
         for lay in self.layers:
-            x = torch.tanh(multi_lora_linear(x, lay.weight, lay.bias, lay.pool, self.ids))
+            # a fresh ids tensor per layer: no plan reuse across layers (the old behaviour)
+            x = torch.tanh(multi_lora_linear(x, lay.weight, lay.bias, lay.pool,
+                                             self.ids.clone()))
         return x
 
 
