@@ -172,7 +172,8 @@ class AdapterPool:
         if torch.compiler.is_compiling():  # data-dependent: checked inside one opaque op
             return V.CHECK_IDS_OP(ids, self.ranks)
         if ids.device.type == "cpu":
-            V.ids_in_slots(name, ids, self.max_adapters, self._occupied, self._loaded_desc())
+            if not self._host_ok(ids):     # numpy on the host mirror; the check names the bad id
+                V.ids_in_slots(name, ids, self.max_adapters, self._occupied, self._loaded_desc())
             return ids.to(self.device, non_blocking=True) if self.device.type != "cpu" else ids
         if ids.device != self.device:
             raise ValueError(f"{name} must be on the CPU or on the pool's device {self.device}, "
@@ -181,6 +182,15 @@ class AdapterPool:
             return ids
         V.ids_in_slots(name, ids, self.max_adapters, self.ranks > 0, self._loaded_desc())
         return ids
+
+    def _host_ok(self, ids: torch.Tensor) -> bool:
+        """Whether every (CPU) id is -1 or an occupied slot, by numpy on the host mirror."""
+        k = ids.numpy()
+        if k.size == 0:
+            return True
+        if k.min() < -1 or k.max() >= self.max_adapters:
+            return False
+        return bool(self._occupied.numpy()[k[k >= 0]].all())
 
     def _loaded_desc(self) -> str:
         return str({n: s for n, s in self._slot_of.items()})

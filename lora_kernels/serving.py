@@ -11,7 +11,6 @@ from the shared :class:`_ServingState`; each layer only adds its own pool's fact
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -113,25 +112,12 @@ class ServingLinear(nn.Module):
         # a bitsandbytes Linear4bit's weight: an NF4Weight taken as it is (ops.qlora)
         self.weight = _qlora.serving_base(linear)[0]
         self.bias = linear.bias
-        self._pool_hook = None      # MultiAdapterModel: keeps its AdapterStore on this pool
         self.pool = pool
         self._state = state
         self.backend = backend
         # DoRA adapters: name -> g = m / ||W + s B A||_row (out,) fp32 on the weight's device; the
         # pool holds their LoRA factors, the output row scale is applied after the fused op
         self.dora_g: dict[str, torch.Tensor] = {}
-
-    @property
-    def pool(self) -> AdapterPool:
-        return self._pool
-
-    @pool.setter
-    def pool(self, pool: AdapterPool) -> None:
-        # replaced e.g. by parallel.parallelize_server (a sharded pool): the owning server's
-        # store must write later adds into the new pool, not the old one
-        self._pool = pool
-        if self._pool_hook is not None:
-            self._pool_hook(pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._state
@@ -234,8 +220,6 @@ class MultiAdapterModel(nn.Module):
 
         # every stored adapter (any number) in host memory; the hot ones in the max_adapters slots
         self.store = AdapterStore({n: lay.pool for n, lay in self.layers.items()})
-        for n, lay in self.layers.items():
-            lay._pool_hook = functools.partial(self.store.pools.__setitem__, n)
         self._sums: dict[str, list[str]] = {}     # served sums: name -> stored parts
 
     # ------------------------------------------------------------------ adapters
@@ -275,7 +259,7 @@ class MultiAdapterModel(nn.Module):
         after the multi-LoRA op), so DoRA and LoRA adapters mix in one batch."""
         self._live()
         _adapter_name(name)
-        if name in self:
+        if name in self._sums:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
         if not isinstance(adapter, Mapping):
             raise TypeError(f"adapter must be a dict {{module name: (lora_A, lora_B, scaling)}}, "

@@ -171,3 +171,27 @@ def test_compile_served_model_fullgraph_no_recompiles(base):
         assert torch.equal(whole(ids, adapters=["c", None, "a", "c"]).logits,
                            server(ids, adapters=["c", None, "a", "c"]).logits)
     torch._dynamo.reset()
+
+
+def test_functional_plan_reuse_follows_in_place_id_changes():
+    """Calls with one ids tensor reuse its plan; an in-place change of the ids (its _version)
+    rebuilds it, and the pool check still runs on every call."""
+    pool = lk.AdapterPool(8, 6, 3, 2, device=DEVICE)
+    pool.add("a", torch.randn(2, 8), torch.randn(6, 2))
+    pool.add("b", torch.randn(1, 8), torch.randn(6, 1), 2.0)
+    ids = torch.tensor([0, 1, -1, 0] * 8)
+    x = randn(32, 8)
+    factors = {pool.slot(n): tuple(t.double().cpu() if torch.is_tensor(t) else t
+                                   for t in pool.get(n)) for n in pool.names()}
+    b0 = MP.builds()
+    lk.multi_lora_linear(x, None, None, pool, ids)
+    lk.multi_lora_linear(x, None, None, pool, ids)
+    assert MP.builds() - b0 == 1
+    ids[:4] = torch.tensor([1, 1, 0, -1])
+    y = lk.multi_lora_linear(x, None, None, pool, ids)
+    assert MP.builds() - b0 == 2
+    assert_close(y, ref.multi_lora_linear(x.double().cpu(), None, None, factors, ids),
+                 torch.float32)
+    pool.remove("b")
+    with pytest.raises(ValueError, match="free slot"):
+        lk.multi_lora_linear(x, None, None, pool, ids)

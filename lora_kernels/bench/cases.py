@@ -548,10 +548,14 @@ def prefill_case(n_seg, seg_len, K, N, r, dtype, device) -> Case:
 class _LinearStack(nn.Module):
     """A batch-first stand-in for a deep model: ``n`` square ``nn.Linear``s with tanh between."""
 
-    def __init__(self, n: int, hidden: int, dtype, device):
+    def __init__(self, n: int, hidden: int, dtype, device, g):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden, dtype=dtype, device=device)
                                     for _ in range(n))
+        with torch.no_grad():
+            for lin in self.layers:     # seeded: every implementation builds the same stack
+                lin.weight.copy_(_randn(lin.weight.shape, dtype, device, g, hidden ** -0.5))
+                lin.bias.copy_(_randn(lin.bias.shape, dtype, device, g, 0.1))
 
     def forward(self, x):
         for lin in self.layers:
@@ -572,12 +576,14 @@ class _PerLayerPlan(nn.Module):
         from lora_kernels import multi_lora_linear
 
         for lay in self.layers:
-            x = torch.tanh(multi_lora_linear(x, lay.weight, lay.bias, lay.pool, self.ids))
+            # a fresh ids tensor per layer: no plan reuse across layers (the old behaviour)
+            x = torch.tanh(multi_lora_linear(x, lay.weight, lay.bias, lay.pool,
+                                             self.ids.clone()))
         return x
 
 
-def served_case(n_layers, batch, seq, hidden, r, n_adapters, dtype, device, *,
-                group: str) -> Case:
+def served_case(n_layers, batch, seq, hidden, r, n_adapters, *, dtype, device,
+                group) -> Case:
     """A ``MultiAdapterModel`` over ``n_layers`` served linears and a batch of ``batch``
     sequences of ``seq`` tokens with their adapters in unsorted order: the batch plan is built
     once per forward (``plan_builds_per_forward``, counted while preparing) and shared by every
@@ -597,7 +603,7 @@ def served_case(n_layers, batch, seq, hidden, r, n_adapters, dtype, device, *,
         from lora_kernels import MultiAdapterModel
 
         g = _gen(dev, 77)
-        model = _LinearStack(n_layers, hidden, dtype, dev)
+        model = _LinearStack(n_layers, hidden, dtype, dev, g)
         server = MultiAdapterModel(model, [f"layers.{i}" for i in range(n_layers)],
                                    max_adapters=n_adapters, max_rank=r)
         for j in range(n_adapters):
@@ -712,8 +718,8 @@ def cpu_cases(device, quick: bool) -> list[Case]:
         cases.append(decode_case(64, 1024, 1024, 16, 64, "uniform", f32, device))
     cases.append(prefill_case(4, 64, 512, 512, 8, f32, device))
     # the batch plan built once per forward, on a deep served model (decode and prefill shapes)
-    cases.append(served_case(32, 8, 1, 256, 8, 4, f32, device, group="decode"))
-    cases.append(served_case(32, 4, 32, 256, 8, 3, f32, device, group="prefill"))
+    cases.append(served_case(32, 8, 1, 256, 8, 4, dtype=f32, device=device, group="decode"))
+    cases.append(served_case(32, 4, 32, 256, 8, 3, dtype=f32, device=device, group="prefill"))
     if not quick:
         cases.append(prefill_case(4, 256, 1024, 1024, 16, f32, device))
     return cases

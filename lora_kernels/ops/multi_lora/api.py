@@ -7,6 +7,8 @@ check), builds a :class:`~.plan.BatchPlan` for the ids (or takes the caller's), 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ... import _validate as V
@@ -56,8 +58,34 @@ def _check_common(x, pool, adapter_ids, backend, path):
         plan = _check_plan(adapter_ids, pool, T, be, path)
     else:
         ids = pool.check_ids(adapter_ids, T)
-        plan = P.build(ids, pool.max_adapters, len(pool), backend=be, path=path or "auto")
+        plan = _plan_cached(ids, pool, be, path or "auto")
     return x.reshape(T, in_f), plan, be
+
+
+# id(ids) -> (weakref to ids, its _version, key, its plan without ids): a freed ids tensor drops
+# its entry (weakref callback); the stored plan holds no reference back to the ids
+_PLANS: dict[int, tuple] = {}
+
+
+def _plan_cached(ids: torch.Tensor, pool: AdapterPool, backend: str, path: str) -> P.BatchPlan:
+    """:func:`~.plan.build`, reusing the plan last built from this very ids tensor when it is
+    unmodified since (its ``_version``) and the slot count, backend and path match: the layers
+    of a model called with one ids tensor share one plan, as a served model's do. The ids are
+    still checked against each pool (:meth:`AdapterPool.check_ids`) on every call."""
+    key = (pool.max_adapters, len(pool), backend, path)
+    if torch.compiler.is_compiling():
+        return P.build(ids, *key[:2], backend=backend, path=path)
+    hit = _PLANS.get(id(ids))
+    if hit is not None and hit[0]() is ids and hit[1] == ids._version and hit[2] == key:
+        return hit[3]._replace(ids=ids)
+    plan = P.build(ids, *key[:2], backend=backend, path=path)
+    _PLANS[id(ids)] = (weakref.ref(ids, _forget(id(ids))), ids._version, key,
+                       plan._replace(ids=None))
+    return plan
+
+
+def _forget(k: int):
+    return lambda _: _PLANS.pop(k, None)
 
 
 def multi_lora_linear(x, weight, bias, pool, adapter_ids, *, backend=None, path=None,

@@ -6,6 +6,8 @@ for the kernels). Two strategies, both computing ``y[t] += s_i (x[t] P_i^T) Q_i`
   forward): per run of equal ids, two GEMMs on row slices of x and y at the adapter's real rank,
   in place (``addmm_``). No gather, no scatter, no copy: a served mixed batch is batch-first, so
   each sequence is one run whatever the order of its adapters.
+* dense (CPU decode, small pools: MAXA*MAXR <= 256 rank rows): two GEMMs over every slot's
+  factors at once, a per-token mask keeping each token's own slot (no factor gather).
 * gather (decode, fragmented batches, GPU tensors): per token, its adapter's factors gathered
   into ``(T, rb, in|out)`` and two batched GEMMs in fp32 (chunked over tokens). No host sync, so
   a CUDA graph can capture it.
@@ -24,6 +26,8 @@ from ...pool import PoolView
 from .plan import BatchPlan
 
 _CHUNK_ELEMS = 1 << 22
+# CPU decode: pools of at most this many rank rows (max_adapters * max_rank) use dense_add_
+DENSE_MAX_SLOT_ROWS = 256
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -36,13 +40,42 @@ def _factors(view: PoolView, swap: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) -> None:
     """In place ``y[t] += s_i (x[t] P_i^T) Q_i`` (``swap``: P = lora_Bt, Q = lora_A)."""
-    runs = None
-    if x.device.type == "cpu" and plan.resolved_path() != "decode":
-        runs = plan.runs()
+    cpu = x.device.type == "cpu"
+    decode = plan.resolved_path() == "decode"
+    runs = plan.runs() if cpu and not decode else None
     if runs is not None:
         runs_add_(y, x, view, runs, swap=swap)
+    elif cpu and view.lora_A.shape[0] * view.lora_A.shape[1] <= DENSE_MAX_SLOT_ROWS:
+        dense_add_(y, x, view, plan, swap=swap)
     else:
         gather_add_(y, x, view, plan, swap=swap)
+
+
+def dense_add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) -> None:
+    """The dense strategy (CPU, small pools): ``S = x P_all^T`` over every slot's rank rows at
+    once (one GEMM, (T, MAXA*MAXR)), each token's own slot kept (scaled) and the rest zeroed,
+    then ``y += S Q_all`` (one GEMM). No gather of the factors: for a pool of MAXA*MAXR <=
+    DENSE_MAX_SLOT_ROWS rank rows the two GEMMs cost less than gathering (T, r, in|out) copies.
+    Base-only / empty-slot tokens get an exact zero update (their S rows are zeroed by mask,
+    so NaN in their x cannot leak)."""
+    P, Q = _factors(view, swap)
+    maxa, maxr = P.shape[:2]
+    T = x.shape[0]
+    acc = _acc(y.dtype)
+    clean = _all_adapted(view, plan)       # host: no base-only token, no empty slot named
+    own = plan.ids.long()[:, None] == torch.arange(maxa, device=x.device)[None, :]  # (T, MAXA)
+    if not clean:
+        own &= (view.ranks > 0)[None, :]
+    w = torch.where(own, view.scalings.to(acc)[None, :], 0.0)                 # (T, MAXA)
+    S = torch.mm(x.to(acc), P.reshape(maxa * maxr, -1).to(acc).t()).view(T, maxa, maxr)
+    if not clean:                       # masked rows may hold NaN (x of base-only tokens)
+        S = torch.where(own[:, :, None], S, 0.0)
+    S = S.mul_(w[:, :, None]).view(T, maxa * maxr)
+    Qf = Q.reshape(maxa * maxr, -1).to(acc)
+    if y.dtype == acc:
+        y.addmm_(S, Qf)
+    else:
+        y.copy_((y.to(acc) + S @ Qf).to(y.dtype))
 
 
 def runs_add_(y, x, view: PoolView, runs, *, swap: bool = False) -> None:
