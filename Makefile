@@ -9,7 +9,7 @@ export TRITON_INTERPRET ?= 1
 # tests only relinks instead of recompiling every kernel: ~60 s saved on 2 cores).
 install:
 	$(PY) -m pip install -q "setuptools>=64" wheel "pybind11>=2.11" "cmake>=3.24"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,peft,plot,progress]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,peft,plot,progress,quant]"
 
 # The main job: fine-tune, merge and serve adapters on a tiny model (CPU by default).
 # Outputs go to runs/ (untracked); `make demo-reference` refreshes the committed bench/results/.

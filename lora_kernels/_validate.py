@@ -134,3 +134,65 @@ def lora_factors(lora_A, lora_B, x, in_f: int, out_f: int,
     same_dtype("x", x, **{na: lora_A, nb: lora_B})
     same_device("x", x, **{na: lora_A, nb: lora_B})
     return r
+
+
+# ----------------------------------------------------------------------------- adapter ids
+def adapter_ids(name: str, ids, num_tokens: int) -> torch.Tensor:
+    """Type and shape of per-token adapter ids: a 1-D int32/int64 tensor (or a list of ints) of
+    length ``num_tokens``; returns it as a tensor (values are checked by :func:`ids_in_slots`)."""
+    if isinstance(ids, (list, tuple)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise TypeError(f"{name} as a list must hold ints")
+        ids = torch.tensor(ids, dtype=torch.int64)
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be an int32/int64 tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype int32 or int64, got {ids.dtype}")
+    if ids.dim() != 1 or ids.shape[0] != num_tokens:
+        raise ValueError(f"{name} must have shape ({num_tokens},) (one id per token of x), "
+                         f"got {tuple(ids.shape)}")
+    return ids
+
+
+def ids_in_slots(name: str, ids: torch.Tensor, max_adapters: int,
+                 occupied: torch.Tensor | None = None, loaded: str = "") -> None:
+    """THE adapter-id check (every caller uses this one): each id is ``-1`` (base only) or a slot
+    in ``[0, max_adapters)``, and, when ``occupied`` (bool ``(max_adapters,)`` on ids' device) is
+    given, an occupied slot. Raises ``ValueError`` naming the first bad token. One host read of
+    one bool (a device sync when ids live on a GPU)."""
+    if ids.numel() == 0:
+        return
+    bad = (ids < -1) | (ids >= max_adapters)
+    free = None
+    if occupied is not None:
+        free = (ids >= 0) & ~bad & ~occupied[ids.clamp(0, max_adapters - 1).long()]
+        if not bool((bad | free).any()):
+            return
+    elif not bool(bad.any()):
+        return
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{t}] = {int(ids[t])} is outside the pool: ids must be -1 "
+                         f"(base only) or a slot in [0, {max_adapters})")
+    t = int(free.nonzero()[0, 0])
+    raise ValueError(f"{name}[{t}] = {int(ids[t])} names a free slot (no adapter loaded "
+                     f"there{'; loaded: ' + loaded if loaded else ''})")
+
+
+def _check_ids_impl(ids: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """``ids`` copied to ``ranks``' device after :func:`ids_in_slots` against the slots with a
+    nonzero rank: the check ``AdapterPool.check_ids`` runs under ``torch.compile`` (as the
+    registered op ``lora_kernels::check_ids``), where a data-dependent ``if`` would break the
+    graph."""
+    ids_in_slots("adapter_ids", ids.to(ranks.device), ranks.shape[0], ranks > 0)
+    return ids.to(ranks.device, copy=True)
+
+
+def _define_check_ids():
+    from .ops._register import define_op
+
+    return define_op("lora_kernels::check_ids", _check_ids_impl,
+                     fake=lambda ids, ranks: torch.empty_like(ids, device=ranks.device))
+
+
+CHECK_IDS_OP = _define_check_ids()

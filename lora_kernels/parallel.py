@@ -257,6 +257,7 @@ def register_tp_plan(cls: type, plan: TPPlan) -> None:
 
 def _plan_for(module: nn.Module) -> TPPlan | None:
     _register_builtin()
+    _register_conv1d(module)
     for c in type(module).__mro__:
         if c in _PLANS:
             return _PLANS[c]
@@ -444,6 +445,42 @@ def _register_builtin() -> None:
             describe=_serving_desc, sharded_dims=_base_dims, setup=_serving_setup))
 
 
+# transformers Conv1D (GPT-2) ------------------------------------------------------------------
+# weight (in, out): column-parallel shards its dim 1 (output columns) and the bias, row-parallel
+# its dim 0 (input rows); the local product is x_loc @ W_loc (+ b once), read through the
+# (out, in) view W_loc.t() by F.linear (no copy).
+def _conv1d_shard(m, mode):
+    return {"weight": 1, "bias": 0} if mode == COLWISE else {"weight": 0}
+
+
+def _conv1d_dims(m, mode):
+    return ({"out_features": m.weight.shape[1]} if mode == COLWISE else
+            {"in_features": m.weight.shape[0]})
+
+
+def _conv1d_desc(m):
+    return {"type": type(m).__name__, "weight": tuple(m.weight.shape),
+            "params": {n: (tuple(p.shape), str(p.dtype), p.requires_grad)
+                       for n, p in m.named_parameters()}}
+
+
+def _conv1d_forward(m, x, L):
+    import torch.nn.functional as F
+
+    return F.linear(x, L(m.weight).t(), L.once(m.bias))
+
+
+def _register_conv1d(module) -> None:
+    """Register the plan of transformers' ``Conv1D`` the first time one is parallelized (the
+    class exists only once transformers is loaded; it is never imported here)."""
+    from ._conv1d import conv1d_class, is_conv1d
+
+    if is_conv1d(module) and conv1d_class() not in _PLANS:
+        register_tp_plan(conv1d_class(), TPPlan(shard=_conv1d_shard, forward=_conv1d_forward,
+                                                describe=_conv1d_desc,
+                                                sharded_dims=_conv1d_dims))
+
+
 # ----------------------------------------------------------------------------- the styles
 @dataclass
 class _TPState:
@@ -522,7 +559,8 @@ class _AdapterParallel(ParallelStyle):
         if hasattr(module, "_lk_tp"):
             err = f"{type(module).__name__} is already tensor-parallel"
         elif plan is None:
-            err = (f"{type(module).__name__} is not a supported layer (expected nn.Linear or a "
+            err = (f"{type(module).__name__} is not a supported layer (expected nn.Linear, "
+                   "transformers Conv1D or a "
                    f"lora_kernels adapter layer: {', '.join(c.__name__ for c in _PLANS)})")
         else:
             meta = plan.describe(module)
@@ -752,4 +790,7 @@ def parallelize_server(server, mesh_or_group, plan: dict) -> object:
             chosen[n] = (style if isinstance(style, ParallelStyle) else
                          ColwiseParallel() if mode == COLWISE else RowwiseParallel())
     parallelize_module(server.model, mesh, chosen)
+    store = getattr(server, "store", None)
+    if store is not None:  # the store writes swapped-in adapters into the (now sharded) pools
+        store.pools = {n: server.layers[n].pool for n in store.pools}
     return server

@@ -13,7 +13,8 @@ Per call, the patched forward computes exactly PEFT's ``lora.Linear.forward``::
 
     y = base(x) + sum_{a in active adapters} scaling[a] * lora_B[a](lora_A[a](dropout[a](x)))
 
-with the base GEMM and the first active adapter in one fused op (``scaling[a]`` is PEFT's, so
+with the base GEMM and the first active adapter in one fused op (:func:`lora_kernels.dora_linear`
+for a DoRA adapter, ``use_dora=True``, when it is the only active one; ``scaling[a]`` is PEFT's, so
 rsLoRA's ``alpha / sqrt(r)`` and ``rank_pattern`` / ``alpha_pattern`` are whatever PEFT set;
 ``dropout[a]`` is PEFT's ``nn.Dropout``: its ``p`` goes to our fused dropout when that module is in
 training mode; the masks come from our RNG stream, not ``nn.Dropout``'s, so with dropout > 0 a
@@ -23,8 +24,8 @@ whenever the fused op would not compute the same thing:
 
 * adapters disabled (``with model.disable_adapter():``), merged (``merge_adapter()``), or a mixed
   batch (``adapter_names=``), or any extra forward argument;
-* an active adapter that is a PEFT *variant* (other than DoRA, below) or has a LoRA bias
-  (``lora_bias=True``); a DoRA adapter (``use_dora=True``) that is not the only active one;
+* an active adapter that is a PEFT *variant* other than DoRA, a DoRA adapter active together
+  with others, or an adapter with a LoRA bias (``lora_bias=True``);
 * dtypes that differ between x, the base weight and the factors (e.g. PEFT's fp32 adapters on a
   bf16 base: PEFT computes that branch in fp32), or autocast enabled.
 
@@ -32,9 +33,13 @@ A DoRA adapter (``use_dora=True``), the only active one, runs on :func:`lora_ker
 with PEFT's ``lora_magnitude_vector[a].weight``: the same output (PEFT's dropout semantics
 included, ``ops.dora``) and gradients to ``lora_A``, ``lora_B`` and the magnitude.
 
-Layers that are not PEFT LoRA ``Linear``s over a plain ``nn.Linear`` / ``Conv1D`` (embedding and
-convolution LoRA, bitsandbytes / GPTQ / HQQ bases, ``target_parameters``) are left to PEFT; one
-warning lists them, and the adapters that will always fall back.
+QLoRA: a PEFT LoRA ``Linear`` (or PEFT's ``bnb.Linear4bit``, its class on CUDA; unverified on a
+GPU) over a bitsandbytes NF4 ``Linear4bit`` runs on the fused op with the
+packed NF4 codes read as they are (:meth:`lora_kernels.quant.NF4Weight.from_bnb`, cached, rebuilt
+when PEFT replaces the base weight). Layers that are not PEFT LoRA ``Linear``s over a plain
+``nn.Linear`` / ``Conv1D`` / NF4 ``Linear4bit`` (embedding and convolution LoRA, 8-bit / GPTQ /
+HQQ bases, ``target_parameters``) are left to PEFT; one warning lists
+them, and the adapters that will always fall back.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from ._conv1d import conv1d_class
 
 _FLAG = "_lora_kernels_patched"
 _BACKEND = "_lora_kernels_backend"
+_QW = "_lora_kernels_qweight"   # (bnb Params4bit, its data_ptr, NF4Weight) of a 4-bit base
 
 
 def _peft_lora():
@@ -60,27 +66,63 @@ def _peft_lora():
 
 
 def _plain_base(base) -> bool:
-    """Whether ``base`` is a plain ``nn.Linear`` / ``Conv1D`` (no subclass overriding forward,
-    e.g. bitsandbytes' ``Linear4bit`` is an ``nn.Linear`` subclass)."""
+    """Whether ``base`` is a plain ``nn.Linear`` / ``Conv1D`` (no subclass overriding forward)
+    or a bitsandbytes NF4 ``Linear4bit`` (an ``nn.Linear`` subclass; its packed weight is read
+    as it is through :meth:`lora_kernels.quant.NF4Weight.from_bnb`)."""
     conv = conv1d_class()
     if conv is not None and isinstance(base, conv):
         return type(base).forward is conv.forward
+    if _is_bnb4(base):
+        return True
     return isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
 
 
+def _is_bnb4(base) -> bool:
+    from .quant import is_bnb_linear4bit
+
+    qs = getattr(getattr(base, "weight", None), "quant_state", None)
+    return is_bnb_linear4bit(base) and getattr(qs, "quant_type", None) == "nf4"
+
+
+def _base_weight(layer):
+    """The ``(out, in)`` base weight the fused op reads: ``nn.Linear.weight``, a Conv1D's
+    ``weight.t()`` view, or a bnb NF4 weight wrapped (codes referenced, not copied) and cached
+    until the layer's base weight object or storage changes (PEFT's merge / unmerge re-quantise
+    it). None when a bnb weight cannot be wrapped (e.g. repacked for bitsandbytes' CPU kernel):
+    the caller then runs PEFT's forward."""
+    base = layer.base_layer
+    if not _is_bnb4(base):
+        return base.weight if isinstance(base, nn.Linear) else base.weight.t()
+    src = base.weight
+    cache = getattr(layer, _QW, None)
+    if cache is None or cache[0] is not src or cache[1] != src.data_ptr():
+        from .quant import NF4Weight
+
+        try:
+            qw = NF4Weight.from_bnb(src)
+        except ValueError:
+            return None
+        cache = (src, src.data_ptr(), qw)
+        setattr(layer, _QW, cache)
+    return cache[2]
+
+
+def _is_dora(layer, adapter: str) -> bool:
+    """Whether ``adapter`` of a PEFT LoRA layer is a plain DoRA adapter (``use_dora=True``: PEFT's
+    ``DoraLinearVariant``), which :func:`lora_kernels.dora_linear` computes."""
+    v = (getattr(layer, "lora_variant", {}) or {}).get(adapter)
+    return (v is not None and (getattr(layer, "use_dora", {}) or {}).get(adapter, False)
+            and getattr(v, "__name__", type(v).__name__) == "DoraLinearVariant"
+            and adapter in getattr(layer, "lora_magnitude_vector", {}))
+
+
 def _variant_adapters(layer) -> list[str]:
-    """Adapters of a PEFT LoRA layer that the fused op cannot compute (variants such as DoRA,
+    """Adapters of a PEFT LoRA layer that the fused ops never compute (variants other than DoRA,
     LoRA biases)."""
     bad = {a for a in (getattr(layer, "lora_variant", {}) or {}) if not _is_dora(layer, a)}
     bad |= {a for a, v in (getattr(layer, "lora_bias", {}) or {}).items() if v}
     bad |= {a for a, m in layer.lora_B.items() if getattr(m, "bias", None) is not None}
     return sorted(bad)
-
-
-def _is_dora(layer, a) -> bool:
-    """Whether adapter ``a`` of a PEFT LoRA layer is a DoRA adapter (``use_dora=True``)."""
-    return bool((getattr(layer, "use_dora", {}) or {}).get(a, False)) and a in (
-        getattr(layer, "lora_magnitude_vector", None) or {})
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -98,14 +140,17 @@ def _fused_forward(self, x, *args, **kwargs):
         return base(x)
     variants = getattr(self, "lora_variant", {}) or {}
     lora_bias = getattr(self, "lora_bias", {}) or {}
-    # Conv1D: its (in, out) weight read through the (out, in) view, no copy
-    W = base.weight.t() if not isinstance(base, nn.Linear) else base.weight
+    W = _base_weight(self)   # Conv1D: the (out, in) view; bnb 4-bit: the wrapped NF4 codes
+    if W is None:
+        return orig(self, x)
     b = base.bias
-    dora = _is_dora(self, active[0])
+    # DoRA: fused only as the one active adapter (PEFT feeds a second adapter's DoRA term the
+    # running result, earlier adapters included, as its "base" output)
+    dora = len(active) == 1 and _is_dora(self, active[0])
     for a in active:
         A, B = self.lora_A[a].weight, self.lora_B[a].weight
-        if ((a in variants and not (dora and len(active) == 1))
-                or lora_bias.get(a, False) or self.lora_B[a].bias is not None
+        if ((a in variants and not dora) or lora_bias.get(a, False)
+                or self.lora_B[a].bias is not None
                 or A.dtype != x.dtype or B.dtype != x.dtype or W.dtype != x.dtype
                 or (b is not None and b.dtype != x.dtype)):
             return orig(self, x)
@@ -118,12 +163,16 @@ def _fused_forward(self, x, *args, **kwargs):
     if dora:
         from .ops.dora import dora_linear
 
+        if not isinstance(W, torch.Tensor):   # DoRA over a 4-bit base: PEFT's forward
+            return orig(self, x)
+
         mag = self.lora_magnitude_vector[first].weight
         if mag.dtype != x.dtype:
             return orig(self, x)
         return dora_linear(x, W, b, self.lora_A[first].weight, self.lora_B[first].weight, mag,
                            float(self.scaling[first]), p_of(first),
                            backend=getattr(self, _BACKEND))
+
     y = lora_linear(x, W, b, self.lora_A[first].weight, self.lora_B[first].weight,
                     float(self.scaling[first]), p_of(first), backend=getattr(self, _BACKEND))
     for a in rest:  # PEFT's own expression for the further active adapters
@@ -154,7 +203,9 @@ def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Modul
     for name, m in peft_model.named_modules():
         if not isinstance(m, L.LoraLayer):
             continue
-        if type(m) is L.Linear and _plain_base(m.base_layer):
+        peft_bnb4 = (type(m).__name__ == "Linear4bit"
+                     and type(m).__module__ == "peft.tuners.lora.bnb")  # PEFT's CUDA QLoRA class
+        if (type(m) is L.Linear or peft_bnb4) and _plain_base(m.base_layer):
             targets.append(m)
             bad = _variant_adapters(m)
             if bad:
@@ -175,8 +226,8 @@ def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Modul
         if left:
             msg.append(f"{len(left)} left to PEFT (not fusable): {left}")
         if partial:
-            msg.append("these adapters always run PEFT's forward (DoRA / variants / LoRA "
-                       f"bias): {partial}")
+            msg.append("these adapters always run PEFT's forward (variants other than DoRA, "
+                       f"LoRA bias): {partial}")
         warnings.warn("; ".join(msg), stacklevel=2)
     return peft_model
 
@@ -194,6 +245,8 @@ def unpatch_peft(peft_model: nn.Module) -> nn.Module:
         del m.forward
         delattr(m, _FLAG)
         delattr(m, _BACKEND)
+        if hasattr(m, _QW):
+            delattr(m, _QW)
     return peft_model
 
 

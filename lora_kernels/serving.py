@@ -1,23 +1,17 @@
-"""Multi-adapter serving: :class:`AdapterPool` (stacked device storage for many adapters of one
-linear layer) and :class:`MultiAdapterModel` (one forward for a batch whose sequences each pick
-their own adapter, on any model made of ``nn.Linear``s).
+"""Multi-adapter serving: :class:`MultiAdapterModel` (one forward for a batch whose sequences
+each pick their own adapter, on any model made of ``nn.Linear``s) and :class:`ServingLinear`,
+the layer it puts in place of each served linear.
 
-Pool layout (fixed; the Triton and CUDA kernels read it directly), rank-major so a kernel loops
-only over an adapter's real rank and reads contiguous rows:
-
-  ``lora_A``   (max_adapters, max_rank, in_features)   pool dtype; rows >= rank are zero
-  ``lora_Bt``  (max_adapters, max_rank, out_features)  pool dtype; lora_B transposed, rows >= rank 0
-  ``ranks``    int32 (max_adapters,) on the pool device; 0 for a free slot
-  ``scalings`` float32 (max_adapters,) on the pool device; 0 for a free slot
-
-A host-side mirror (slot -> name, rank) answers ``len``/``slot``/id validation without touching
-the device.
+Per forward, the model builds the batch plan ONCE (``ops.multi_lora.plan``: adapter of every
+token, sorted order, tile tables, decode or prefill) and every :class:`ServingLinear` reads it
+from the shared :class:`_ServingState`; each layer only adds its own pool's factors
+(:class:`~lora_kernels.pool.AdapterPool`, re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,313 +20,55 @@ from torch import nn
 
 from . import _validate as V
 from ._backend import resolve_backend
-from .ops import multi_lora as _ml
+from .ops.multi_lora import plan as _plan
+from .ops.multi_lora.registered import add_ as _add_
+from .ops.multi_lora.registered import apply as _apply
+from .pool import AdapterPool, PoolView, _adapter_name, _pos_int
 
-_POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _pos_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
-
-
-def _adapter_name(name) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if not name:
-        raise ValueError("name must be a non-empty string")
-    return name
-
-
-@torch.library.custom_op("lora_kernels::check_ids", mutates_args=())
-def _check_ids_op(ids: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-    """``ids`` copied to ``ranks``' device after checking each is -1 or a slot with a nonzero
-    rank (``ValueError`` otherwise): the validation :meth:`AdapterPool.check_ids` runs under
-    ``torch.compile``, where a data-dependent ``if`` would break the graph."""
-    maxa = ranks.shape[0]
-    clamped = ids.clamp(0, maxa - 1).long().to(ranks.device)
-    bad = ((ids < -1) | (ids >= maxa)).to(ranks.device)
-    free = (ids.to(ranks.device) >= 0) & ~bad & (ranks[clamped] == 0)
-    if bool((bad | free).any()):
-        t = int((bad | free).nonzero()[0, 0])
-        raise ValueError(f"adapter_ids[{t}] = {int(ids[t])} is not -1 or a loaded slot of the "
-                         f"pool (max_adapters={maxa})")
-    return ids.to(ranks.device, copy=True)
-
-
-@_check_ids_op.register_fake
-def _(ids, ranks):
-    return torch.empty_like(ids, device=ranks.device)
-
-
-class AdapterPool:
-    """Stacked storage for up to ``max_adapters`` LoRA adapters of one ``in -> out`` layer.
-
-    ``add(name, lora_A (r, in), lora_B (out, r), scaling)`` stores an adapter of any rank
-    ``1 <= r <= max_rank`` in the lowest free slot (factors of any float dtype/device are copied
-    into the pool's dtype and device) and returns the slot; ``remove(name)`` zeroes the slot and
-    frees it, so a reused slot never sees stale weights. Every refused call (bad name, shape,
-    dtype, rank, full pool) raises before anything is written: the pool is unchanged.
-
-    Training: ``pool.requires_grad_()`` makes ``lora_A`` / ``lora_Bt`` leaf tensors requiring grad;
-    :func:`lora_kernels.multi_lora_linear` then accumulates ``pool.lora_A.grad`` (max_adapters,
-    max_rank, in) and ``pool.lora_Bt.grad`` (zero for unused slots and rows >= rank, so SGD/Adam
-    keep those entries at zero). :meth:`grad` gives one adapter's gradients in PEFT layout.
-    """
-
-    def __init__(self, in_features: int, out_features: int, max_adapters: int, max_rank: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        self.in_features = _pos_int("in_features", in_features)
-        self.out_features = _pos_int("out_features", out_features)
-        self.max_adapters = _pos_int("max_adapters", max_adapters)
-        self.max_rank = _pos_int("max_rank", max_rank)
-        if dtype not in _POOL_DTYPES:
-            raise TypeError(f"dtype must be one of {_POOL_DTYPES}, got {dtype}")
-        self.dtype = dtype
-        self.device = torch.device(device if device is not None else "cpu")
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        kw = dict(dtype=dtype, device=self.device)
-        self.lora_A = torch.zeros(max_adapters, max_rank, in_features, **kw)
-        self.lora_Bt = torch.zeros(max_adapters, max_rank, out_features, **kw)
-        self.ranks = torch.zeros(max_adapters, dtype=torch.int32, device=self.device)
-        self.scalings = torch.zeros(max_adapters, dtype=torch.float32, device=self.device)
-        self._slot_of: dict[str, int] = {}
-        self._name_at: list[str | None] = [None] * max_adapters
-        self._rank_at: list[int] = [0] * max_adapters
-        self._scaling_at: list[float] = [0.0] * max_adapters
-        self._occupied = torch.zeros(max_adapters, dtype=torch.bool)  # host mirror (CPU)
-
-    # ------------------------------------------------------------------ host-side queries
-    def __len__(self) -> int:
-        return len(self._slot_of)
-
-    def __contains__(self, name) -> bool:
-        return name in self._slot_of
-
-    def names(self) -> list[str]:
-        """Loaded adapter names, in slot order."""
-        return [n for n in self._name_at if n is not None]
-
-    def slot(self, name: str) -> int:
-        """The slot (adapter id) of ``name``; ``ValueError`` if it is not loaded."""
-        _adapter_name(name)
-        if name not in self._slot_of:
-            raise ValueError(f"name {name!r} is not in the pool (loaded: {self.names()})")
-        return self._slot_of[name]
-
-    def rank(self, name: str) -> int:
-        return self._rank_at[self.slot(name)]
-
-    def scaling(self, name: str) -> float:
-        return self._scaling_at[self.slot(name)]
-
-    @property
-    def max_active_rank(self) -> int:
-        """The largest rank currently loaded (0 when empty); host-side, no device read."""
-        return max(self._rank_at)
-
-    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Copies of ``(lora_A (r, in), lora_B (out, r), scaling)`` of ``name``."""
-        s = self.slot(name)
-        r = self._rank_at[s]
-        return (self.lora_A[s, :r].detach().clone(), self.lora_Bt[s, :r].detach().t().clone(),
-                self._scaling_at[s])
-
-    def grad(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(dA (r, in), dB (out, r))`` of ``name`` from the pool's ``.grad`` (None if absent)."""
-        s = self.slot(name)
-        r = self._rank_at[s]
-        ga, gb = self.lora_A.grad, self.lora_Bt.grad
-        return (ga[s, :r] if ga is not None else None, gb[s, :r].t() if gb is not None else None)
-
-    def ids(self, adapters: Sequence[str | None], device=None) -> torch.Tensor:
-        """Adapter ids (int32) for a list of names (``None`` -> -1), on ``device`` (default CPU)."""
-        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
-            raise TypeError(f"adapters must be a list of names or None, got "
-                            f"{type(adapters).__name__}")
-        out = [-1 if a is None else self.slot(a) for a in adapters]
-        return torch.tensor(out, dtype=torch.int32, device=device)
-
-    def check_ids(self, adapter_ids, num_tokens: int, name: str = "adapter_ids") -> torch.Tensor:
-        """Validate ``adapter_ids`` for ``num_tokens`` tokens; return them on the pool's device.
-
-        CPU ids: checked against the host mirror of occupied slots (no device sync), then copied.
-        Ids on the pool's (GPU) device: one fused device check (one sync); while a CUDA graph is
-        being captured the check is skipped (the kernels treat invalid ids as -1, so nothing is
-        read out of bounds). Raises ``TypeError`` (not an int tensor) / ``ValueError`` (shape,
-        device, an id outside ``[-1, max_adapters)``, an id naming a freed slot).
-        """
-        ids = adapter_ids
-        if isinstance(ids, (list, tuple)):
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise TypeError(f"{name} as a list must hold ints")
-            ids = torch.tensor(ids, dtype=torch.int64)
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"{name} must be an int32/int64 tensor, got {type(ids).__name__}")
-        if ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must have dtype int32 or int64, got {ids.dtype}")
-        if ids.dim() != 1 or ids.shape[0] != num_tokens:
-            raise ValueError(f"{name} must have shape ({num_tokens},) (one id per token of x), "
-                             f"got {tuple(ids.shape)}")
-        maxa = self.max_adapters
-        if torch.compiler.is_compiling():  # data-dependent: checked inside one opaque op
-            return torch.ops.lora_kernels.check_ids(ids, self.ranks)
-        if ids.device.type == "cpu":
-            bad = (ids < -1) | (ids >= maxa)
-            used = ids >= 0
-            free = used & ~bad & ~self._occupied[ids.clamp(0, maxa - 1).long()]
-            if bool((bad | free).any()):
-                self._raise_bad_ids(name, ids, bad, free)
-            return ids.to(self.device, non_blocking=True) if self.device.type != "cpu" else ids
-        if ids.device != self.device:
-            raise ValueError(f"{name} must be on the CPU or on the pool's device {self.device}, "
-                             f"got {ids.device}")
-        if ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return ids
-        clamped = ids.clamp(0, maxa - 1).long()
-        bad = (ids < -1) | (ids >= maxa)
-        free = (ids >= 0) & ~bad & (self.ranks[clamped] == 0)
-        if bool((bad | free).any()):                                # the one device sync
-            self._raise_bad_ids(name, ids.cpu(), bad.cpu(), free.cpu())
-        return ids
-
-    def _raise_bad_ids(self, name, ids, bad, free):
-        if bool(bad.any()):
-            t = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{name}[{t}] = {int(ids[t])} is outside the pool: ids must be -1 "
-                             f"(base only) or a slot in [0, {self.max_adapters})")
-        t = int(free.nonzero()[0, 0])
-        raise ValueError(f"{name}[{t}] = {int(ids[t])} names a free slot (no adapter loaded "
-                         f"there; loaded: { {n: s for n, s in self._slot_of.items()} })")
-
-    # ------------------------------------------------------------------ mutation
-    def _prepare(self, name, lora_A, lora_B, scaling, slot):
-        """Validate an ``add`` and convert the factors; touches nothing in the pool."""
-        _adapter_name(name)
-        if name in self._slot_of:
-            raise ValueError(f"name {name!r} is already in the pool (slot {self._slot_of[name]}); "
-                             "remove it first")
-        V.float_tensor("lora_A", lora_A, ndim=2)
-        V.float_tensor("lora_B", lora_B, ndim=2)
-        r = lora_A.shape[0]
-        if r < 1:
-            raise ValueError(f"lora_A must have at least one row (rank >= 1), got "
-                             f"{tuple(lora_A.shape)}")
-        V.shape("lora_A", lora_A, (r, self.in_features), "(r, in_features) of the pool")
-        V.shape("lora_B", lora_B, (self.out_features, r),
-                f"(out_features, r) with r={r} from lora_A")
-        if r > self.max_rank:
-            raise ValueError(f"lora_A has rank {r} > the pool's max_rank={self.max_rank}")
-        s = V.scalar("scaling", scaling)
-        if not math.isfinite(s):
-            raise ValueError(f"scaling must be finite, got {s}")
-        if slot is None:
-            if len(self._slot_of) >= self.max_adapters:
-                raise ValueError(f"the pool is full (max_adapters={self.max_adapters}): remove an "
-                                 f"adapter first (loaded: {self.names()})")
-            slot = self._name_at.index(None)
-        else:
-            if isinstance(slot, bool) or not isinstance(slot, int):
-                raise TypeError(f"slot must be an int or None, got {type(slot).__name__}")
-            if not 0 <= slot < self.max_adapters:
-                raise ValueError(f"slot must be in [0, {self.max_adapters}), got {slot}")
-            if self._name_at[slot] is not None:
-                raise ValueError(f"slot {slot} is taken by {self._name_at[slot]!r}")
-        a = lora_A.detach().to(device=self.device, dtype=self.dtype)
-        bt = lora_B.detach().t().to(device=self.device, dtype=self.dtype)
-        return slot, r, s, a, bt
-
-    @torch.no_grad()
-    def _write(self, name, slot, r, s, a, bt):
-        self.lora_A[slot].zero_()
-        self.lora_Bt[slot].zero_()
-        self.lora_A[slot, :r].copy_(a)
-        self.lora_Bt[slot, :r].copy_(bt)
-        self.ranks[slot] = r
-        self.scalings[slot] = s
-        self._slot_of[name] = slot
-        self._name_at[slot] = name
-        self._rank_at[slot] = r
-        self._scaling_at[slot] = s
-        self._occupied[slot] = True
-
-    def add(self, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.0,
-            *, slot: int | None = None) -> int:
-        """Store ``delta = scaling * lora_B @ lora_A`` under ``name``; return its slot (the id
-        tokens use). ``slot`` picks a specific free slot (default: the lowest free one)."""
-        prepared = self._prepare(name, lora_A, lora_B, scaling, slot)
-        self._write(name, *prepared)
-        return prepared[0]
-
-    @torch.no_grad()
-    def remove(self, name: str) -> int:
-        """Free ``name``'s slot (its weights are zeroed); return the slot."""
-        slot = self.slot(name)
-        self.lora_A[slot].zero_()
-        self.lora_Bt[slot].zero_()
-        self.ranks[slot] = 0
-        self.scalings[slot] = 0.0
-        del self._slot_of[name]
-        self._name_at[slot] = None
-        self._rank_at[slot] = 0
-        self._scaling_at[slot] = 0.0
-        self._occupied[slot] = False
-        return slot
-
-    def requires_grad_(self, requires_grad: bool = True) -> AdapterPool:
-        """Make ``lora_A`` / ``lora_Bt`` trainable leaves (see the class docstring)."""
-        self.lora_A.requires_grad_(requires_grad)
-        self.lora_Bt.requires_grad_(requires_grad)
-        return self
-
-    def parameters(self) -> list[torch.Tensor]:
-        """``[lora_A, lora_Bt]``, e.g. for an optimizer after :meth:`requires_grad_`."""
-        return [self.lora_A, self.lora_Bt]
-
-    def __repr__(self) -> str:
-        return (f"AdapterPool(in_features={self.in_features}, out_features={self.out_features}, "
-                f"max_adapters={self.max_adapters}, max_rank={self.max_rank}, dtype={self.dtype}, "
-                f"device={self.device}, adapters={self._ranks_by_name()})")
-
-    def _ranks_by_name(self) -> dict[str, int]:
-        return {n: self._rank_at[s] for n, s in self._slot_of.items()}
+__all__ = ["AdapterPool", "MultiAdapterModel", "PoolView", "ServingLinear"]
 
 
 # ============================================================================ model level
 class _ServingState:
-    """Per-forward adapter selection shared by every :class:`ServingLinear` of one model."""
+    """Per-call adapter selection shared by every :class:`ServingLinear` of one model: the
+    per-sequence slot table set by :meth:`MultiAdapterModel.using`, and the batch plans built from
+    it -- once per (tokens per sequence, device, backend), i.e. once per forward (a KV-cached
+    ``generate`` reuses its decode-step plan across steps: same ids, same shapes)."""
 
-    def __init__(self):
-        self.seq_ids: torch.Tensor | None = None   # (passes, batch) int32 on the model device
-        self.num_adapters = 0                      # distinct adapters in the batch (host-known)
-        self._cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+    def __init__(self, max_adapters: int):
+        self.max_adapters = max_adapters
+        self.seq_ids: torch.Tensor | None = None   # (passes, batch) int64 on the model device
+        self.count: torch.Tensor | None = None     # CPU int64 (1,): distinct adapters in batch
+        self._plans: dict = {}
 
-    def token_ids(self, per_seq: int, device) -> torch.Tensor:
-        key = (per_seq, device)
-        t = self._cache.get(key)
-        if t is None:
-            t = self.seq_ids.to(device).repeat_interleave(per_seq, dim=1)
-            self._cache[key] = t
-        return t
+    def plans(self, per_seq: int, device: torch.device, backend: str) -> tuple:
+        """One :class:`~lora_kernels.ops.multi_lora.BatchPlan` per pass (summed adapters add
+        passes) for ``per_seq`` tokens per sequence, built on first use."""
+        key = (per_seq, device.type, device.index, backend)
+        plans = self._plans.get(key)
+        if plans is None:
+            ids = self.seq_ids.to(device)
+            plans = tuple(_plan.build(ids[j].repeat_interleave(per_seq), self.max_adapters,
+                                      self.count, backend=backend)
+                          for j in range(ids.shape[0]))
+            self._plans[key] = plans
+        return plans
 
     def clear(self):
         self.seq_ids = None
-        self.num_adapters = 0
-        self._cache = {}
+        self.count = None
+        self._plans = {}
 
 
 class ServingLinear(nn.Module):
     """Drop-in for an ``nn.Linear`` that adds, for every token, the adapter its sequence picked.
 
     Keeps the original ``weight``/``bias`` parameters (no copy) and an :class:`AdapterPool`. The
-    per-token adapter ids come from the owning :class:`MultiAdapterModel` for the duration of one
-    call; outside such a call (or for ``None`` adapters) the layer is the plain base linear.
-    ``x`` must be batch-first ``(batch, ..., in)``; token ``t`` of sequence ``b`` uses that
-    sequence's adapter(s) (a summed adapter served as several slots adds one pass per part).
+    batch plan (per-token adapter ids and their grouping) comes from the owning
+    :class:`MultiAdapterModel` for the duration of one call; outside such a call (or for ``None``
+    adapters) the layer is the plain base linear. ``x`` must be batch-first ``(batch, ..., in)``;
+    token ``t`` of sequence ``b`` uses that sequence's adapter(s) (a summed adapter served as
+    several slots adds one pass per part).
     """
 
     def __init__(self, linear: nn.Linear, pool: AdapterPool, state: _ServingState,
@@ -341,9 +77,22 @@ class ServingLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        self._pool_hook = None      # MultiAdapterModel: keeps its AdapterStore on this pool
         self.pool = pool
         self._state = state
         self.backend = backend
+
+    @property
+    def pool(self) -> AdapterPool:
+        return self._pool
+
+    @pool.setter
+    def pool(self, pool: AdapterPool) -> None:
+        # replaced e.g. by parallel.parallelize_server (a sharded pool): the owning server's
+        # store must write later adds into the new pool, not the old one
+        self._pool = pool
+        if self._pool_hook is not None:
+            self._pool_hook(pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._state
@@ -356,21 +105,17 @@ class ServingLinear(nn.Module):
         if x.dtype != self.pool.dtype:
             raise TypeError(f"x must have the adapters' dtype {self.pool.dtype}, got {x.dtype}")
         x2 = x.reshape(-1, self.in_features)
-        T = x2.shape[0]
-        ids = st.token_ids(T // batch, x.device)
-        path = _ml.choose_path(T, st.num_adapters)
         be = resolve_backend(self.backend, x.device, "multi_lora_linear")
-        p = self.pool
-        # ids were built from the server's own name -> slot map (always in range); a slot this
-        # module's pool leaves empty has rank 0, which every backend treats as "no adapter"
-        y = _ml.apply(x2, self.weight, self.bias, p, ids[0], be, path)
-        for j in range(1, ids.shape[0]):      # summed adapters: one more pass per extra part
-            if torch.is_grad_enabled() and (y.requires_grad or p.lora_A.requires_grad):
-                y = y + _ml.apply(x2, None, None, p, ids[j], be, path)
+        plans = st.plans(x2.shape[0] // batch, x.device, be)
+        view: PoolView = self.pool.view()
+        # the plans' ids come from the server's own name -> slot map (always in range); a slot
+        # this module's pool leaves empty has rank 0, which every backend treats as "no adapter"
+        y = _apply(x2, self.weight, self.bias, view, plans[0], be)
+        for plan in plans[1:]:      # summed adapters: one more pass per extra part
+            if torch.is_grad_enabled() and (y.requires_grad or view.lora_A.requires_grad):
+                y = y + _apply(x2, None, None, view, plan, be)
             else:
-                torch.ops.lora_kernels.multi_lora_add_(y, x2, p.lora_A, p.lora_Bt, p.ranks,
-                                                       p.scalings, ids[j], p.max_active_rank,
-                                                       be, path)
+                _add_(y, x2, view, plan, be)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -400,6 +145,7 @@ class MultiAdapterModel(nn.Module):
     def __init__(self, model: nn.Module, target_modules, max_adapters: int = 8,
                  max_rank: int = 64, backend: str | None = None):
         super().__init__()
+        from ._conv1d import as_linear
         from .inject import _set, find_linears
 
         if not isinstance(model, nn.Module):
@@ -409,10 +155,11 @@ class MultiAdapterModel(nn.Module):
         names = find_linears(model, target_modules)
         self.model = model
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
-        self._state = _ServingState()
+        self._state = _ServingState(max_adapters)
         self.layers: dict[str, ServingLinear] = {}
         for name in names:
-            lin = model.get_submodule(name)
+            # a transformers Conv1D is served through its (out, in) weight view (same storage)
+            lin = as_linear(model.get_submodule(name))
             pool = AdapterPool(lin.in_features, lin.out_features, max_adapters, max_rank,
                                dtype=lin.weight.dtype, device=lin.weight.device)
             layer = ServingLinear(lin, pool, self._state, backend)
@@ -422,6 +169,8 @@ class MultiAdapterModel(nn.Module):
 
         # every stored adapter (any number) in host memory; the hot ones in the max_adapters slots
         self.store = AdapterStore({n: lay.pool for n, lay in self.layers.items()})
+        for n, lay in self.layers.items():
+            lay._pool_hook = functools.partial(self.store.pools.__setitem__, n)
         self._sums: dict[str, list[str]] = {}     # served sums: name -> stored parts
 
     # ------------------------------------------------------------------ adapters
@@ -522,7 +271,7 @@ class MultiAdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _seq_ids(self, adapters, batch: int, device):
-        """``(ids (passes, batch) int32 on device, distinct adapters, lease)``: the stored
+        """``(ids (passes, batch) int64 on device, distinct adapters, lease)``: the stored
         adapters the batch names are made resident and held until the lease is released."""
         if isinstance(adapters, str) or not isinstance(adapters, Sequence):
             raise TypeError(f"adapters must be a list (one name or None per sequence), got "
@@ -548,9 +297,11 @@ class MultiAdapterModel(nn.Module):
                              f"but the model has max_adapters={self.max_adapters} device slots; "
                              "split the batch or raise max_adapters")
         lease = self.store.acquire(names)
-        passes = max(1, max((len(r) for r in rows), default=1))
+        passes = 1
+        for r in rows:                       # (no max(genexpr): torch.compile traces this)
+            passes = max(passes, len(r))
         table = [[lease.slots[r[j]] if j < len(r) else -1 for r in rows] for j in range(passes)]
-        return torch.tensor(table, dtype=torch.int32).to(device), len(names), lease
+        return torch.tensor(table, dtype=torch.int64).to(device), len(names), lease
 
     @contextlib.contextmanager
     def using(self, adapters: Sequence[str | None]):
@@ -563,7 +314,8 @@ class MultiAdapterModel(nn.Module):
         if self._state.seq_ids is not None:
             raise RuntimeError("MultiAdapterModel calls do not nest")
         ids, distinct, lease = self._seq_ids(adapters, len(adapters), dev)
-        self._state.seq_ids, self._state.num_adapters = ids, distinct
+        self._state.seq_ids = ids
+        self._state.count = torch.tensor([distinct], dtype=torch.int64)   # CPU: no sync
         try:
             yield self
         finally:

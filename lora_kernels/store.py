@@ -295,8 +295,15 @@ class _HostAdapter:
     buffers: list[torch.Tensor]
 
 
+def _factor_sizes(pool) -> tuple[int, int]:
+    """``(in, out)`` of the factors ``pool.add`` takes: a tensor-parallel shard
+    (``parallel.ShardedAdapterPool``) takes the unsharded ones and keeps its slice."""
+    return (getattr(pool, "full_in_features", pool.in_features),
+            getattr(pool, "full_out_features", pool.out_features))
+
+
 def _check_pools(pools) -> dict:
-    from .serving import AdapterPool
+    from . import AdapterPool  # (wherever the package defines it)
 
     if isinstance(pools, AdapterPool):
         pools = {"": pools}
@@ -316,6 +323,43 @@ def _check_pools(pools) -> dict:
             raise ValueError(f"pools[{k!r}] already holds adapters {p.names()}: the store must "
                              "own every slot")
     return dict(pools)
+
+
+@torch.no_grad()
+def _swap_slot(pool, s: int, old: str | None, new: str | None, entry) -> None:
+    """Slot ``s`` of ``pool``: ``old`` (if it is there) leaves, ``new`` enters with ``entry =
+    (A (r, in), Bt (r, out), scaling)`` already on the pool's device and dtype (validated by
+    :meth:`AdapterStore.add`), or nothing (``entry=None``: the slot is left empty).
+
+    Writes only what changes: the new rows ``[0, r)``, zeros over the old occupant's rows
+    ``[r, r_old)`` (rows past ``r_old`` are zero already: the pool layout's invariant), the
+    slot's rank and scaling; then the pool's host mirror (what ``pool.add`` / ``pool.remove``
+    keep: name <-> slot, rank, scaling, occupied), so the pool answers ``slot`` / ``ids`` /
+    ``check_ids`` as if ``remove(old)`` + ``add(new, slot=s)`` had run, with 2-4 copies or fills
+    instead of their ~12 device ops."""
+    here = old is not None and pool._name_at[s] == old
+    r_old = pool._rank_at[s] if here else 0
+    if entry is None and not here:
+        return
+    r = 0
+    if entry is not None:
+        a, bt, sc = entry
+        r = a.shape[0]
+        pool.lora_A[s, :r].copy_(a)
+        pool.lora_Bt[s, :r].copy_(bt)
+    if r_old > r:
+        pool.lora_A[s, r:r_old].zero_()
+        pool.lora_Bt[s, r:r_old].zero_()
+    pool.ranks[s] = r
+    pool.scalings[s] = sc if entry is not None else 0.0
+    if here:
+        del pool._slot_of[old]
+    if entry is not None:
+        pool._slot_of[new] = s
+    pool._name_at[s] = new if entry is not None else None
+    pool._rank_at[s] = r
+    pool._scaling_at[s] = sc if entry is not None else 0.0
+    pool._occupied[s] = entry is not None
 
 
 class AdapterStore:
@@ -407,6 +451,7 @@ class AdapterStore:
             if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
                 raise TypeError(f"adapter[{mod!r}] must be a (lora_A, lora_B, scaling) tuple")
             p = self.pools[mod]
+            in_f, out_f = _factor_sizes(p)
             A, B, s = entry
             try:
                 V.float_tensor("lora_A", A, ndim=2)
@@ -415,8 +460,8 @@ class AdapterStore:
                 if r < 1:
                     raise ValueError(f"lora_A must have at least one row (rank >= 1), got "
                                      f"{tuple(A.shape)}")
-                V.shape("lora_A", A, (r, p.in_features), "(r, in_features) of the pool")
-                V.shape("lora_B", B, (p.out_features, r),
+                V.shape("lora_A", A, (r, in_f), "(r, in_features) of the pool")
+                V.shape("lora_B", B, (out_f, r),
                         f"(out_features, r) with r={r} from lora_A")
                 if r > p.max_rank:
                     raise ValueError(f"lora_A has rank {r} > the pool's max_rank={p.max_rank}")
@@ -437,10 +482,11 @@ class AdapterStore:
         with torch.no_grad():
             for mod, (A, B, s, p) in checked.items():
                 r, buf, o = A.shape[0], bufs[p.dtype], off[p.dtype]
-                a = buf[o:o + r * p.in_features].view(r, p.in_features)
-                o += r * p.in_features
-                bt = buf[o:o + r * p.out_features].view(r, p.out_features)
-                off[p.dtype] = o + r * p.out_features
+                in_f, out_f = A.shape[1], B.shape[0]  # the factors' (validated) sizes
+                a = buf[o:o + r * in_f].view(r, in_f)
+                o += r * in_f
+                bt = buf[o:o + r * out_f].view(r, out_f)
+                off[p.dtype] = o + r * out_f
                 a.copy_(A.detach())
                 bt.copy_(B.detach().t())
                 entries[mod] = (a, bt, s)
@@ -512,19 +558,24 @@ class AdapterStore:
 
     def _submit(self, s: int, old: str | None, new: str | None) -> None:
         """One job on the copy engine: slot ``s`` of every pool leaves ``old`` and gets ``new``
-        (host rows staged to the device, then ``pool.add`` at that slot: rows >= rank and modules
-        ``new`` does not cover stay zero, as the pool layout requires)."""
+        (its host buffer staged to the device in one copy, then :func:`_swap_slot` per pool:
+        rows >= rank and modules ``new`` does not cover stay zero, as the pool layout requires)."""
         pools = self.pools
-        entries = self._host[new].entries if new is not None else {}
+        h = self._host[new] if new is not None else None
         engine, dev = self.engine, self.device
 
         def job():
+            # one host -> device copy per host buffer (all modules' rows), then views of it
+            staged = {} if h is None else {b.dtype: engine.stage(b, dev) for b in h.buffers}
             for mod, pool in pools.items():
-                if old is not None and old in pool and pool.slot(old) == s:
-                    pool.remove(old)
-                if mod in entries:
-                    a, bt, sc = entries[mod]
-                    pool.add(new, engine.stage(a, dev), engine.stage(bt, dev).t(), sc, slot=s)
+                entry = None
+                if h is not None and mod in h.entries:
+                    a, bt, sc = h.entries[mod]
+                    d = staged[a.dtype]
+                    entry = (d[a.storage_offset():a.storage_offset() + a.numel()].view(a.shape),
+                             d[bt.storage_offset():bt.storage_offset() + bt.numel()]
+                             .view(bt.shape), sc)
+                _swap_slot(pool, s, old, new, entry)
 
         self._gen[s] += 1
         self._load_ev[s] = engine.submit(job, self._after(s))

@@ -437,3 +437,35 @@ def test_patch_peft_dora_and_inject_adapter(monkeypatch):
     with pytest.raises(ValueError, match="magnitude"):
         lk.inject_adapter(nn.Sequential(copy.deepcopy(lin)), {"0": (A, B, 2.0, mag[:3])})
 
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cuda_backend_under_emulation(monkeypatch, p):
+    """The CUDA backend's DoRA path (LoRA CUDA kernels + torch row scale, the kernels' own Philox
+    mask for dropout) through the CPU emulation of csrc/ (tests/cuda/test_cuda_build.py): forward
+    and every gradient vs float64. Says nothing about GPU execution."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "cuda"))
+    from test_cuda_build import use_emulation
+
+    from lora_kernels.ops import lora_cuda
+
+    dev = use_emulation(monkeypatch)
+    x, w, b, a, bb, m = _inputs(7, 29, 17, 3, torch.float32)
+    seed = torch.tensor([987654321], dtype=torch.int64, device=dev)
+    n = D.dora_norm(w, a, bb, 0.6)
+    g = m.detach() / n
+    y, s, u = D._cuda_fwd(x.detach(), w, b, a.detach(), bb.detach(), g, 0.6, p, seed)
+    dy = randn(7, 17)
+    dx, dA, dB = D._cuda_bwd(dy, x.detach(), w, a.detach(), bb.detach(), s, g, 0.6, p, seed,
+                             True, True, True)
+    keep = lora_cuda.keep_mask(seed, 7, 29, p) if p > 0 else None
+    d = [t.detach().double().requires_grad_(True) for t in (x, a, bb)]
+    yr = ref.dora_linear(d[0], w.double(), b.double(), d[1], d[2], m.detach().double(), 0.6,
+                         keep=keep, dropout_p=p)
+    yr.backward(dy.double())
+    for got, want, name in ((y, yr, "y"), (dx, d[0].grad, "dx"), (dA, d[1].grad, "dA"),
+                            (dB, d[2].grad, "dB")):
+        assert_close(got, want, torch.float32, name)

@@ -219,3 +219,16 @@ def test_inject_adapter_and_merge_refusals_change_nothing():
     assert not any(isinstance(x, lk.AdapterLinear) for x in base.modules())
     after = base.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantized_base_from_conv1d_equals_from_linear(quantize):
+    conv = _conv(64, 48)
+    lin = _as_linear_copy(conv)
+    a = lk.LoRALinear.from_linear(conv, r=2, alpha=4.0, quantize=quantize)
+    b = lk.LoRALinear.from_linear(lin, r=2, alpha=4.0, quantize=quantize)
+    b.load_state_dict(a.state_dict())
+    assert a.fan_in_fan_out and not b.fan_in_fan_out
+    x = torch.randn(3, 64, device=DEVICE)
+    assert rel_err(a(x), b(x)) < 1e-6
+    assert isinstance(lk.merge_and_unload(nn.Sequential(a))[0], Conv1D)

@@ -59,6 +59,7 @@ OPCHECKED = {
     "lora_kernels::multi_lora_bwd": "test_multi_lora.py::test_registered_ops_opcheck",
     "lora_kernels::multi_lora_add_": "test_multi_lora.py::test_registered_ops_opcheck",
     "lora_kernels::check_ids": "test_multi_lora.py::test_registered_ops_opcheck",
+    "lora_kernels::multi_lora_plan": "test_multi_lora.py::test_registered_ops_opcheck",
 }
 OPCHECKED.update({"lora_kernels::dora_fwd": "test_dora.py::test_opcheck_and_compile",
                   "lora_kernels::dora_bwd": "test_dora.py::test_opcheck_and_compile"})

@@ -7,6 +7,8 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels.ops import multi_lora as ML
+from lora_kernels.ops.multi_lora import plan as MP
+from lora_kernels.ops.multi_lora import torch_backend as MT
 from lora_kernels.reference import serving as ref
 
 from conftest import DEVICE, DTYPES, backends
@@ -413,6 +415,13 @@ def test_registered_ops_opcheck():
     torch.library.opcheck(torch.ops.lora_kernels.multi_lora_add_,
                           (randn(T, OUT), x, *p, "torch", "decode"))
     torch.library.opcheck(torch.ops.lora_kernels.check_ids, (ids.cpu(), pool.ranks))
+    torch.library.opcheck(torch.ops.lora_kernels.multi_lora_plan,
+                          (ids, torch.tensor([3]), MAXA, "torch", "auto"))
+    plan = MP.build(ids, MAXA, 3, backend="torch")         # the ops with a plan's tensors
+    torch.library.opcheck(torch.ops.lora_kernels.multi_lora_fwd,
+                          (x, w, None, *p, "torch", "auto", *plan.tensors()))
+    torch.library.opcheck(torch.ops.lora_kernels.multi_lora_add_,
+                          (randn(T, OUT), x, *p, "torch", "auto", *plan.tensors()))
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -486,14 +495,12 @@ def test_gather_path_on_cpu(dtype, T):
     if T == 3:
         x = noncontig(x)
     y = torch.zeros((T, OUT), dtype=dtype, device=DEVICE)
-    ML._gather_add_(y, x, pool.lora_A, pool.lora_Bt, pool.ranks, pool.scalings, ids,
-                    pool.max_active_rank)
+    plan = MP.build(ids, pool.max_adapters, len(pool), backend="torch")
+    MT.gather_add_(y, x, pool.view(), plan)
     assert_close(y, _ref_linear(x, None, None, pool, ids.cpu()), dtype, "gather y")
 
     dy = randn(T, OUT, dtype=dtype)
-    dx, dA, dBt = ML._torch_bwd(dy, x, None, pool.lora_A, pool.lora_Bt, pool.ranks,
-                                pool.scalings, ids, pool.max_active_rank, True, True, True,
-                                gather=True)
+    dx, dA, dBt = MT.bwd(dy, x, None, pool.view(), plan, (True, True, True), gather=True)
     A = pool.lora_A.detach().double().cpu().requires_grad_()
     Bt = pool.lora_Bt.detach().double().cpu().requires_grad_()
     x64 = x.detach().double().cpu().requires_grad_()

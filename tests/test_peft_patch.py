@@ -193,21 +193,70 @@ def test_dropout_fused_in_training_only(calls, monkeypatch):
     assert rel_err(y_train, y_eval) > 1e-3  # the dropout acted
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dora_patched_trains_like_unpatched(kind, calls, monkeypatch):
+    import lora_kernels.ops.dora as dora_ops
+
+    n = {"dora": 0}
+    real = dora_ops.dora_linear
+    monkeypatch.setattr(dora_ops, "dora_linear",
+                        lambda *a, **k: n.__setitem__("dora", n["dora"] + 1) or real(*a, **k))
+    ref = _model(kind, use_dora=True, lora_dropout=0.0, init_lora_weights=False).train()
+    pat = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DoRA is fused: nothing left to PEFT, no warning
+        lk.patch_peft(pat)
+    losses = {}
+    for name, m in (("ref", ref), ("pat", pat)):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for step in range(3):
+            ids = _batch(seed=step)
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert n["dora"] == 3 * 6 and calls["fused"] == 0
+    for a, b in zip(losses["ref"], losses["pat"]):
+        assert abs(a - b) <= 1e-5 * abs(a), (losses["ref"], losses["pat"])
+    sa, sb = ref.state_dict(), pat.state_dict()
+    for k in sa:
+        if "lora_" in k:  # lora_A, lora_B and the DoRA magnitudes all trained alike
+            assert rel_err(sb[k], sa[k]) < 1e-5, k
+    assert any("lora_magnitude_vector" in k for k in sa)
+
+
+def test_dora_with_dropout_eval_and_multi_adapter_fallback():
+    pm = _model("llama", use_dora=True, lora_dropout=0.2, init_lora_weights=False)
+    pm.add_adapter("plain", peft.LoraConfig(target_modules=["q_proj"], r=2,
+                                            init_lora_weights=False))
+    ref = copy.deepcopy(pm).eval()
+    lk.patch_peft(pm)
+    pm.eval()
+    ids = _batch()
+    with torch.no_grad():
+        assert rel_err(pm(ids).logits, ref(ids).logits) < 1e-5
+        # DoRA together with another active adapter: PEFT's own forward (same result)
+        pm.base_model.set_adapter(["default", "plain"])
+        ref.base_model.set_adapter(["default", "plain"])
+        assert rel_err(pm(ids).logits, ref(ids).logits) < 1e-5
+
+
 def test_unfusable_left_to_peft_with_one_warning():
     base = tiny_llama()
     torch.manual_seed(1)
     pm = peft.get_peft_model(base, peft.LoraConfig(
         target_modules=["q_proj", "embed_tokens"], r=2, use_dora=False,
         init_lora_weights=False)).eval()
-    pm.add_adapter("d", peft.LoraConfig(target_modules=["q_proj"], r=2, use_dora=True,
+    pm.add_adapter("d", peft.LoraConfig(target_modules=["q_proj"], r=2, lora_bias=True,
                                         init_lora_weights=False))
     ref = copy.deepcopy(pm)
     with pytest.warns(UserWarning, match="patch_peft") as w:
         lk.patch_peft(pm)
     assert len(w) == 1
     msg = str(w[0].message)
-    assert "embed_tokens" in msg and "Embedding" in msg
-    assert "'d'" not in msg  # the DoRA adapter runs on dora_linear (tests/test_dora.py)
+    assert "embed_tokens" in msg and "Embedding" in msg and "'d'" in msg  # lora_bias: PEFT's
     ids = _batch()
     for adapter in ("default", "d"):
         pm.set_adapter(adapter)
@@ -246,3 +295,50 @@ def test_patched_triton_backend_interpreter():
     ids = _batch(2, 5)
     with torch.no_grad():
         assert rel_err(pm(ids).logits, ref(ids).logits) < 1e-5
+
+
+def test_qlora_bnb_nf4_base_patched_trains_like_unpatched(calls):
+    """PEFT LoRA over a bitsandbytes NF4 Linear4bit (CPU): the patched layer reads the packed
+    codes through NF4Weight.from_bnb and trains like PEFT's own QLoRA forward."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q = bnb.nn.Linear4bit(64, 48, bias=True, quant_type="nf4",
+                                       compute_dtype=torch.float32)
+            self.q.load_state_dict(nn.Linear(64, 48).state_dict())
+            self.q = self.q.to(DEVICE)  # bitsandbytes quantises on the move to a device
+            self.o = nn.Linear(48, 8).to(DEVICE)
+
+        def forward(self, x):
+            return self.o(torch.tanh(self.q(x)))
+
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(Tiny(), peft.LoraConfig(target_modules=["q"], r=4, lora_alpha=8,
+                                                      init_lora_weights=False)).train()
+    pat = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the 4-bit layer is fused: nothing left to PEFT
+        lk.patch_peft(pat)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(5, 64, generator=g).to(DEVICE), torch.randn(5, 8, generator=g).to(DEVICE))
+            for _ in range(3)]
+    losses = {}
+    for name, m in (("ref", ref), ("pat", pat)):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for x, t in data:
+            loss = ((m(x) - t) ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert calls["fused"] == 3
+    for a, b in zip(losses["ref"], losses["pat"]):
+        assert abs(a - b) <= 1e-5 * abs(a), (losses["ref"], losses["pat"])
+    for k, v in ref.state_dict().items():
+        if "lora_" in k:
+            assert rel_err(pat.state_dict()[k], v) < 1e-5, k

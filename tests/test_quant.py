@@ -285,3 +285,25 @@ def test_qlora_bad_input():
                          torch.zeros(20, device="meta"))
     with pytest.raises(ValueError, match="must be on cpu"):
         lk.lora_linear(x, qw_meta, b, a, bb)
+
+
+def aot_calls():
+    """Representative Triton launches of the quantized-base kernels for the ahead-of-time compile
+    (tests/cuda/test_triton_aot.py): every format, forward + backward (dX with the dropout
+    epilogue), and the split-K decode grid with its epilogue kernel. FP8 launches are fp32 only
+    (compiled for sm_90: sm_80 has no FP8 conversions)."""
+    from lora_kernels.ops.qlora import qgemm
+
+    for fmt, dtype, split in (("nf4-dq32", torch.bfloat16, True), ("int8", torch.float32, False),
+                              ("fp8-block", torch.float32, False)):
+        x = torch.randn(5, 40, dtype=dtype, requires_grad=True)
+        qw = FORMATS[fmt](torch.randn(24, 40))
+        a = torch.randn(4, 40, dtype=dtype, requires_grad=True)
+        bb = torch.randn(24, 4, dtype=dtype, requires_grad=True)
+        g = torch.Generator().manual_seed(0)
+        y = lk.lora_linear(x, qw, torch.randn(24, dtype=dtype), a, bb, 0.5, 0.1, generator=g,
+                           backend="triton")
+        y.sum().backward()
+        if split:
+            qgemm(x.detach(), qw, trans_w=False, out_dtype=dtype, s=torch.randn(5, 4),
+                  bm=bb.detach(), splits=2)

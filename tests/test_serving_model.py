@@ -196,12 +196,24 @@ def test_bad_requests_leave_server_unchanged(base, adapters):
 
 
 def test_refuses_non_linear_targets():
+    """Non-linear targets are refused; a transformers Conv1D (GPT-2) is served like an
+    nn.Linear (DESIGN: Conv1D is accepted wherever nn.Linear is)."""
     cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)
-    gpt2 = transformers.GPT2LMHeadModel(cfg)
-    with pytest.raises(TypeError, match="Conv1D"):
-        lk.MultiAdapterModel(gpt2, ["c_attn"])
-    with pytest.raises(TypeError, match="Conv1D"):
-        lk.inject(gpt2, "lora", ["c_attn"], r=2)
+    gpt2 = transformers.GPT2LMHeadModel(cfg).eval()        # eval: no dropout
+    with pytest.raises(TypeError, match="GPT2Attention"):
+        lk.MultiAdapterModel(copy.deepcopy(gpt2), ["attn"])
+    with pytest.raises(TypeError, match="GPT2Attention"):
+        lk.inject(copy.deepcopy(gpt2), "lora", ["attn"], r=2)
+    server = lk.MultiAdapterModel(copy.deepcopy(gpt2), ["c_attn"], max_adapters=2, max_rank=2)
+    A, B = torch.randn(2, 32), torch.randn(96, 2)
+    server.add("a", {"transformer.h.0.attn.c_attn": (A, B, 1.0)})
+    ids = torch.randint(0, 64, (2, 3))
+    with torch.no_grad():
+        got = server(ids, adapters=["a", None]).logits
+        ref = copy.deepcopy(gpt2)
+        ref.transformer.h[0].attn.c_attn.weight += (B @ A).t()      # Conv1D weight is (in, out)
+        assert _rel(got[:1], ref(ids[:1]).logits) < 1e-5
+        assert _rel(got[1:], gpt2(ids[1:]).logits) < 1e-6
 
 
 # ----------------------------------------------------------------------------- inject

@@ -31,6 +31,7 @@ def test_summation_example_small(tmp_path):
     assert -1.0 <= doc["pearson_rms_cosine_vs_rel_change"] <= 1.0
     assert res["rows"] == doc["rows"]
     assert (tmp_path / "summation.png").stat().st_size > 1000
+    assert "| d0 + twin |" in (tmp_path / "summation.md").read_text()
 
 
 def test_summed_adapter_is_the_exact_sum():

@@ -51,6 +51,8 @@ GROUPS += ("dora",)  # bench/cases_dora.py
 # (module, function) of the case groups that live in their own modules (each imports this one)
 EXTRA_CASES = (("cases_dora", "dora_cases"), ("cases_dropin", "dropin_cases"),
                ("cases_store", "store_cases"))
+GROUPS += ("qlora",)  # bench/cases_quant.py
+EXTRA_CASES += (("cases_quant", "quant_cases"),)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -543,6 +545,105 @@ def prefill_case(n_seg, seg_len, K, N, r, dtype, device) -> Case:
                 set_bytes=nbytes, extra={"adapter_bytes": e * n_seg * r * (K + N)})
 
 
+class _LinearStack(nn.Module):
+    """A batch-first stand-in for a deep model: ``n`` square ``nn.Linear``s with tanh between."""
+
+    def __init__(self, n: int, hidden: int, dtype, device):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(hidden, hidden, dtype=dtype, device=device)
+                                    for _ in range(n))
+
+    def forward(self, x):
+        for lin in self.layers:
+            x = torch.tanh(lin(x))
+        return x
+
+
+class _PerLayerPlan(nn.Module):
+    """The old behaviour, for comparison: every layer validates the ids and builds its own batch
+    plan (``multi_lora_linear(x, W, b, pool, token_ids)`` per layer)."""
+
+    def __init__(self, served: nn.Module, ids: torch.Tensor):
+        super().__init__()
+        self.layers = list(served.layers)      # ServingLinear modules (weights + pools shared)
+        self.ids = ids
+
+    def forward(self, x):
+        from lora_kernels import multi_lora_linear
+
+        for lay in self.layers:
+            x = torch.tanh(multi_lora_linear(x, lay.weight, lay.bias, lay.pool, self.ids))
+        return x
+
+
+def served_case(n_layers, batch, seq, hidden, r, n_adapters, dtype, device, group) -> Case:
+    """A ``MultiAdapterModel`` over ``n_layers`` served linears and a batch of ``batch``
+    sequences of ``seq`` tokens with their adapters in unsorted order: the batch plan is built
+    once per forward (``plan_builds_per_forward``, counted while preparing) and shared by every
+    layer, against every layer building its own (``per_layer_plan``) and the base model."""
+    e = _esize(dtype)
+    T = batch * seq
+    flops, nbytes = multi_counts(T, hidden, hidden, r, n_adapters, e)
+    flops, nbytes = n_layers * flops, n_layers * nbytes
+    bf, bb = base_gemm_counts(T, hidden, hidden, e)
+    names = [f"a{(3 * b + 1) % n_adapters}" for b in range(batch)]    # mixed, unsorted
+    extra: dict = {"adapters_per_sequence": names}
+
+    def make(dev, k):
+        return dict(x=_randn((batch, seq, hidden), dtype, dev, _gen(dev, 7000 + k)))
+
+    def build(dev):
+        from lora_kernels import MultiAdapterModel
+
+        g = _gen(dev, 77)
+        model = _LinearStack(n_layers, hidden, dtype, dev)
+        server = MultiAdapterModel(model, [f"layers.{i}" for i in range(n_layers)],
+                                   max_adapters=n_adapters, max_rank=r)
+        for j in range(n_adapters):
+            server.add(f"a{j}", {f"layers.{i}": (_randn((r, hidden), dtype, dev, g, hidden ** -.5),
+                                                 _randn((hidden, r), dtype, dev, g, r ** -.5), 0.5)
+                                 for i in range(n_layers)})
+        return server
+
+    def prepare_served(sets, dev):
+        from lora_kernels.ops.multi_lora import plan as mp
+
+        server = build(dev)
+        b0 = mp.builds()
+        server(sets[0]["x"], adapters=names)
+        extra["plan_builds_per_forward"] = mp.builds() - b0
+        return lambda i: server(sets[i]["x"], adapters=names)
+
+    def prepare_per_layer(sets, dev):
+        from lora_kernels.ops.multi_lora import plan as mp
+
+        server = build(dev)
+        slots = torch.tensor([server._slots[n] for n in names]).repeat_interleave(seq)
+        old = _PerLayerPlan(server.model, slots)
+        b0 = mp.builds()
+        old(sets[0]["x"])
+        extra["plan_builds_per_forward_per_layer_plan"] = mp.builds() - b0
+        return lambda i: old(sets[i]["x"])
+
+    def prepare_base(sets, dev):
+        server = build(dev)
+        return lambda i: server(sets[i]["x"])
+
+    impls = [Impl("ours_served", prepare_served, graph=False,
+                  note="MultiAdapterModel: one batch plan per forward, shared by every layer "
+                       "(count: plan_builds_per_forward)"),
+             Impl("per_layer_plan", prepare_per_layer, graph=False,
+                  note="multi_lora_linear per layer: ids checked and a plan built in every layer"),
+             Impl("base", prepare_base, flops=n_layers * bf, bytes=n_layers * bb, check=False,
+                  graph=False, note="the same stack without adapters")]
+    return Case(group, "served_model",
+                f"served-{n_layers}L-{batch}x{seq}-{hidden}-r{r}-{n_adapters}ad-{_dt(dtype)}",
+                dict(layers=n_layers, batch=batch, seq=seq, hidden=hidden, r=r,
+                     n_adapters=n_adapters), dtype, flops, nbytes, make, impls,
+                ref="per_layer_plan", baseline="per_layer_plan", grad=False, graph=False,
+                extra=extra)
+
+
 # ----------------------------------------------------------------------------- sweeps
 # The DESIGN.md headline points (H100, bf16)
 HEAD_TRAIN = (8192, 4096, 4096, 16, torch.bfloat16)
@@ -609,6 +710,9 @@ def cpu_cases(device, quick: bool) -> list[Case]:
     if not quick:
         cases.append(decode_case(64, 1024, 1024, 16, 64, "uniform", f32, device))
     cases.append(prefill_case(4, 64, 512, 512, 8, f32, device))
+    # the batch plan built once per forward, on a deep served model (decode and prefill shapes)
+    cases.append(served_case(32, 8, 1, 256, 8, 4, f32, device, "decode"))
+    cases.append(served_case(32, 4, 32, 256, 8, 3, f32, device, "prefill"))
     if not quick:
         cases.append(prefill_case(4, 256, 1024, 1024, 16, f32, device))
     return cases

@@ -144,7 +144,7 @@ def _impl(name: str, hit_rate: float | None, slots: int, prefetch: bool, steps: 
     return Impl(name, prepare, graph=False, note=note)
 
 
-def store_case(T, K, N, r, layers, slots, dtype, device, steps: int = 90) -> Case:
+def store_case(T, K, N, r, layers, slots, dtype, device, *, steps: int = 90) -> Case:
     e = _esize(dtype)
     flops = layers * (2.0 * T * N * K + 2.0 * T * r * (K + N))
     n_used = min(T, slots)

@@ -59,6 +59,12 @@ from .cases_dora import DORA_HEADLINE, dora_cpu_checks  # noqa: E402
 HEADLINE_KEYS += tuple(DORA_HEADLINE)
 HEADLINE_SPEC.update(DORA_HEADLINE)
 
+# QLoRA (bench/cases_quant.py)
+from .cases_quant import QUANT_HEADLINE, qlora_cpu_checks  # noqa: E402
+
+HEADLINE_KEYS += tuple(QUANT_HEADLINE)
+HEADLINE_SPEC.update(QUANT_HEADLINE)
+
 # issue 14: more adapters than device slots (lora_kernels/bench/cases_store.py)
 HEADLINE_KEYS += ("decode_overhead_at_90pct_hits",)
 HEADLINE_SPEC["decode_overhead_at_90pct_hits"] = dict(
@@ -178,6 +184,7 @@ def cpu_checks(rows: list[dict]) -> dict:
                                                          v["spread_peft"] or 0.0)]
         out["significantly_slower"] = sig
     out["dora"] = dora_cpu_checks(rows)
+    out["qlora"] = qlora_cpu_checks(rows)
     return out
 
 

@@ -51,6 +51,7 @@ PREFILL = dict(segments=4, seg_len=1024, K=4096, N=4096, r=16)
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
        torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int16: "i16",
        torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+_DT[torch.float8_e4m3fn] = "fp8e4nv"  # FP8 weights (kernels.quant)
 _TD = {v: k for k, v in _DT.items()}
 
 
@@ -156,7 +157,6 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
     from ..ops import _triton as TR
     from ..ops import glora as G
     from ..ops import lora as L
-    from ..ops import multi_lora as ML
 
     if TR.triton_interpret():
         raise RuntimeError("headline_launches needs TRITON_INTERPRET=0 (GPU launch paths)")
@@ -209,24 +209,31 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
         b1, b2 = G._parse("B", (e(N, r), e(r, K)), x, K, N)
         G._triton_fwd(x, w, None, G.Supports(a1, a2, b1, b2, None, None, None, None))
 
+        from ..ops.multi_lora import plan as MP
+        from ..ops.multi_lora import triton_backend as MT
+        from ..pool import PoolView
+
         T, na = DECODE["T"], DECODE["adapters"]
-        Pa, Pb = e(na, r, K), e(na, r, N)
-        ranks, sc = torch.full((na,), r, dtype=torch.int32), torch.ones(na)
+        view = PoolView(e(na, r, K), e(na, r, N), torch.full((na,), r, dtype=torch.int32),
+                        torch.ones(na), r)
         label[0] = f"decode T{T} {na} adapters {K}x{N} r{r}"
-        ML._triton_add_(e(T, N), e(T, K), Pa, Pb, ranks, sc, torch.arange(T), r, "decode")
+        ids = torch.arange(T)
+        MT.add_(e(T, N), e(T, K), view, MP.build(ids, na, na, backend="triton", path="decode"))
 
         ns, sl = PREFILL["segments"], PREFILL["seg_len"]
         T = ns * sl
         ids = torch.arange(ns).repeat_interleave(sl)
-        Pa, Pb = e(ns, r, K), e(ns, r, N)
-        ranks, sc = torch.full((ns,), r, dtype=torch.int32), torch.ones(ns)
+        view = PoolView(e(ns, r, K), e(ns, r, N), torch.full((ns,), r, dtype=torch.int32),
+                        torch.ones(ns), r)
         xp = e(T, K)
         label[0] = f"prefill {ns}x{sl} {K}x{N} r{r}"
-        ML._triton_add_(e(T, N), xp, Pa, Pb, ranks, sc, ids, r, "prefill")
+        MT.add_(e(T, N), xp, view, MP.build(ids, ns, ns, backend="triton", path="prefill"))
         label[0] = f"prefill_fused {ns}x{sl} {K}x{N} r{r}"
-        ML._triton_prefill_fused(xp, w, None, Pa, Pb, ranks, sc, ids, r)
+        MT.prefill_fused(xp, w, None, view,
+                         MP.build(ids, ns, ns, backend="triton", path="prefill_fused"))
         label[0] = f"multi-lora bwd {ns}x{sl} {K}x{N} r{r}"
-        ML._triton_bwd(e(T, N), xp, None, Pa, Pb, ranks, sc, ids, r, True, True, True)
+        MT.bwd(e(T, N), xp, None, view, MP.build(ids, ns, ns, backend="triton", path="prefill"),
+               (True, True, True))
     return out
 
 

@@ -186,7 +186,7 @@ def run(st: Settings, out_dir: str | None, *, log=print, threads: int | None = 1
 def _run(st: Settings, out_dir: str | None, log) -> dict:
     import lora_kernels as lk
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     g = torch.Generator().manual_seed(st.seed)
     vocab, generic, doms = make_domains(st, g)
     torch.manual_seed(st.seed)
@@ -230,7 +230,8 @@ def _run(st: Settings, out_dir: str | None, log) -> dict:
              "on the union of the domains' held-out data",
         settings=asdict(st), vocab=vocab, domains=names,
         own_domain_loss=own, rows=rows, pearson_rms_cosine_vs_rel_change=pearson(xs, ys),
-        seconds=time.perf_counter() - t0, torch=torch.__version__, python=platform.python_version(),
+        seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
+        torch=torch.__version__, python=platform.python_version(),
         threads=torch.get_num_threads())
     log(f"pearson(rms_cosine, rel_loss_change) = {result['pearson_rms_cosine_vs_rel_change']:.3f}"
         f"; {result['seconds']:.1f} s")
@@ -238,11 +239,30 @@ def _run(st: Settings, out_dir: str | None, log) -> dict:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "summation.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
+        with open(os.path.join(out_dir, "summation.md"), "w", encoding="utf-8") as f:
+            f.write(table(result))
         if importlib.util.find_spec("matplotlib") is not None:
             plot(result, os.path.join(out_dir, "summation.png"))
         else:
             log("matplotlib is not installed: no plot written (summation.json has every row)")
     return result
+
+
+def table(result: dict) -> str:
+    """The rows as a markdown table (``summation.md``)."""
+    st = result["settings"]
+    lines = [f"# Naive LoRA summation, tiny GPT-2 (r={st['r']}, alpha={st['alpha']:g}, c_attn)",
+             "", result["what"] + ".", "",
+             "| domains | RMS cosine | loss base | loss merged-data | loss sum | sum vs merged |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {' + '.join(r['domains'])} | {r['rms_cosine']:.3f} | "
+                     f"{r['loss_base']:.3f} | {r['loss_merged']:.3f} | {r['loss_sum']:.3f} | "
+                     f"{100 * r['rel_loss_change']:+.1f} % |")
+    lines += ["", f"Pearson correlation (RMS cosine, sum vs merged): "
+              f"{result['pearson_rms_cosine_vs_rel_change']:.3f}; "
+              f"{result['seconds']:.0f} s on {result['threads']} thread(s).", ""]
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: str) -> None:

@@ -1,6 +1,6 @@
 """Triton kernels for multi-adapter LoRA (many adapters in one batch, each token picks one).
 
-Pool layout (``lora_kernels.serving.AdapterPool``), rank-major so a kernel reads contiguous rows
+Pool layout (``lora_kernels.pool.AdapterPool``), rank-major so a kernel reads contiguous rows
 and touches only an adapter's real rank:
 
   P  (MAXA, MAXR, K)  rows >= rank_i are zero (forward: P = lora_A,   K = in)
@@ -32,9 +32,10 @@ free for the memory-bound decode kernel and ``RB/N`` of the work for prefill.
     SPLIT_N is chosen by the launcher so ``T * SPLIT_N`` fills the GPU (several waves of SMs).
 
 ``sgmv_kernel`` (prefill: segments of tokens per adapter; segmented GEMM)
-    Tokens are grouped by adapter on device (``ops.multi_lora.segments``: stable sort + segment
-    starts, no host sync) into a *tile table* of fixed length G = cdiv(T, BLOCK_M) + min(MAXA, T)
-    (an upper bound on the number of BLOCK_M tiles, so the grid is fixed for a given T). Tile g
+    Tokens are grouped by adapter on device once per forward (the batch plan,
+    ``ops.multi_lora.plan``: stable sort + segment starts, no host sync) into a *tile table* of
+    fixed length G = cdiv(T, BLOCK_M) + min(MAXA, T) (an upper bound on the number of BLOCK_M
+    tiles, so the grid is fixed for a given T). Tile g
     covers sorted rows ``[TILE_START[g], TILE_END[g])`` of adapter ``TILE_ADAPTER[g]`` (-1: unused
     tile, the program exits). Program (g, j): shrink ``S = X[rows] @ P_a^T`` with tl.dot over K
     (BLOCK_M x RB accumulator), then the expand over its column slice with tl.dot
@@ -45,7 +46,8 @@ free for the memory-bound decode kernel and ``RB/N`` of the work for prefill.
 
 ``seg_tn_kernel`` (backward: per-adapter factor gradients)
     grid (MAXA, cdiv(N, BLOCK_N)): ``O[a, r, n] = SCALES[a] * sum_{t in segment a} L[t, r] R[t, n]``
-    over the adapter's sorted segment (dynamic bounds read on device), deterministic (no atomics);
+    over the adapter's sorted segment ``PERM[SEG_OFF[a]:SEG_OFF[a + 1]]`` (dynamic bounds read
+    on device), deterministic (no atomics);
     rows r >= rank_a are left as they are (the launcher zero-initialises O).
       dA[a]  = s_a * G_a^T X_a      (L = G = dy Bt_a^T, R = x)
       dBt[a] = s_a * U_a^T dY_a     (L = U = x A_a^T,   R = dy)
@@ -180,7 +182,7 @@ def sgmv_gemm_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Fused prefill: ``Y[rows] = X[rows] W^T + b + s_a S[rows] Q_a`` over the tile table of
-    ``segments(..., include_base=True)`` (tile_adapter -1: base-only rows; empty tiles exit).
+    ``plan.tile_table(..., include_base=True)`` (tile_adapter -1: base-only rows; empty tiles exit).
     S (T, RB) fp32 = X A^T comes from ``sgmv_kernel`` with STORE_S. Against cuBLAS + sgmv this
     removes the read-modify-write of Y (2*T*N*elt bytes) and the per-column-slice recompute of
     the shrink; it costs running the base GEMM in Triton over adapter-sorted row tiles."""
@@ -223,7 +225,7 @@ def sgmv_gemm_kernel(
 
 @triton.jit
 def seg_tn_kernel(
-    L, R, O, RANKS, SCALES, PERM, SEG_START, SEG_COUNT,
+    L, R, O, RANKS, SCALES, PERM, SEG_OFF,
     N, MAXR,
     stride_lt, stride_lr, stride_rt, stride_rn, stride_oa, stride_or, stride_on,
     RB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -232,10 +234,9 @@ def seg_tn_kernel(
     a = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     rank = tl.load(RANKS + a)
-    count = tl.load(SEG_COUNT + a)
-    if (rank > 0) & (count > 0):
-        start = tl.load(SEG_START + a)
-        end = start + count
+    start = tl.load(SEG_OFF + a)
+    end = tl.load(SEG_OFF + a + 1)
+    if (rank > 0) & (end > start):
         scale = tl.load(SCALES + a)
         rr = tl.arange(0, RB)
         mr = rr < rank
@@ -257,13 +258,17 @@ def seg_tn_kernel(
                  acc.to(O.dtype.element_ty), mask=(mr & (rr < MAXR))[:, None] & mn[None, :])
 
 
-# GPU tile configs that the ahead-of-time compile (tests/cuda/aot_tools.py) also builds; the
-# launchers (ops.multi_lora._tiles) use these sizes on a GPU (decode shrinks BLOCK for RB > 16).
-AOT_CONFIGS = {
-    "bgmv_kernel": [triton.Config(dict(BLOCK_K=256, BLOCK_N=256), num_warps=4)],
-    "sgmv_kernel": [triton.Config(dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=128), num_warps=4,
-                                  num_stages=3)],
-    "seg_tn_kernel": [triton.Config(dict(BLOCK_T=64, BLOCK_N=128), num_warps=4)],
-    "sgmv_gemm_kernel": [triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), num_warps=8,
-                                       num_stages=3)],
-}
+# GPU tile configs that the ahead-of-time compile check (tests/cuda/aot_tools.py) builds: the
+# sizes the launchers use on a GPU, from the one table in ops.multi_lora.tiles (decode: RB <= 16).
+def _aot_configs() -> dict:
+    from ..ops.multi_lora.tiles import GPU, KERNELS
+
+    out = {}
+    for kind, cfg in GPU.items():
+        meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+        out[KERNELS[kind]] = [triton.Config(meta, num_warps=cfg.get("num_warps", 4),
+                                            num_stages=cfg.get("num_stages", 3))]
+    return out
+
+
+AOT_CONFIGS = _aot_configs()

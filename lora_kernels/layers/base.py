@@ -54,9 +54,9 @@ class AdapterLinear(nn.Module):
             def from_linear(c, linear, *args, quantize=None, **kw):
                 # a quantized base (lora_kernels.quant.layer_base): a bnb Linear4bit as it is, or
                 # quantize="nf4" | "int8" | "fp8"; the constructor sees deq(W) once
-                linear, qweight = layer_base(linear, quantize)
                 conv = is_conv1d(linear)
-                layer = inner(c, as_linear(linear) if conv else linear, *args, **kw)
+                linear, qweight = layer_base(as_linear(linear) if conv else linear, quantize)
+                layer = inner(c, linear, *args, **kw)
                 layer.fan_in_fan_out = conv
                 if qweight is not None:
                     layer.set_quantized_base(qweight)

@@ -220,12 +220,6 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
 
 
-def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    p = packed.reshape(-1)
-    q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)
-    return q[:n]
-
-
 def _quantize_blockwise8(a: torch.Tensor, code: torch.Tensor, blocksize: int):
     """Blockwise 8-bit quantisation as bitsandbytes' portable implementation
     (``backends/default`` ``quantize_blockwise``; the CUDA kernel rounds the same way) of a flat
@@ -358,12 +352,17 @@ class NF4Weight(QuantizedWeight):
     def dequantize(self, dtype=None) -> torch.Tensor:
         dtype = _compute_dtype(dtype, self._dtype)
         n = self._shape.numel()
-        q = _unpack_nibbles(self.packed, n)
-        nb = self.absmax.numel()
-        vals = self.code[q.long()]
-        vals = torch.nn.functional.pad(vals, (0, nb * self.blocksize - n)).view(nb, -1)
-        w = (vals * self.absmax_fp32().view(-1, 1)).reshape(-1)[:n]
-        return w.view(self._shape).to(dtype)
+        bs = self.blocksize
+        # one gather per byte from a 256-entry table of (code[b >> 4], code[b & 15]) pairs, then
+        # code * absmax in fp32 in place, block by block (bnb's arithmetic, bit for bit)
+        lut = torch.stack([self.code.repeat_interleave(16), self.code.repeat(16)], 1)
+        vals = torch.index_select(lut, 0, self.packed.reshape(-1).int()).view(-1)[:n]
+        a = self.absmax_fp32()
+        full = (n // bs) * bs
+        vals[:full].view(-1, bs).mul_(a[:full // bs, None])
+        if full < n:
+            vals[full:].mul_(a[-1])
+        return vals.view(self._shape).to(dtype)
 
     def requantize(self, w) -> NF4Weight:
         return NF4Weight.from_float(self._check_dense(w), self.blocksize, self.nested,

@@ -42,6 +42,10 @@ def _calls():
         for p in (0.0, 0.1):
             y = lk.lora_linear(x, w, b, a, bb, 0.5, p, generator=g, backend="triton")
             y.sum().backward()
+            # DoRA: the ROW_SCALE / X_SCALE flags of gemm_lowrank_kernel and keep_mask_kernel
+            m = torch.rand(20, dtype=dtype).add_(0.5).requires_grad_(True)
+            y = lk.dora_linear(x, w, b, a, bb, m, 0.5, p, generator=g, backend="triton")
+            y.sum().backward()
 
         pool = lk.AdapterPool(24, 20, 3, 8, dtype=dtype)
         pool.add("a", torch.randn(3, 24), torch.randn(20, 3), 0.5)
@@ -83,6 +87,7 @@ def _calls():
         w = torch.randn(20, 24, dtype=dtype)
         sup = {k: _shrink(v) for k, v in _supports({**cfg, "C": "none"}, 3, dtype).items()}
         lk.glora_linear(x, w, None, **sup, backend="triton").sum().backward()
+    __import__("test_quant").aot_calls()  # quantized bases (kernels.quant)
 
 
 def recorded_launches() -> list:
@@ -101,7 +106,11 @@ def test_all_kernels_compile_for_sm80_sm90(tmp_path):
     names = {ln["name"] for ln in launches}
     assert names == {"gemm_lowrank_kernel", "tn_kernel", "glora_gemm_kernel", "bgmv_kernel",
                      "sgmv_kernel", "seg_tn_kernel", "sgmv_gemm_kernel",
-                     "gemm_lowrank_tma_kernel", "keep_mask_kernel", "qgemm_lowrank_kernel"}, names
+                     "gemm_lowrank_tma_kernel", "keep_mask_kernel", "qgemm_lowrank_kernel",
+                     "splitk_epilogue_kernel"}, names
+    flags = {(ln["constexprs"]["ROW_SCALE"], ln["constexprs"]["X_SCALE"]) for ln in launches
+             if ln["name"] == "gemm_lowrank_kernel"}
+    assert flags == {(False, False), (True, False), (False, True)}, flags
     modes = {(ln["constexprs"]["A_MODE"], ln["constexprs"]["B_MODE"]) for ln in launches
              if ln["name"] == "glora_gemm_kernel"}
     assert modes == {(4, 4), (2, 1), (3, 1), (1, 2), (1, 3)}, modes

@@ -368,6 +368,35 @@ scenario(2)(_tp_scenario("lora_conv1d"))  # issue 13: GPT-2 layout under TP
 
 
 @scenario(2)
+def tp_plain_conv1d(ctx):
+    """transformers' Conv1D itself (weight (in, out)) under our column / row-parallel styles:
+    weight sharded on dim 1 / dim 0, forward, input and weight gradients equal the reference."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from lora_kernels._conv1d import to_conv1d
+    from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(to_conv1d(nn.Linear(12, 8)), nn.Tanh(), to_conv1d(nn.Linear(8, 6)))
+    tp = parallelize_module(copy.deepcopy(ref), ctx.mesh,
+                            {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    assert tp[0].weight.placements == (Shard(1),) and tp[2].weight.placements == (Shard(0),)
+    assert tp[0].weight.to_local().shape == (12, 8 // ctx.world)
+    x = torch.randn(2, 3, 12)
+    xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yt = ref(xr), tp(xt)
+    assert_close(yt, yr, "forward")
+    w = torch.randn_like(yr)
+    (yr * w).sum().backward()
+    (yt * w).sum().backward()
+    assert_close(xt.grad, xr.grad, "x.grad")
+    tparams = dict(tp.named_parameters())
+    for n, p in ref.named_parameters():
+        assert_close(tparams[n].grad, p.grad, f"grad {n}")
+
+
+@scenario(2)
 def tp_triton_interpreter(ctx):
     """The Triton kernels (interpreter on CPU) on local shards: LoRA's fused op and GLoRA's."""
     for kind in ("lora", "glora"):

@@ -1,0 +1,283 @@
+"""Adapter storage for multi-adapter serving: :class:`AdapterPool` (stacked device storage for
+many adapters of one linear layer) and :class:`PoolView`, the value the multi-LoRA ops take.
+
+Pool layout (fixed; the Triton and CUDA kernels read it directly), rank-major so a kernel loops
+only over an adapter's real rank and reads contiguous rows:
+
+  ``lora_A``   (max_adapters, max_rank, in_features)   pool dtype; rows >= rank are zero
+  ``lora_Bt``  (max_adapters, max_rank, out_features)  pool dtype; lora_B transposed, rows >= rank 0
+  ``ranks``    int32 (max_adapters,) on the pool device; 0 for a free slot
+  ``scalings`` float32 (max_adapters,) on the pool device; 0 for a free slot
+
+A host-side mirror (slot -> name, rank, scaling, occupied) answers ``len``/``slot``/id validation
+and the rank bound without touching the device. Serving stores every adapter as LoRA-equivalent
+factors: ``delta_i = scalings[i] * lora_Bt[i]^T lora_A[i]`` (``(out, in)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from . import _validate as V
+
+_POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _pos_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+def _adapter_name(name) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if not name:
+        raise ValueError("name must be a non-empty string")
+    return name
+
+
+class PoolView(NamedTuple):
+    """What the multi-LoRA ops read from an :class:`AdapterPool` (unpacked only at the
+    ``torch.library`` op boundary, whose schema takes plain tensors):
+
+    ``lora_A`` (MAXA, MAXR, in), ``lora_Bt`` (MAXA, MAXR, out), ``ranks`` int32 (MAXA,),
+    ``scalings`` fp32 (MAXA,) -- the pool's own tensors, not copies -- and ``rank_bound``, the
+    largest rank loaded (host int; kernels loop over ``next_pow2(rank_bound)`` rank rows, 0 = no
+    adapter loaded: every op is then the base linear alone).
+    """
+
+    lora_A: torch.Tensor
+    lora_Bt: torch.Tensor
+    ranks: torch.Tensor
+    scalings: torch.Tensor
+    rank_bound: int
+
+    @property
+    def max_adapters(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return self.lora_A.shape[1]
+
+
+class AdapterPool:
+    """Stacked storage for up to ``max_adapters`` LoRA adapters of one ``in -> out`` layer.
+
+    ``add(name, lora_A (r, in), lora_B (out, r), scaling)`` stores an adapter of any rank
+    ``1 <= r <= max_rank`` in the lowest free slot (factors of any float dtype/device are copied
+    into the pool's dtype and device) and returns the slot; ``remove(name)`` zeroes the slot and
+    frees it, so a reused slot never sees stale weights. Every refused call (bad name, shape,
+    dtype, rank, full pool) raises before anything is written: the pool is unchanged.
+
+    Training: ``pool.requires_grad_()`` makes ``lora_A`` / ``lora_Bt`` leaf tensors requiring grad;
+    :func:`lora_kernels.multi_lora_linear` then accumulates ``pool.lora_A.grad`` (max_adapters,
+    max_rank, in) and ``pool.lora_Bt.grad`` (zero for unused slots and rows >= rank, so SGD/Adam
+    keep those entries at zero). :meth:`grad` gives one adapter's gradients in PEFT layout.
+    """
+
+    def __init__(self, in_features: int, out_features: int, max_adapters: int, max_rank: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        self.in_features = _pos_int("in_features", in_features)
+        self.out_features = _pos_int("out_features", out_features)
+        self.max_adapters = _pos_int("max_adapters", max_adapters)
+        self.max_rank = _pos_int("max_rank", max_rank)
+        if dtype not in _POOL_DTYPES:
+            raise TypeError(f"dtype must be one of {_POOL_DTYPES}, got {dtype}")
+        self.dtype = dtype
+        self.device = torch.device(device if device is not None else "cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        kw = dict(dtype=dtype, device=self.device)
+        self.lora_A = torch.zeros(max_adapters, max_rank, in_features, **kw)
+        self.lora_Bt = torch.zeros(max_adapters, max_rank, out_features, **kw)
+        self.ranks = torch.zeros(max_adapters, dtype=torch.int32, device=self.device)
+        self.scalings = torch.zeros(max_adapters, dtype=torch.float32, device=self.device)
+        self._slot_of: dict[str, int] = {}
+        self._name_at: list[str | None] = [None] * max_adapters
+        self._rank_at: list[int] = [0] * max_adapters
+        self._scaling_at: list[float] = [0.0] * max_adapters
+        self._occupied = torch.zeros(max_adapters, dtype=torch.bool)  # host mirror (CPU)
+
+    # ------------------------------------------------------------------ host-side queries
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def __contains__(self, name) -> bool:
+        return name in self._slot_of
+
+    def names(self) -> list[str]:
+        """Loaded adapter names, in slot order."""
+        return [n for n in self._name_at if n is not None]
+
+    def slot(self, name: str) -> int:
+        """The slot (adapter id) of ``name``; ``ValueError`` if it is not loaded."""
+        _adapter_name(name)
+        if name not in self._slot_of:
+            raise ValueError(f"name {name!r} is not in the pool (loaded: {self.names()})")
+        return self._slot_of[name]
+
+    def rank(self, name: str) -> int:
+        return self._rank_at[self.slot(name)]
+
+    def scaling(self, name: str) -> float:
+        return self._scaling_at[self.slot(name)]
+
+    @property
+    def max_active_rank(self) -> int:
+        """The largest rank currently loaded (0 when empty); host-side, no device read."""
+        return max(self._rank_at)
+
+    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Copies of ``(lora_A (r, in), lora_B (out, r), scaling)`` of ``name``."""
+        s = self.slot(name)
+        r = self._rank_at[s]
+        return (self.lora_A[s, :r].detach().clone(), self.lora_Bt[s, :r].detach().t().clone(),
+                self._scaling_at[s])
+
+    def grad(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(dA (r, in), dB (out, r))`` of ``name`` from the pool's ``.grad`` (None if absent)."""
+        s = self.slot(name)
+        r = self._rank_at[s]
+        ga, gb = self.lora_A.grad, self.lora_Bt.grad
+        return (ga[s, :r] if ga is not None else None, gb[s, :r].t() if gb is not None else None)
+
+    def ids(self, adapters: Sequence[str | None], device=None) -> torch.Tensor:
+        """Adapter ids (int32) for a list of names (``None`` -> -1), on ``device`` (default CPU)."""
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
+            raise TypeError(f"adapters must be a list of names or None, got "
+                            f"{type(adapters).__name__}")
+        out = [-1 if a is None else self.slot(a) for a in adapters]
+        return torch.tensor(out, dtype=torch.int32, device=device)
+
+    def check_ids(self, adapter_ids, num_tokens: int, name: str = "adapter_ids") -> torch.Tensor:
+        """Validate ``adapter_ids`` for ``num_tokens`` tokens; return them on the pool's device.
+
+        CPU ids: checked against the host mirror of occupied slots (no device sync), then copied.
+        Ids on the pool's (GPU) device: one fused device check (one sync); while a CUDA graph is
+        being captured the check is skipped (the kernels treat invalid ids as -1, so nothing is
+        read out of bounds). Under ``torch.compile`` the check runs inside the opaque
+        ``lora_kernels::check_ids`` op. Raises ``TypeError`` (not an int tensor) /
+        ``ValueError`` (shape, device, an id outside ``[-1, max_adapters)``, an id naming a
+        freed slot). Every branch runs the one check, :func:`lora_kernels._validate.ids_in_slots`.
+        """
+        ids = V.adapter_ids(name, adapter_ids, num_tokens)
+        if torch.compiler.is_compiling():  # data-dependent: checked inside one opaque op
+            return V.CHECK_IDS_OP(ids, self.ranks)
+        if ids.device.type == "cpu":
+            V.ids_in_slots(name, ids, self.max_adapters, self._occupied, self._loaded_desc())
+            return ids.to(self.device, non_blocking=True) if self.device.type != "cpu" else ids
+        if ids.device != self.device:
+            raise ValueError(f"{name} must be on the CPU or on the pool's device {self.device}, "
+                             f"got {ids.device}")
+        if ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return ids
+        V.ids_in_slots(name, ids, self.max_adapters, self.ranks > 0, self._loaded_desc())
+        return ids
+
+    def _loaded_desc(self) -> str:
+        return str({n: s for n, s in self._slot_of.items()})
+
+    def view(self) -> PoolView:
+        """The pool's tensors as one small value for the ops (see :class:`PoolView`)."""
+        return PoolView(self.lora_A, self.lora_Bt, self.ranks, self.scalings,
+                        self.max_active_rank)
+
+    # ------------------------------------------------------------------ mutation
+    def _prepare(self, name, lora_A, lora_B, scaling, slot):
+        """Validate an ``add`` and convert the factors; touches nothing in the pool."""
+        _adapter_name(name)
+        if name in self._slot_of:
+            raise ValueError(f"name {name!r} is already in the pool (slot {self._slot_of[name]}); "
+                             "remove it first")
+        V.float_tensor("lora_A", lora_A, ndim=2)
+        V.float_tensor("lora_B", lora_B, ndim=2)
+        r = lora_A.shape[0]
+        if r < 1:
+            raise ValueError(f"lora_A must have at least one row (rank >= 1), got "
+                             f"{tuple(lora_A.shape)}")
+        V.shape("lora_A", lora_A, (r, self.in_features), "(r, in_features) of the pool")
+        V.shape("lora_B", lora_B, (self.out_features, r),
+                f"(out_features, r) with r={r} from lora_A")
+        if r > self.max_rank:
+            raise ValueError(f"lora_A has rank {r} > the pool's max_rank={self.max_rank}")
+        s = V.scalar("scaling", scaling)
+        if not math.isfinite(s):
+            raise ValueError(f"scaling must be finite, got {s}")
+        if slot is None:
+            if len(self._slot_of) >= self.max_adapters:
+                raise ValueError(f"the pool is full (max_adapters={self.max_adapters}): remove an "
+                                 f"adapter first (loaded: {self.names()})")
+            slot = self._name_at.index(None)
+        else:
+            if isinstance(slot, bool) or not isinstance(slot, int):
+                raise TypeError(f"slot must be an int or None, got {type(slot).__name__}")
+            if not 0 <= slot < self.max_adapters:
+                raise ValueError(f"slot must be in [0, {self.max_adapters}), got {slot}")
+            if self._name_at[slot] is not None:
+                raise ValueError(f"slot {slot} is taken by {self._name_at[slot]!r}")
+        a = lora_A.detach().to(device=self.device, dtype=self.dtype)
+        bt = lora_B.detach().t().to(device=self.device, dtype=self.dtype)
+        return slot, r, s, a, bt
+
+    @torch.no_grad()
+    def _write(self, name, slot, r, s, a, bt):
+        self.lora_A[slot].zero_()
+        self.lora_Bt[slot].zero_()
+        self.lora_A[slot, :r].copy_(a)
+        self.lora_Bt[slot, :r].copy_(bt)
+        self.ranks[slot] = r
+        self.scalings[slot] = s
+        self._slot_of[name] = slot
+        self._name_at[slot] = name
+        self._rank_at[slot] = r
+        self._scaling_at[slot] = s
+        self._occupied[slot] = True
+
+    def add(self, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.0,
+            *, slot: int | None = None) -> int:
+        """Store ``delta = scaling * lora_B @ lora_A`` under ``name``; return its slot (the id
+        tokens use). ``slot`` picks a specific free slot (default: the lowest free one)."""
+        prepared = self._prepare(name, lora_A, lora_B, scaling, slot)
+        self._write(name, *prepared)
+        return prepared[0]
+
+    @torch.no_grad()
+    def remove(self, name: str) -> int:
+        """Free ``name``'s slot (its weights are zeroed); return the slot."""
+        slot = self.slot(name)
+        self.lora_A[slot].zero_()
+        self.lora_Bt[slot].zero_()
+        self.ranks[slot] = 0
+        self.scalings[slot] = 0.0
+        del self._slot_of[name]
+        self._name_at[slot] = None
+        self._rank_at[slot] = 0
+        self._scaling_at[slot] = 0.0
+        self._occupied[slot] = False
+        return slot
+
+    def requires_grad_(self, requires_grad: bool = True) -> AdapterPool:
+        """Make ``lora_A`` / ``lora_Bt`` trainable leaves (see the class docstring)."""
+        self.lora_A.requires_grad_(requires_grad)
+        self.lora_Bt.requires_grad_(requires_grad)
+        return self
+
+    def parameters(self) -> list[torch.Tensor]:
+        """``[lora_A, lora_Bt]``, e.g. for an optimizer after :meth:`requires_grad_`."""
+        return [self.lora_A, self.lora_Bt]
+
+    def __repr__(self) -> str:
+        return (f"AdapterPool(in_features={self.in_features}, out_features={self.out_features}, "
+                f"max_adapters={self.max_adapters}, max_rank={self.max_rank}, dtype={self.dtype}, "
+                f"device={self.device}, adapters={self._ranks_by_name()})")
+
+    def _ranks_by_name(self) -> dict[str, int]:
+        return {n: self._rank_at[s] for n, s in self._slot_of.items()}
