@@ -29,6 +29,39 @@ __all__ = ["AdapterPool", "MultiAdapterModel", "PoolView", "ServingLinear"]
 
 
 # ============================================================================ model level
+def _split_dora(adapter: Mapping, layers: dict) -> tuple[dict, dict]:
+    """``({module: (lora_A, lora_B, scaling)}, {module: g (out,) fp32})``: DoRA entries (4-tuples
+    ``(lora_A, lora_B, scaling, magnitude)``) split into their LoRA factors and the row scale
+    ``g = magnitude / ||W + scaling B A||_row`` against the served layer's base weight. LoRA
+    entries pass through unchanged. Raises before anything is stored."""
+    from .ops.dora import dora_norm
+
+    out, gs = {}, {}
+    for mod, entry in adapter.items():
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 4):
+            out[mod] = entry
+            continue
+        A, B, s, m = entry
+        lay = layers[mod]
+        w = lay.weight
+        for nm, t, shape in (("lora_A", A, (None, lay.in_features)),
+                             ("lora_B", B, (lay.out_features, None)),
+                             ("magnitude", m, (lay.out_features,))):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != len(
+                    shape) or any(e is not None and d != e for d, e in zip(t.shape, shape)):
+                raise ValueError(f"adapter[{mod!r}] (DoRA): {nm} must be a float tensor of shape "
+                                 f"{shape} (None: any), got {getattr(t, 'shape', t)}")
+        if B.shape[1] != A.shape[0]:
+            raise ValueError(f"adapter[{mod!r}] (DoRA): lora_B {tuple(B.shape)} and lora_A "
+                             f"{tuple(A.shape)} must share the rank")
+        s = V.scalar(f"adapter[{mod!r}].scaling", s)
+        with torch.no_grad():
+            Aw, Bw = A.to(w.device, w.dtype), B.to(w.device, w.dtype)
+            gs[mod] = m.to(w.device, torch.float32) / dora_norm(w.detach(), Aw, Bw, s)
+        out[mod] = (A, B, s)
+    return out, gs
+
+
 class _ServingState:
     """Per-call adapter selection shared by every :class:`ServingLinear` of one model: the
     per-sequence slot table set by :meth:`MultiAdapterModel.using`, and the batch plans built from
@@ -39,6 +72,7 @@ class _ServingState:
         self.max_adapters = max_adapters
         self.seq_ids: torch.Tensor | None = None   # (passes, batch) int64 on the model device
         self.count: torch.Tensor | None = None     # CPU int64 (1,): distinct adapters in batch
+        self.seq_names: list[str | None] = []      # one stored adapter (or None) per sequence
         self._plans: dict = {}
 
     def plans(self, per_seq: int, device: torch.device, backend: str) -> tuple:
@@ -57,6 +91,7 @@ class _ServingState:
     def clear(self):
         self.seq_ids = None
         self.count = None
+        self.seq_names = []
         self._plans = {}
 
 
@@ -81,6 +116,9 @@ class ServingLinear(nn.Module):
         self.pool = pool
         self._state = state
         self.backend = backend
+        # DoRA adapters: name -> g = m / ||W + s B A||_row (out,) fp32 on the weight's device; the
+        # pool holds their LoRA factors, the output row scale is applied after the fused op
+        self.dora_g: dict[str, torch.Tensor] = {}
 
     @property
     def pool(self) -> AdapterPool:
@@ -116,7 +154,26 @@ class ServingLinear(nn.Module):
                 y = y + _apply(x2, None, None, view, plan, be)
             else:
                 _add_(y, x2, view, plan, be)
+        if self.dora_g:
+            y = self._dora_rows(y, batch)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dora_rows(self, y: torch.Tensor, batch: int) -> torch.Tensor:
+        """DoRA sequences: ``y = g * (x W^T + s x A^T B^T) + b = g * (y - b) + b``, on the rows
+        of those sequences only (LoRA / base rows are left bit-identical). A torch op over the
+        DoRA rows (not fused into the multi-LoRA kernels)."""
+        idx = [i for i, n in enumerate(self._state.seq_names) if n in self.dora_g]
+        if not idx:
+            return y
+        y3 = y.view(batch, -1, self.out_features)
+        it = torch.tensor(idx, device=y.device)
+        G = torch.stack([self.dora_g[self._state.seq_names[i]] for i in idx]).to(y.dtype)
+        sel = y3.index_select(0, it)
+        new = (torch.addcmul(self.bias, sel - self.bias, G[:, None, :]) if self.bias is not None
+               else sel * G[:, None, :])
+        if torch.is_grad_enabled() and y.requires_grad:
+            return y3.index_copy(0, it, new).reshape(y.shape)
+        return y3.index_copy_(0, it, new).reshape(y.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -157,7 +214,10 @@ class MultiAdapterModel(nn.Module):
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._state = _ServingState(max_adapters)
         self.layers: dict[str, ServingLinear] = {}
+        # the replaced modules themselves, for unload() (a plain dict: not submodules)
+        self._originals: dict[str, nn.Module] | None = {}
         for name in names:
+            self._originals[name] = model.get_submodule(name)
             # a transformers Conv1D is served through its (out, in) weight view (same storage)
             lin = as_linear(model.get_submodule(name))
             pool = AdapterPool(lin.in_features, lin.out_features, max_adapters, max_rank,
@@ -190,9 +250,11 @@ class MultiAdapterModel(nn.Module):
         return self.store.stats
 
     def adapters(self) -> list[str]:
+        self._live()
         return self.store.names() + list(self._sums)
 
     def __contains__(self, name) -> bool:
+        self._live()
         return name in self.store or name in self._sums
 
     def add(self, name: str, adapter: Mapping) -> int | None:
@@ -202,7 +264,11 @@ class MultiAdapterModel(nn.Module):
         into one of the ``max_adapters`` device slots when a batch names it. Returns its slot if a
         free one took it now, else None. Every entry is validated against its layer before
         anything is written; modules of the model the adapter does not name keep the base
-        weights."""
+        weights. DoRA entries (``DoRAFactors`` / ``(lora_A, lora_B, scaling, magnitude)``, e.g. a
+        ``use_dora`` PEFT adapter) are served as LoRA factors in the pool plus the layer's output
+        row scale ``g = magnitude / ||W + scaling B A||_row`` (applied to that adapter's rows
+        after the multi-LoRA op), so DoRA and LoRA adapters mix in one batch."""
+        self._live()
         _adapter_name(name)
         if name in self:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
@@ -215,7 +281,13 @@ class MultiAdapterModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter names modules that are not served: {unknown[:5]} "
                              f"(served: {self.module_names})")
-        return self.store.add(name, adapter)
+        # DoRA entries ((lora_A, lora_B, scaling, magnitude), from a use_dora PEFT adapter): the
+        # pool stores the LoRA factors, the layer its row scale g (computed here, in low rank)
+        adapter, dora_g = _split_dora(adapter, self.layers)
+        slot = self.store.add(name, adapter)
+        for mod, g in dora_g.items():
+            self.layers[mod].dora_g[name] = g
+        return slot
 
     def prefetch(self, adapters: Sequence[str | None]) -> list[str]:
         """Start loading the adapters of a coming batch (copies overlap the current one on a
@@ -241,6 +313,7 @@ class MultiAdapterModel(nn.Module):
 
     def add_sum(self, name: str, parts: Sequence[str]) -> None:
         """Serve ``sum(delta_p for p in parts)`` as adapter ``name`` (no weights copied)."""
+        self._live()
         _adapter_name(name)
         if name in self:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
@@ -251,6 +324,9 @@ class MultiAdapterModel(nn.Module):
             if p in self._sums:
                 flat.extend(self._sums[p])
             elif p in self.store:
+                if any(p in lay.dora_g for lay in self.layers.values()):
+                    raise ValueError(f"parts: {p!r} is a DoRA adapter; a sum of DoRA adapters is "
+                                     "not one (each rescales the base output): not supported")
                 flat.append(p)
             else:
                 raise ValueError(f"parts: {p!r} is not loaded (loaded: {self.adapters()})")
@@ -268,6 +344,31 @@ class MultiAdapterModel(nn.Module):
             raise ValueError(f"name {name!r} is part of the summed adapter(s) {users}; remove "
                              "those first")
         self.store.remove(name)
+        for lay in self.layers.values():
+            lay.dora_g.pop(name, None)
+
+    def unload(self) -> nn.Module:
+        """Give the plain model back: every served layer is replaced by the very module it
+        replaced (the same objects: weights never copied or modified, a GPT-2 ``Conv1D`` stays a
+        ``Conv1D``), every adapter is dropped and the device slots are freed; returns the model.
+        The server is empty afterwards: any later call raises ``ValueError``."""
+        from .inject import _set
+
+        self._live()
+        model = self.model
+        for name, mod in self._originals.items():
+            _set(model, name, mod)
+        self._originals = None
+        self.layers = {}
+        self._sums = {}
+        self.store = None
+        del self.model
+        return model
+
+    def _live(self) -> None:
+        if self._originals is None:
+            raise ValueError("this MultiAdapterModel was unload()ed: it serves nothing any more "
+                             "(build a new one on the returned model)")
 
     # ------------------------------------------------------------------ forward
     def _seq_ids(self, adapters, batch: int, device):
@@ -307,6 +408,7 @@ class MultiAdapterModel(nn.Module):
     def using(self, adapters: Sequence[str | None]):
         """Select one adapter per sequence (batch dim of every served linear's input) for the
         calls made inside the ``with`` block."""
+        self._live()
         if isinstance(adapters, str) or not isinstance(adapters, Sequence):
             raise TypeError(f"adapters must be a list (one name or None per sequence), got "
                             f"{type(adapters).__name__}")
@@ -316,6 +418,8 @@ class MultiAdapterModel(nn.Module):
         ids, distinct, lease = self._seq_ids(adapters, len(adapters), dev)
         self._state.seq_ids = ids
         self._state.count = torch.tensor([distinct], dtype=torch.int64)   # CPU: no sync
+        self._state.seq_names = [a if a is not None and a not in self._sums else None
+                                 for a in adapters]
         try:
             yield self
         finally:
@@ -325,6 +429,7 @@ class MultiAdapterModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, adapters: Sequence[str | None] | None = None,
                 **kwargs):
         """``model(input_ids, **kwargs)`` with sequence ``b`` using ``adapters[b]``."""
+        self._live()
         if adapters is None:
             return self.model(input_ids, **kwargs)
         V.tensor("input_ids", input_ids, min_ndim=1)

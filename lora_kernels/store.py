@@ -325,6 +325,12 @@ def _check_pools(pools) -> dict:
     return dict(pools)
 
 
+def _plain_prepare():
+    from . import AdapterPool
+
+    return AdapterPool._prepare
+
+
 @torch.no_grad()
 def _swap_slot(pool, s: int, old: str | None, new: str | None, entry) -> None:
     """Slot ``s`` of ``pool``: ``old`` (if it is there) leaves, ``new`` enters with ``entry =
@@ -340,6 +346,14 @@ def _swap_slot(pool, s: int, old: str | None, new: str | None, entry) -> None:
     here = old is not None and pool._name_at[s] == old
     r_old = pool._rank_at[s] if here else 0
     if entry is None and not here:
+        return
+    if type(pool)._prepare is not _plain_prepare():
+        # a pool with its own add (e.g. parallel.ShardedAdapterPool: slices the unsharded
+        # factors, agrees with the other ranks) is written through its public API
+        if here:
+            pool.remove(old)
+        if entry is not None:
+            pool.add(new, entry[0], entry[1].t(), entry[2], slot=s)
         return
     r = 0
     if entry is not None:

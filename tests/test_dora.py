@@ -338,6 +338,13 @@ def test_peft_dora_adapter_round_trip(tmp_path):
     model.eval()
     with torch.no_grad():
         assert_close(model(x), yp, torch.float32, "loaded vs PEFT")
+    # the PEFT DoRA file served next to the base model (MultiAdapterModel.load_peft)
+    server = lk.MultiAdapterModel(base(), ["0", "2"], max_adapters=2, max_rank=4)
+    server.load_peft("d", tmp_path / "peft")
+    with torch.no_grad():
+        ys = server(x, adapters=["d", None, "d", "d", None])
+    assert_close(ys[[0, 2, 3]], yp[[0, 2, 3]], torch.float32, "served vs PEFT")
+    assert_close(ys[[1, 4]], base()(x)[[1, 4]].detach(), torch.float32, "served base rows")
     # ours -> disk -> PEFT
     lk.save_peft_adapter(model, tmp_path / "ours")
     pm2 = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
@@ -469,3 +476,78 @@ def test_cuda_backend_under_emulation(monkeypatch, p):
     for got, want, name in ((y, yr, "y"), (dx, d[0].grad, "dx"), (dA, d[1].grad, "dA"),
                             (dB, d[2].grad, "dB")):
         assert_close(got, want, torch.float32, name)
+
+
+def test_serving_mixed_dora_and_lora_batch_equals_merged_models():
+    """One mixed batch (DoRA, LoRA, base, DoRA) through MultiAdapterModel equals, row by row, the
+    model with that adapter merged (DoRA: g * (W + s B A)); removing the DoRA adapter drops its
+    row scales; a sum with a DoRA part is refused."""
+    import copy
+
+    from helpers import tiny_llama
+
+    base = tiny_llama()
+    targets = ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(8)
+    dora, lora = {}, {}
+    for name, mod in base.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            o, i = mod.weight.shape
+            A, B = torch.randn(3, i) / i ** 0.5, torch.randn(o, 3) * 0.3
+            m = torch.linalg.vector_norm(mod.weight.detach(), dim=1) * (1 + 0.3 * torch.rand(o))
+            dora[name] = lk.peft_io.DoRAFactors(A.to(DEVICE), B.to(DEVICE), 0.7, m.to(DEVICE))
+            lora[name] = (torch.randn(2, i, device=DEVICE) * 0.2,
+                          torch.randn(o, 2, device=DEVICE) * 0.2, 1.5)
+
+    def merged(ad):
+        m = lk.inject_adapter(copy.deepcopy(base), ad)
+        return lk.merge_and_unload(m).eval()
+
+    ref = {"d": merged(dora), "l": merged(lora), None: base}
+    server = lk.MultiAdapterModel(copy.deepcopy(base), targets, max_adapters=3, max_rank=4)
+    server.add("d", dora)
+    server.add("l", lora)
+    ids = torch.randint(0, 64, (4, 6), device=DEVICE)
+    names = ["d", "l", None, "d"]
+    with torch.no_grad():
+        out = server(ids, adapters=names).logits
+        for k, n in enumerate(names):
+            want = ref[n](ids[k:k + 1]).logits
+            assert_close(out[k:k + 1], want, torch.float32, f"row {k} ({n})", factor=10)
+    with pytest.raises(ValueError, match="DoRA"):
+        server.add_sum("dl", ["d", "l"])
+    server.remove("d")
+    assert not any(lay.dora_g for lay in server.layers.values())
+    with pytest.raises(ValueError, match="magnitude"):
+        bad = {k: (A, B, s, m[:-1]) for k, (A, B, s, m) in dora.items()}
+        server.add("bad", bad)
+    assert "bad" not in server
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_multi_lora_linear_row_scale_mixes_dora_and_lora(backend):
+    """multi_lora_linear(..., row_scale=) with a DoRA slot (g) and a LoRA slot (1) in one batch:
+    each token equals its own adapter's formula in float64; -1 tokens are the base."""
+    T, i, o = 9, 23, 13
+    x, w, b, a, bb, m = _inputs(T, i, o, 3, torch.float32)
+    a2, b2 = randn(2, i, scale=0.2), randn(o, 2, scale=0.2)
+    pool = lk.AdapterPool(i, o, 3, 4, device=DEVICE)
+    pool.add("dora", a.detach(), bb.detach(), 0.8)
+    pool.add("lora", a2, b2, 1.5)
+    g = (m.detach() / D.dora_norm(w, a.detach(), bb.detach(), 0.8))
+    table = torch.ones(3, o, device=DEVICE)
+    table[pool.slot("dora")] = g
+    ids = torch.tensor([0, 1, -1, 0, 0, 1, -1, 1, 0], device=DEVICE)
+    y = lk.multi_lora_linear(x.detach(), w, b, pool, ids, backend=backend, row_scale=table)
+    d = lambda t: t.detach().double()  # noqa: E731
+    yd = ref.dora_linear(d(x), d(w), d(b), d(a), d(bb), d(m), 0.8)
+    yl = d(x) @ d(w).t() + 1.5 * d(x) @ d(a2).t() @ d(b2).t() + d(b)
+    yb = d(x) @ d(w).t() + d(b)
+    want = torch.stack([(yd, yl, yb)[{0: 0, 1: 1, -1: 2}[int(k)]][t] for t, k in enumerate(ids)])
+    assert_close(y, want, torch.float32, "row-scaled mixed batch")
+    with pytest.raises(ValueError, match="row_scale"):
+        lk.multi_lora_linear(x.detach(), None, None, pool, ids, row_scale=table)
+    with pytest.raises(ValueError, match="row_scale"):
+        lk.multi_lora_linear(x.detach(), w, b, pool, ids, row_scale=table[:2])
+    with pytest.raises(TypeError, match="row_scale"):
+        lk.multi_lora_linear(x.detach(), w, b, pool, ids, row_scale=table.double())

@@ -43,8 +43,8 @@ def _slot_holds(pool, slot, ad):
     A, B, s = ad
     r = A.shape[0]
     return (int(pool.ranks[slot]) == r and float(pool.scalings[slot]) == pytest.approx(s)
-            and torch.equal(pool.lora_A[slot, :r].cpu(), A.to(pool.dtype))
-            and torch.equal(pool.lora_Bt[slot, :r].cpu(), B.t().to(pool.dtype))
+            and torch.equal(pool.lora_A[slot, :r].cpu(), A.cpu().to(pool.dtype))
+            and torch.equal(pool.lora_Bt[slot, :r].cpu(), B.t().cpu().to(pool.dtype))
             and bool((pool.lora_A[slot, r:] == 0).all()))
 
 
@@ -190,7 +190,7 @@ def _ref(model, x, ad):
     """float64 reference of one sequence through its own adapter (None: base)."""
     def lin(name, h):
         m = getattr(model, name)
-        y = h @ m.weight.double().t() + m.bias.double()
+        y = h @ m.weight.double().cpu().t() + m.bias.double().cpu()
         if ad is not None and name in ad:
             A, B, s = ad[name]
             y = y + s * (h @ A.double().t()) @ B.double().t()
@@ -344,3 +344,37 @@ def test_swap_to_lower_rank_and_uncovered_module_leaves_zeros():
     assert "big" not in pools["p"] and len(pools["q"]) == 0 and int(pools["q"].ranks[0]) == 0
     assert (pools["q"].lora_A == 0).all() and (pools["q"].lora_Bt == 0).all()
     assert store.stats.bytes_moved == 2 * 4 * (IN + OUT) * 4 + 1 * (IN + OUT) * 4
+
+
+def test_server_prefetch_waits_for_the_batch_in_flight():
+    """Server level, with the hand-driven engine: a prefetch issued while the previous batch is
+    still 'running' (its use event not complete) is queued behind it and cannot run; once the
+    batch completes, the next forward waits on the load and serves the new adapter exactly."""
+    torch.manual_seed(1)
+    model = _Tiny().to(DEVICE)
+    server = lk.MultiAdapterModel(model, ["up", "down"], max_adapters=2, max_rank=4)
+    eng = ManualEngine()
+    server.store.engine = eng
+    g = torch.Generator().manual_seed(8)
+    ads = {}
+    for k in range(3):
+        ads[f"a{k}"] = {m: (*(t.to(DEVICE) for t in _factors(g, 1 + k)), 0.5 + k)
+                        for m in ("up", "down")}
+        server.add(f"a{k}", ads[f"a{k}"])
+    x = torch.randn(2, 3, IN, generator=g).to(DEVICE)
+    with torch.no_grad():
+        server(x, adapters=["a0", "a1"])
+    [use] = {e for lst in server.store._uses for e in lst}          # the batch "in flight"
+    assert server.prefetch(["a2"]) == ["a2"]                           # evicts a0 (LRU)
+    with pytest.raises(RuntimeError, match="must wait"):
+        eng.run()
+    a0_slot = server.layers["up"].pool.slot("a0")                      # a0 still in place
+    assert _slot_holds(server.layers["up"].pool, a0_slot, ads["a0"]["up"])
+    use.set()
+    with torch.no_grad():
+        y = server(x, adapters=["a2", "a1"])
+    assert eng.log[-2:] == [("wait", eng.log[-1][1]), ("run", eng.log[-1][1])]
+    for b, n in enumerate(["a2", "a1"]):
+        want = _ref(model, x[b].cpu(), {m: (A.cpu(), B.cpu(), s) for m, (A, B, s) in
+                                        ads[n].items()})
+        assert_close(y[b], want, torch.float32, n)

@@ -23,6 +23,7 @@ def test_summation_example_small(tmp_path):
     assert cos["d0+twin"] > cos["d0+d1"]  # the same task's adapters overlap more
     for r in doc["rows"]:
         assert r["summed_rank"] == S.SMALL.r * r["k"]
+        assert abs(r["loss_sum_served"] - r["loss_sum"]) < 1e-5 * r["loss_sum"]
         assert 0.0 <= r["rms_cosine"] <= 1.0
         # the adapters learned their domains: both beat the pretrained base on the union data
         assert r["loss_merged"] < r["loss_base"] and r["loss_sum"] < r["loss_base"]

@@ -15,9 +15,11 @@ between the adapters' deltas against the loss change of the sum. Here:
    our fused layer reading GPT-2's ``Conv1D`` weight through its transposed view), and one on the
    merged data of every pair and triple (``k`` domains: ``k`` times the steps, the same examples
    per domain);
-4. every pair and triple summed exactly with :func:`lora_kernels.sum_adapters` and evaluated as a
-   served sum (one LoRA of rank ``4k``, injected with :func:`lora_kernels.inject_adapter`) on the
-   union of the domains' held-out data, against the merged-data adapter on the same data.
+4. every pair and triple summed exactly with :func:`lora_kernels.sum_adapters` (one LoRA of rank
+   ``4k``, injected with :func:`lora_kernels.inject_adapter`) and also served as a sum by
+   :class:`lora_kernels.MultiAdapterModel` (``add_sum``: the stored adapters, no weights copied;
+   ``loss_sum_served``, equal up to rounding), evaluated on the union of the domains' held-out
+   data against the merged-data adapter on the same data.
 
 Output (``--out``, default ``bench/results/summation``): ``summation.json`` (every row, the
 settings, the Pearson correlation of RMS cosine with the relative loss change) and, when
@@ -202,6 +204,12 @@ def _run(st: Settings, out_dir: str | None, log) -> dict:
         f"{evaluate(base, generic.sample(64, st.seq_len, g)):.3f}")
     single = {n: train_adapter(base, st, [chains[n]], st.seed + 1 + i)
               for i, n in enumerate(names)}
+    # the sums served: one MultiAdapterModel over GPT-2's Conv1D c_attn, each single adapter
+    # stored once, every pair / triple an add_sum of them (no weights copied)
+    server = lk.MultiAdapterModel(copy.deepcopy(base), ["c_attn"], max_adapters=len(names),
+                                  max_rank=st.r)
+    for n in names:
+        server.add(n, single[n])
     rows = []
     for k in range(2, min(st.max_k, len(names)) + 1):
         for combo in itertools.combinations(names, k):
@@ -210,11 +218,15 @@ def _run(st: Settings, out_dir: str | None, log) -> dict:
                                    st.seed + 100 + len(rows))
             summed = lk.sum_adapters([single[n] for n in combo])
             loss_sum = evaluate(lk.inject_adapter(copy.deepcopy(base), summed), ids)
+            server.add_sum("+".join(combo), list(combo))
+            with torch.no_grad(), server.using(["+".join(combo)] * len(ids)):
+                loss_served = float(lm_loss(server.model.eval(), ids))
             loss_merged = evaluate(lk.inject_adapter(copy.deepcopy(base), merged), ids)
             cos = [lk.rms_cosine(single[a], single[b]) for a, b in itertools.combinations(combo, 2)]
             rows.append(dict(
                 domains=list(combo), k=k, rms_cosine=sum(cos) / len(cos), pairwise_rms_cosine=cos,
                 loss_base=evaluate(base, ids), loss_merged=loss_merged, loss_sum=loss_sum,
+                loss_sum_served=loss_served,
                 rel_loss_change=(loss_sum - loss_merged) / loss_merged,
                 summed_rank=int(next(iter(summed.values()))[0].shape[0])))
             r = rows[-1]

@@ -56,10 +56,12 @@ Backends (``backend=``):
   ``g * dy`` on the fly: the dx GEMM and the ``G = dy' B`` shrink). The ``(T, out)``
   ``dm`` reduction and, for p > 0, ``y += (g - 1) * u`` and the masked dx sum are torch ops (the
   p > 0 keep mask is materialised by a small Triton kernel, ``kernels.dora.keep_mask_kernel``).
-  Runs here through Triton's interpreter; not run on a GPU.
+  Tested through Triton's interpreter and compiled for sm_80/sm_90 (tests/cuda/test_triton_aot.py);
+  not run on a GPU.
 * ``"cuda"``: the LoRA CUDA kernels (``ops.lora_cuda``) with g applied by cheap torch ops
   (``y *= g``, ``+ b``; backward on ``g * dy``); p > 0 adds the ``u`` GEMM and the masked dx term
-  in torch with the kernels' own Philox mask. Not run on a GPU in this session (no GPU).
+  in torch with the kernels' own Philox mask. Logic tested under the CPU emulation of csrc/
+  (tests/test_dora.py); not run on a GPU.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def _check_common(x, pool, adapter_ids, backend, path):
     return x.reshape(T, in_f), plan, be
 
 
-def multi_lora_linear(x, weight, bias, pool, adapter_ids, *, backend=None, path=None):
+def multi_lora_linear(x, weight, bias, pool, adapter_ids, *, backend=None, path=None,
+                      row_scale=None):
     """Many adapters in one batch: ``y[t] = x[t] W^T + b + s_i x[t] A_i^T B_i^T``,
     ``i = adapter_ids[t]``.
 
@@ -83,11 +84,20 @@ def multi_lora_linear(x, weight, bias, pool, adapter_ids, *, backend=None, path=
         path: ``None`` (automatic, :func:`~lora_kernels.ops.multi_lora.choose_path`) |
             ``"decode"`` | ``"prefill"`` | ``"prefill_fused"`` (the Triton and CUDA kernels; see
             :mod:`.triton_backend`; the torch path ignores it).
+        row_scale: ``None`` or a per-slot output row scale ``g`` (max_adapters, out) fp32 on the
+            pool's device (DoRA: ``magnitude / ||W + s_i B_i A_i||_row``, e.g.
+            ``DoRALinear.row_scale()``; 1 for a LoRA slot): ``y[t] = g_i * (x[t] W^T +
+            s_i x[t] A_i^T B_i^T) + b``, tokens with id -1 unscaled, so DoRA and LoRA adapters mix
+            in one batch. Needs ``weight``. Applied to the op's output by torch (one pass over y,
+            not fused into the kernels); scale-1 rows go through ``(y - b) * 1 + b`` (exact in
+            fp32, one rounding in fp16/bf16).
     Returns:
         ``(..., out)`` in x's dtype. Gradients flow to ``x``, ``weight``/``bias`` when they
         require grad, and to ``pool.lora_A`` / ``pool.lora_Bt`` (dense, per slot) when the pool was
         made trainable with ``pool.requires_grad_()``.
     """
+    if row_scale is not None:
+        return _row_scaled(x, weight, bias, pool, adapter_ids, backend, path, row_scale)
     if weight is not None and not isinstance(weight, torch.Tensor):
         # a quantized base (lora_kernels.quant): its GEMM dequantises in the kernel (ops.qlora),
         # the adapters' delta is this op's delta-only form
@@ -106,6 +116,32 @@ def multi_lora_linear(x, weight, bias, pool, adapter_ids, *, backend=None, path=
         raise ValueError("bias must be None when weight is None (the delta-only form)")
     y = apply(x2, weight, bias, pool.view(), plan, be)
     return y.reshape(*x.shape[:-1], out_f)
+
+
+def _row_scaled(x, weight, bias, pool, adapter_ids, backend, path, row_scale):
+    """:func:`multi_lora_linear` with a per-slot output row scale (see its ``row_scale``)."""
+    if weight is None:
+        raise ValueError("row_scale needs weight: it rescales the base output x W^T too "
+                         "(the delta-only form has none)")
+    if not isinstance(pool, AdapterPool):
+        raise TypeError(f"pool must be a lora_kernels.AdapterPool, got {type(pool).__name__}")
+    V.tensor("row_scale", row_scale, ndim=2)
+    V.shape("row_scale", row_scale, (pool.max_adapters, pool.out_features),
+            "(max_adapters, out_features) of the pool")
+    if row_scale.dtype != torch.float32:
+        raise TypeError(f"row_scale must be float32, got {row_scale.dtype}")
+    if row_scale.device != pool.device:
+        raise ValueError(f"row_scale must be on the pool's device {pool.device}, got "
+                         f"{row_scale.device}")
+    y = multi_lora_linear(x, weight, bias, pool, adapter_ids, backend=backend, path=path)
+    out_f = pool.out_features
+    y2 = y.reshape(-1, out_f)
+    ids = (adapter_ids.ids if isinstance(adapter_ids, P.BatchPlan)
+           else pool.check_ids(adapter_ids, y2.shape[0]))
+    g = torch.where((ids >= 0)[:, None], row_scale.index_select(0, ids.clamp_min(0).long()),
+                    1.0).to(y.dtype)                                            # (T, out)
+    y2 = torch.addcmul(bias, y2 - bias, g) if bias is not None else y2 * g
+    return y2.reshape(y.shape)
 
 
 def multi_lora_add_(y, x, pool, adapter_ids, *, backend=None, path=None):
