@@ -68,7 +68,7 @@ fi
 if [ "$MODE" = full ]; then
   step "2. test suite on the GPU"
   timeout 200 "$PY" -m lora_kernels.check --gpu --workers 8 --deadline 185 --out "$RES" -- --maxfail=60 \
-    -p no:cacheprovider --timeout 150 -k "not emu" --ignore=tests/test_distributed.py
+    -p no:cacheprovider --timeout 150 -k "not emu" --ignore=tests/distributed
   echo "suite rc=$?"
 
   step "3. compute-sanitizer memcheck"

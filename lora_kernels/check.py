@@ -91,8 +91,11 @@ def run_pass(label: str, extra_env: dict, args, repo: Path) -> dict:
 # test file -> op its backend-parametrised tests cover (tests/cuda/test_cuda_build.py's [cuda]
 # kernel tests: by test name, below)
 TEST_FILE_OPS = {"test_lora.py": "lora_linear", "test_glora.py": "glora_linear",
+                 "test_quant.py": "lora_linear", "test_dora.py": "dora_linear",
                  "test_multi_lora.py": "multi_lora_linear",
-                 "test_serving_model.py": "multi_lora_linear"}
+                 "test_serving_model.py": "multi_lora_linear",
+                 "test_serving_plan.py": "multi_lora_linear", "test_store.py": "multi_lora_linear",
+                 "test_fused_proj.py": "multi_lora_linear", "test_lora_tma.py": None}
 VARIANT_OPS = {"nora": "nora_linear", "cur": "cur_linear", "deep": "deep_lora_linear"}
 
 

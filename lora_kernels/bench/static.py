@@ -157,7 +157,6 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
     from ..ops import _triton as TR
     from ..ops import glora as G
     from ..ops import lora as L
-    from ..ops import multi_lora as ML
 
     if TR.triton_interpret():
         raise RuntimeError("headline_launches needs TRITON_INTERPRET=0 (GPU launch paths)")
@@ -204,30 +203,48 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
         Q._bwd_impl(dy, L.Saved(x, qw, A, B, s, 2.0, 0.0, None), L.Needs(True, True, True),
                     "triton")
         label[0] = f"qlora-nf4 decode T16 {K}x{N} r{r}"
-        Q._fwd_impl(e(16, K), qw, None, A, B, **qkw)
+        real_splits = Q._decode_splits
+
+        def h200_splits(M, N, K, device, tile):  # the GPU's split-K choice, with 132 SMs
+            if M > 16:
+                return 1
+            return max(1, min(-(-4 * 132 // -(-N // tile["BLOCK_N"])), K // (2 * tile["BLOCK_K"])))
+
+        Q._decode_splits = h200_splits
+        try:
+            Q._fwd_impl(e(16, K), qw, None, A, B, **qkw)
+        finally:
+            Q._decode_splits = real_splits
         label[0] = f"glora fwd T{T} {K}x{N} r{r} (A, B low-rank)"
         a1, a2 = G._parse("A", (e(N, r), e(r, K)), x, K, N)
         b1, b2 = G._parse("B", (e(N, r), e(r, K)), x, K, N)
         G._triton_fwd(x, w, None, G.Supports(a1, a2, b1, b2, None, None, None, None))
 
+        from ..ops.multi_lora import plan as MP
+        from ..ops.multi_lora import triton_backend as MT
+        from ..pool import PoolView
+
         T, na = DECODE["T"], DECODE["adapters"]
-        Pa, Pb = e(na, r, K), e(na, r, N)
-        ranks, sc = torch.full((na,), r, dtype=torch.int32), torch.ones(na)
+        view = PoolView(e(na, r, K), e(na, r, N), torch.full((na,), r, dtype=torch.int32),
+                        torch.ones(na), r)
         label[0] = f"decode T{T} {na} adapters {K}x{N} r{r}"
-        ML._triton_add_(e(T, N), e(T, K), Pa, Pb, ranks, sc, torch.arange(T), r, "decode")
+        ids = torch.arange(T)
+        MT.add_(e(T, N), e(T, K), view, MP.build(ids, na, na, backend="triton", path="decode"))
 
         ns, sl = PREFILL["segments"], PREFILL["seg_len"]
         T = ns * sl
         ids = torch.arange(ns).repeat_interleave(sl)
-        Pa, Pb = e(ns, r, K), e(ns, r, N)
-        ranks, sc = torch.full((ns,), r, dtype=torch.int32), torch.ones(ns)
+        view = PoolView(e(ns, r, K), e(ns, r, N), torch.full((ns,), r, dtype=torch.int32),
+                        torch.ones(ns), r)
         xp = e(T, K)
         label[0] = f"prefill {ns}x{sl} {K}x{N} r{r}"
-        ML._triton_add_(e(T, N), xp, Pa, Pb, ranks, sc, ids, r, "prefill")
+        MT.add_(e(T, N), xp, view, MP.build(ids, ns, ns, backend="triton", path="prefill"))
         label[0] = f"prefill_fused {ns}x{sl} {K}x{N} r{r}"
-        ML._triton_prefill_fused(xp, w, None, Pa, Pb, ranks, sc, ids, r)
+        MT.prefill_fused(xp, w, None, view,
+                         MP.build(ids, ns, ns, backend="triton", path="prefill_fused"))
         label[0] = f"multi-lora bwd {ns}x{sl} {K}x{N} r{r}"
-        ML._triton_bwd(e(T, N), xp, None, Pa, Pb, ranks, sc, ids, r, True, True, True)
+        MT.bwd(e(T, N), xp, None, view, MP.build(ids, ns, ns, backend="triton", path="prefill"),
+               (True, True, True))
     return out
 
 

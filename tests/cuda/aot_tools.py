@@ -53,14 +53,15 @@ def record_launches(out: list):
 
 
 def dedupe(launches: list) -> list:
-    """One launch per JIT specialisation (the JIT's cache key): arguments compared by what the
-    specialiser reads (``lora_kernels.bench.static.spec_class``), constexprs and options exactly."""
-    from lora_kernels.bench.static import spec_class
-
+    """One launch per kernel, constexprs, options and argument dtypes (the first recorded, which
+    is compiled with its own JIT specialisation). Launches differing only in alignment or
+    divisibility of their values compile to variants of the same code; one is kept to bound CI
+    time (the headline shapes' exact specialisations are the static profile's job)."""
     seen, out = set(), []
     for ln in launches:
-        key = json.dumps([ln["module"], ln["name"], ln["constexprs"], ln["options"],
-                          {n: spec_class(v) for n, v in ln["args"].items()}],
+        kinds = {n: (v.get("tensor") or v.get("tdesc") or "fp32") if isinstance(v, dict)
+                 else type(v).__name__ for n, v in ln["args"].items()}
+        key = json.dumps([ln["module"], ln["name"], ln["constexprs"], ln["options"], kinds],
                          sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
@@ -70,9 +71,10 @@ def dedupe(launches: list) -> list:
 
 def compile_all(launches: list, archs=(80, 90), tuned: bool = True) -> list[str]:
     """Compile each launch for each arch, JIT-specialised; one line per compile (raises on
-    failure). bf16 launches (the performance targets' dtype) also compile the GPU tile configs
-    of the module's ``AOT_CONFIGS`` (``tuned``) and for every arch; other dtypes for the last
-    arch only (bounds CI time)."""
+    failure). bf16 launches (the performance targets' dtype) compile for every arch and also
+    with the GPU tile configs of the module's ``AOT_CONFIGS`` (``tuned``, last arch); other
+    dtypes for the last arch only (bounds CI time; the headline shapes' every autotune candidate
+    on sm_90 and sm_80 is the static profile's job, bench/results/static-sm*.json)."""
     from lora_kernels.bench.static import compile_launch
 
     lines = []
@@ -86,8 +88,9 @@ def compile_all(launches: list, archs=(80, 90), tuned: bool = True) -> list[str]
         for cfg in getattr(mod, "AOT_CONFIGS", {}).get(ln["name"], []) if bf16 and tuned else []:
             variants.append(({**base, **cfg.kwargs},
                              {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
-        for const, opts in variants:
-            for arch in archs if bf16 else archs[-1:]:
+        for i, (const, opts) in enumerate(variants):
+            # the launch itself: every arch for bf16; tuned tiles: the last arch (sm_90) only
+            for arch in archs if bf16 and i == 0 else archs[-1:]:
                 k = compile_launch(ln, const, opts, arch)
                 lines.append(f"{ln['name']} sm_{arch} {opts} shared={k.metadata.shared} "
                              f"cubin={len(k.asm['cubin'])}B")

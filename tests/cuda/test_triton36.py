@@ -20,6 +20,7 @@ skip with that reason).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -55,13 +56,17 @@ def py36() -> Path:
     if os.environ.get("LORA_KERNELS_SKIP_TRITON36") == "1":
         pytest.skip("LORA_KERNELS_SKIP_TRITON36=1: the Triton 3.6 compile was opted out")
     py = VENV / "bin" / "python"
-    if _venv_triton(py) != VERSION:
-        r = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"triton=={VERSION}"],
-                           capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, "pip install triton==3.6.0 failed:\n" + r.stderr[-3000:]
+    VENV.parent.mkdir(parents=True, exist_ok=True)
+    # one creator at a time: pytest-xdist workers may reach this fixture together
+    with open(VENV.parent / f".triton-{VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _venv_triton(py) != VERSION:
+            r = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages",
+                                str(VENV)], capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+            r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"triton=={VERSION}"],
+                               capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, "pip install triton==3.6.0 failed:\n" + r.stderr[-3000:]
     assert _venv_triton(py) == VERSION, _venv_triton(py)
     return py
 
@@ -97,7 +102,7 @@ def test_all_kernels_compile_with_triton_3_6(py36, tmp_path):
     assert {ln["name"] for ln in launches} == {
         "gemm_lowrank_kernel", "tn_kernel", "glora_gemm_kernel", "bgmv_kernel", "sgmv_kernel",
         "seg_tn_kernel", "sgmv_gemm_kernel", "gemm_lowrank_tma_kernel", "keep_mask_kernel",
-        "qgemm_lowrank_kernel"}
+        "qgemm_lowrank_kernel", "splitk_epilogue_kernel"}
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(launches, default=str))
     proc = subprocess.run([str(py36), str(HERE / "aot_tools.py"), "compile", str(path),

@@ -60,7 +60,7 @@ def _calls():
     from lora_kernels.ops import lora_tma
     from lora_kernels.quant import quantize
 
-    for dtype in (torch.float32, torch.bfloat16):  # DoRA (row scale) and QLoRA (NF4 base)
+    for dtype in (torch.bfloat16,):  # DoRA (row scale) and QLoRA (NF4 base), the target dtype
         x = torch.randn(5, 64, dtype=dtype, requires_grad=True)
         w, b = torch.randn(32, 64, dtype=dtype), torch.randn(32, dtype=dtype)
         a = torch.randn(4, 64, dtype=dtype, requires_grad=True)
@@ -101,6 +101,7 @@ def recorded_launches() -> list:
     return dedupe(launches)
 
 
+@pytest.mark.timeout(900)
 def test_all_kernels_compile_for_sm80_sm90(tmp_path):
     launches = recorded_launches()
     names = {ln["name"] for ln in launches}
