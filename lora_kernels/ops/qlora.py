@@ -386,7 +386,7 @@ def serving_base(linear) -> tuple[object, torch.dtype]:
     w = linear.weight
     if is_bnb_linear4bit(linear):
         w = NF4Weight.from_bnb(linear)
-    return w, w.dtype
+    return w, getattr(w, "dtype", None)  # None: a placeholder set later (tensor parallel)
 
 
 def base_linear(x, weight, bias, backend: str = "torch"):
