@@ -458,16 +458,17 @@ def test_cuda_backend_under_emulation(monkeypatch, p):
     from test_cuda_build import use_emulation
 
     from lora_kernels.ops import lora_cuda
+    from lora_kernels.ops.lora import Needs, Saved
 
     dev = use_emulation(monkeypatch)
     x, w, b, a, bb, m = _inputs(7, 29, 17, 3, torch.float32)
     seed = torch.tensor([987654321], dtype=torch.int64, device=dev)
     n = D.dora_norm(w, a, bb, 0.6)
     g = m.detach() / n
-    y, s, u = D._cuda_fwd(x.detach(), w, b, a.detach(), bb.detach(), g, 0.6, p, seed)
+    y, s, u = D._cuda_fwd(x.detach(), w, b, a.detach(), bb.detach(), 0.6, p, seed, g=g)
     dy = randn(7, 17)
-    dx, dA, dB = D._cuda_bwd(dy, x.detach(), w, a.detach(), bb.detach(), s, g, 0.6, p, seed,
-                             True, True, True)
+    dx, dA, dB = D._cuda_bwd(dy, Saved(x.detach(), w, a.detach(), bb.detach(), s, 0.6, p, seed),
+                             Needs(True, True, True), g=g)
     keep = lora_cuda.keep_mask(seed, 7, 29, p) if p > 0 else None
     d = [t.detach().double().requires_grad_(True) for t in (x, a, bb)]
     yr = ref.dora_linear(d[0], w.double(), b.double(), d[1], d[2], m.detach().double(), 0.6,

@@ -8,12 +8,6 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "lora_kernels"
 MAX_POSITIONAL = 8
 
-# Paths still being restructured on other branches (issue 15): remove an entry once it passes.
-# The test fails if a listed path has no violation left, so the list cannot go stale.
-PENDING: dict[str, str] = {
-    "lora_kernels/ops/dora.py": "DoRA backends onto ops/_register.define_op (branch dora)",
-}
-
 
 def _decorator_names(fn) -> set[str]:
     names = set()
@@ -76,15 +70,5 @@ def test_no_long_positional_signatures():
     """No function in lora_kernels/ takes more than 8 positional arguments outside the custom-op
     boundary (ops registered through ``define_op`` or ``torch.library``, their fakes, autograd
     Functions, Triton kernels): bundle them into a small named value or make them keyword-only."""
-    bad, pending_hit = [], set()
-    for path in sorted(PKG.rglob("*.py")):
-        rel = str(path.relative_to(PKG.parent))
-        found = _violations(path)
-        pend = next((p for p in PENDING if rel.startswith(p)), None)
-        if pend is None:
-            bad += found
-        elif found:
-            pending_hit.add(pend)
+    bad = [v for path in sorted(PKG.rglob("*.py")) for v in _violations(path)]
     assert not bad, "functions with more than 8 positional arguments:\n" + "\n".join(bad)
-    stale = set(PENDING) - pending_hit
-    assert not stale, f"PENDING entries without a violation left (remove them): {sorted(stale)}"

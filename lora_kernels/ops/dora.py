@@ -125,7 +125,7 @@ def _coldot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 20) -> tor
 
 
 # ----------------------------------------------------------------------------- torch path
-def _torch_fwd(x2, weight, bias, A, B, g, scaling, p, seed):
+def _torch_fwd(x2, weight, bias, A, B, scaling, p, seed, *, g):
     """``(y, S fp32, u | None)``; g (out,) fp32."""
     gd = g.to(x2.dtype)
     if p == 0.0:
@@ -141,7 +141,10 @@ def _torch_fwd(x2, weight, bias, A, B, g, scaling, p, seed):
     return y, s.float(), u
 
 
-def _torch_bwd(dy, x2, weight, A, B, s, g, scaling, p, seed, need_dx, need_dA, need_dB):
+def _torch_bwd(dy, saved: Saved, needs: Needs, *, g):
+    """(dx, dA, dB) of the DoRA op; ``g`` (out,) fp32 the detached row scale."""
+    x2, weight, A, B, s, scaling, p, seed = saved
+    need_dx, need_dA, need_dB = needs
     gd = g.to(dy.dtype)
     dyg = dy * gd                                                   # g * dy (T, out)
     if p == 0.0:
@@ -173,7 +176,7 @@ def _triton_keep(seed, T, K, p, device) -> torch.Tensor:
     return out.bool()
 
 
-def _triton_fwd(x2, weight, bias, A, B, g, scaling, p, seed):
+def _triton_fwd(x2, weight, bias, A, B, scaling, p, seed, *, g):
     if p == 0.0:
         s = gemm_lowrank(x2, A, out_dtype=torch.float32)
         y = gemm_lowrank(x2, weight, out_dtype=x2.dtype, bias=bias, s=s, bm=B, scale=scaling,
@@ -187,7 +190,10 @@ def _triton_fwd(x2, weight, bias, A, B, g, scaling, p, seed):
     return y, s, u
 
 
-def _triton_bwd(dy, x2, weight, A, B, s, g, scaling, p, seed, need_dx, need_dA, need_dB):
+def _triton_bwd(dy, saved: Saved, needs: Needs, *, g):
+    """(dx, dA, dB) of the DoRA op; ``g`` (out,) fp32 the detached row scale."""
+    x2, weight, A, B, s, scaling, p, seed = saved
+    need_dx, need_dA, need_dB = needs
     dx = dA = dB = None
     drop = p > 0.0
     if need_dx or need_dA:
@@ -210,7 +216,7 @@ def _triton_bwd(dy, x2, weight, A, B, s, g, scaling, p, seed, need_dx, need_dA, 
 
 
 # ----------------------------------------------------------------------------- CUDA path
-def _cuda_fwd(x2, weight, bias, A, B, g, scaling, p, seed):
+def _cuda_fwd(x2, weight, bias, A, B, scaling, p, seed, *, g):
     from . import lora_cuda
 
     gd = g.to(x2.dtype)
@@ -225,7 +231,10 @@ def _cuda_fwd(x2, weight, bias, A, B, g, scaling, p, seed):
     return y, s, u
 
 
-def _cuda_bwd(dy, x2, weight, A, B, s, g, scaling, p, seed, need_dx, need_dA, need_dB):
+def _cuda_bwd(dy, saved: Saved, needs: Needs, *, g):
+    """(dx, dA, dB) of the DoRA op; ``g`` (out,) fp32 the detached row scale."""
+    x2, weight, A, B, s, scaling, p, seed = saved
+    need_dx, need_dA, need_dB = needs
     from . import lora_cuda
 
     gd = g.to(dy.dtype)
@@ -248,7 +257,7 @@ _IMPLS = {"torch": (_torch_fwd, _torch_bwd), "triton": (_triton_fwd, _triton_bwd
 
 
 # ----------------------------------------------------------------------------- autograd
-def _dm(dy, y, u, bias, x2, weight, B, s, m, n, scaling):
+def _dm(dy, y, u, bias, *, x2, weight, B, s, m, n, scaling):
     """``dL/dm`` (out,) fp32 (module docstring): from y (p == 0) or u (p > 0)."""
     if u is not None:
         return _coldot(dy, u) / n
@@ -274,7 +283,8 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     u (T, out) if dropout_p > 0 else (0,))."""
     n = dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, backend)
     g = magnitude.detach().float() / n
-    y, s, u = _IMPLS[backend][0](x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed)
+    y, s, u = _IMPLS[backend][0](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                                 g=g)
     return y, s, n, g, (u if u is not None else x.new_empty(0))
 
 
@@ -297,12 +307,13 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """(dx, dW, db, dA, dB, dm); None (the op: empty) where unneeded. ``yu``: the saved y
     (dropout_p == 0) or u (dropout_p > 0), see the module docstring."""
     p = dropout_p
-    dx, dA, dB = _IMPLS[backend][1](dy, x, weight, lora_A, lora_B, s, g, scaling, p, seed,
-                                    need_dx, need_dA, need_dB)
+    dx, dA, dB = _IMPLS[backend][1](dy, Saved(x, weight, lora_A, lora_B, s, scaling, p, seed),
+                                    Needs(need_dx, need_dA, need_dB), g=g)
     dm = dW = db = None
     if need_dm:
         y, u = (None, yu) if p > 0.0 else (yu, None)
-        dm = _dm(dy, y, u, bias, x, weight, lora_B, s, magnitude, n, scaling).to(magnitude.dtype)
+        dm = _dm(dy, y, u, bias, x2=x, weight=weight, B=lora_B, s=s, m=magnitude, n=n,
+                 scaling=scaling).to(magnitude.dtype)
     if need_dW:
         gd = g.to(dy.dtype)
         if p == 0.0:
