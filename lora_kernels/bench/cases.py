@@ -225,24 +225,35 @@ def _impl_lora_tma() -> Impl:
                 note="candidate: persistent TMA-descriptor Triton GEMM + fused low-rank epilogue")
 
 
+def lora_layers(sets, device, backend, *, base=None, **kwargs) -> list:
+    """One ``LoRALinear`` per input set, holding that set's factors (``A``, ``B``, scaling
+    ``s``); ``base(d, device)`` builds its frozen base (default: an ``nn.Linear`` of ``W``, ``b``);
+    ``kwargs`` go to ``from_linear`` (e.g. ``quantize``)."""
+    from lora_kernels import LoRALinear
+
+    layers = []
+    for d in sets:
+        r = d["A"].shape[0]
+        layer = LoRALinear.from_linear((base or _linear_of)(d, device), r, alpha=d["s"] * r,
+                                       backend=backend, **kwargs)
+        with torch.no_grad():
+            layer.lora_A.copy_(d["A"])
+            layer.lora_B.copy_(d["B"])
+        layers.append(layer)
+    return layers
+
+
+def layer_train_step(sets, layers):
+    """``step(i)``: forward + backward of ``layers[i]`` on input set ``i`` (grads of x, A, B)."""
+    def step(i):
+        d, m = sets[i], layers[i]
+        return _grads(m(d["x"]), (d["x"], m.lora_A, m.lora_B), d["dy"])
+    return step
+
+
 def _impl_lora_layer(name, backend) -> Impl:
     def prepare(sets, device):
-        from lora_kernels import LoRALinear
-
-        layers = []
-        for d in sets:
-            r = d["A"].shape[0]
-            lin = _linear_of(d, device)
-            layer = LoRALinear.from_linear(lin, r, alpha=d["s"] * r, backend=backend)
-            with torch.no_grad():
-                layer.lora_A.copy_(d["A"])
-                layer.lora_B.copy_(d["B"])
-            layers.append(layer)
-
-        def step(i):
-            d, m = sets[i], layers[i]
-            return _grads(m(d["x"]), (d["x"], m.lora_A, m.lora_B), d["dy"])
-        return step
+        return layer_train_step(sets, lora_layers(sets, device, backend))
     return Impl(name, prepare, note=f"LoRALinear module, backend={backend!r}")
 
 

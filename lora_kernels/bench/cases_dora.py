@@ -34,6 +34,8 @@ from .cases import (
     _grads,
     _linear_of,
     _randn,
+    layer_train_step,
+    lora_layers,
     lora_train_counts,
     train_key,
 )
@@ -139,22 +141,7 @@ def _impl_ours(name, backend) -> Impl:
 
 def _impl_lora(name, backend, flops, nbytes) -> Impl:
     def prepare(sets, device):
-        from lora_kernels import LoRALinear
-
-        layers = []
-        for d in sets:
-            r = d["A"].shape[0]
-            layer = LoRALinear.from_linear(_linear_of(d, device), r, alpha=d["s"] * r,
-                                           backend=backend)
-            with torch.no_grad():
-                layer.lora_A.copy_(d["A"])
-                layer.lora_B.copy_(d["B"])
-            layers.append(layer)
-
-        def step(i):
-            d, m = sets[i], layers[i]
-            return _grads(m(d["x"]), (d["x"], m.lora_A, m.lora_B), d["dy"])
-        return _measured(step, device)
+        return _measured(layer_train_step(sets, lora_layers(sets, device, backend)), device)
     return Impl(name, prepare, flops=flops, bytes=nbytes, check=False,
                 note=f"LoRALinear module at the same rank, backend={backend!r}")
 

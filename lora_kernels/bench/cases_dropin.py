@@ -22,7 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cases import _esize, _grads, _train_inputs, lora_train_counts, train_key
+from .cases import (
+    _esize,
+    _grads,
+    _train_inputs,
+    layer_train_step,
+    lora_layers,
+    lora_train_counts,
+    train_key,
+)
 from .harness import Case, Impl
 
 
@@ -49,23 +57,9 @@ def _linear_of(d: dict, device) -> nn.Linear:
 
 def _impl_layer(name: str, conv: bool, backend: str | None) -> Impl:
     def prepare(sets, device):
-        from lora_kernels import LoRALinear
-
-        layers = []
-        for d in sets:
-            r = d["A"].shape[0]
-            base = _conv_of(d, device) if conv else _linear_of(d, device)
-            layer = LoRALinear.from_linear(base, r, alpha=d["s"] * r, backend=backend)
-            assert layer.weight.is_contiguous() != conv  # the Conv1D layer reads a view
-            with torch.no_grad():
-                layer.lora_A.copy_(d["A"])
-                layer.lora_B.copy_(d["B"])
-            layers.append(layer)
-
-        def step(i):
-            d, m = sets[i], layers[i]
-            return _grads(m(d["x"]), (d["x"], m.lora_A, m.lora_B), d["dy"])
-        return step
+        layers = lora_layers(sets, device, backend, base=_conv_of if conv else None)
+        assert all(m.weight.is_contiguous() != conv for m in layers)  # Conv1D: reads a view
+        return layer_train_step(sets, layers)
     what = "Conv1D (transposed view)" if conv else "nn.Linear"
     return Impl(name, prepare, note=f"LoRALinear.from_linear({what}), backend={backend!r}")
 

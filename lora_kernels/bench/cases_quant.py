@@ -34,7 +34,15 @@ import importlib.util
 import torch
 from torch import nn
 
-from .cases import _esize, _grads, _linear_of, _train_inputs, lora_train_counts, train_key
+from .cases import (
+    _esize,
+    _grads,
+    _train_inputs,
+    layer_train_step,
+    lora_layers,
+    lora_train_counts,
+    train_key,
+)
 from .cases_dora import cpu_peak_mb
 from .harness import Case, Impl
 
@@ -56,24 +64,13 @@ def _nf4(d):
 
 def _impl_ours(name: str, quant: bool, backend: str | None, train: bool) -> Impl:
     def prepare(sets, device):
-        from lora_kernels import LoRALinear
-
-        layers = []
-        for d in sets:
-            r = d["A"].shape[0]
-            layer = LoRALinear.from_linear(_linear_of(d, device), r, alpha=d["s"] * r,
-                                           backend=backend, quantize="nf4" if quant else None)
-            with torch.no_grad():
-                layer.lora_A.copy_(d["A"])
-                layer.lora_B.copy_(d["B"])
-            layers.append(layer)
+        layers = lora_layers(sets, device, backend, quantize="nf4" if quant else None)
+        if train:
+            return _measured(layer_train_step(sets, layers), device)
 
         def step(i):
-            d, m = sets[i], layers[i]
-            if not train:
-                with torch.no_grad():
-                    return m(d["x"].detach())
-            return _grads(m(d["x"]), (d["x"], m.lora_A, m.lora_B), d["dy"])
+            with torch.no_grad():
+                return layers[i](sets[i]["x"].detach())
         return _measured(step, device)
     base = "NF4 (blocksize 64, double quant)" if quant else "dense"
     return Impl(name, prepare, check=quant, note=f"LoRALinear on a {base} base, "
