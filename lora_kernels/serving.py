@@ -35,9 +35,11 @@ def _split_dora(adapter: Mapping, layers: dict) -> tuple[dict, dict]:
     entries pass through unchanged. Raises before anything is stored."""
     from .ops.dora import dora_norm
 
+    if not isinstance(adapter, Mapping):
+        return adapter, {}                    # refused by the store, with its message
     out, gs = {}, {}
     for mod, entry in adapter.items():
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 4):
+        if mod not in layers or not (isinstance(entry, (tuple, list)) and len(entry) == 4):
             out[mod] = entry
             continue
         A, B, s, m = entry
@@ -261,15 +263,7 @@ class MultiAdapterModel(nn.Module):
         _adapter_name(name)
         if name in self._sums:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
-        if not isinstance(adapter, Mapping):
-            raise TypeError(f"adapter must be a dict {{module name: (lora_A, lora_B, scaling)}}, "
-                            f"got {type(adapter).__name__}")
-        if not adapter:
-            raise ValueError("adapter must name at least one module")
-        unknown = [k for k in adapter if k not in self.layers]
-        if unknown:
-            raise ValueError(f"adapter names modules that are not served: {unknown[:5]} "
-                             f"(served: {self.module_names})")
+        # the store validates the dict (type, modules, every entry) before anything is written;
         # DoRA entries ((lora_A, lora_B, scaling, magnitude), from a use_dora PEFT adapter): the
         # pool stores the LoRA factors, the layer its row scale g (computed here, in low rank)
         adapter, dora_g = _split_dora(adapter, self.layers)
