@@ -53,8 +53,10 @@ def calls(monkeypatch):
 def _files(path):
     from safetensors.torch import load_file
 
-    return (json.loads((path / "adapter_config.json").read_text()),
-            load_file(str(path / "adapter_model.safetensors")))
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    if isinstance(cfg.get("target_modules"), list):  # PEFT keeps a set: its order is hash-seeded
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    return cfg, load_file(str(path / "adapter_model.safetensors"))
 
 
 def _assert_same_files(a, b, tol=1e-5):

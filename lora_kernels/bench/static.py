@@ -192,9 +192,9 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
 
         g = torch.ones(N)
         label[0] = f"dora fwd T{T} {K}x{N} r{r}"
-        _, s, _ = D._triton_fwd(x, w, None, A, B, g, 2.0, 0.0, None)
+        _, s, _ = D._triton_fwd(x, w, None, A, B, 2.0, 0.0, None, g=g)
         label[0] = f"dora bwd T{T} {K}x{N} r{r}"
-        D._triton_bwd(dy, x, w, A, B, s, g, 2.0, 0.0, None, True, True, True)
+        D._triton_bwd(dy, L.Saved(x, w, A, B, s, 2.0, 0.0, None), L.Needs(True, True, True), g=g)
         qw = quantize(torch.randn(N, K).to(dtype), "nf4")
         label[0] = f"qlora-nf4 fwd T{T} {K}x{N} r{r}"
         qkw = dict(scaling=2.0, p=0.0, seed=None, backend="triton")
