@@ -50,6 +50,20 @@ def calls(monkeypatch):
     return n
 
 
+def _train(model, steps: int) -> list[float]:
+    """``steps`` AdamW steps (lr 1e-2) on the trainable parameters; the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(steps):
+        ids = _batch(seed=step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def _files(path):
     from safetensors.torch import load_file
 
@@ -78,15 +92,7 @@ def test_patched_trains_like_unpatched(kind, tmp_path, calls):
     assert n_layers == 6
     losses = {}
     for name, m in (("ref", ref), ("pat", pat)):
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        losses[name] = []
-        for step in range(4):
-            ids = _batch(seed=step)
-            loss = m(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[name].append(loss.item())
+        losses[name] = _train(m, 4)
         m.save_pretrained(tmp_path / name)
     assert calls["fused"] == 4 * n_layers  # every patched layer ran fused in every step
     for a, b in zip(losses["ref"], losses["pat"]):
@@ -210,15 +216,7 @@ def test_dora_patched_trains_like_unpatched(kind, calls, monkeypatch):
         lk.patch_peft(pat)
     losses = {}
     for name, m in (("ref", ref), ("pat", pat)):
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        losses[name] = []
-        for step in range(3):
-            ids = _batch(seed=step)
-            loss = m(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[name].append(loss.item())
+        losses[name] = _train(m, 3)
     assert n["dora"] == 3 * 6 and calls["fused"] == 0
     for a, b in zip(losses["ref"], losses["pat"]):
         assert abs(a - b) <= 1e-5 * abs(a), (losses["ref"], losses["pat"])

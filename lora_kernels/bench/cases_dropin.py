@@ -46,15 +46,6 @@ def _conv_of(d: dict, device):
     return conv.requires_grad_(False)
 
 
-def _linear_of(d: dict, device) -> nn.Linear:
-    N, K = d["W"].shape
-    lin = nn.Linear(K, N, device=device, dtype=d["W"].dtype)
-    with torch.no_grad():
-        lin.weight.copy_(d["W"])
-        lin.bias.copy_(d["b"])
-    return lin.requires_grad_(False)
-
-
 def _impl_layer(name: str, conv: bool, backend: str | None) -> Impl:
     def prepare(sets, device):
         layers = lora_layers(sets, device, backend, base=_conv_of if conv else None)
