@@ -17,6 +17,7 @@ factors: ``delta_i = scalings[i] * lora_Bt[i]^T lora_A[i]`` (``(out, in)``).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -105,6 +106,7 @@ class AdapterPool:
         self._rank_at: list[int] = [0] * max_adapters
         self._scaling_at: list[float] = [0.0] * max_adapters
         self._occupied = torch.zeros(max_adapters, dtype=torch.bool)  # host mirror (CPU)
+        self._last_ok = None          # the ids last passed by check_ids (_checked_before)
 
     # ------------------------------------------------------------------ host-side queries
     def __len__(self) -> int:
@@ -172,8 +174,12 @@ class AdapterPool:
         if torch.compiler.is_compiling():  # data-dependent: checked inside one opaque op
             return V.CHECK_IDS_OP(ids, self.ranks)
         if ids.device.type == "cpu":
-            if not self._host_ok(ids):     # numpy on the host mirror; the check names the bad id
-                V.ids_in_slots(name, ids, self.max_adapters, self._occupied, self._loaded_desc())
+            if not self._checked_before(ids):
+                if not self._host_ok(ids):  # numpy on the host mirror; the check names the bad id
+                    V.ids_in_slots(name, ids, self.max_adapters, self._occupied,
+                                   self._loaded_desc())
+                self._last_ok = (weakref.ref(ids), ids._version, self._occupied,
+                                 self._occupied._version)
             return ids.to(self.device, non_blocking=True) if self.device.type != "cpu" else ids
         if ids.device != self.device:
             raise ValueError(f"{name} must be on the CPU or on the pool's device {self.device}, "
@@ -182,6 +188,15 @@ class AdapterPool:
             return ids
         V.ids_in_slots(name, ids, self.max_adapters, self.ranks > 0, self._loaded_desc())
         return ids
+
+    def _checked_before(self, ids: torch.Tensor) -> bool:
+        """Whether these very CPU ids passed :meth:`check_ids` last time, with neither them nor
+        the pool's occupancy changed since (tensor version counters: every in-place write bumps
+        them). A served model's layers each check one ids tensor per forward: the first check
+        costs ~10 numpy calls, the repeats one compare."""
+        last = self._last_ok
+        return (last is not None and last[0]() is ids and last[1] == ids._version
+                and last[2] is self._occupied and last[3] == self._occupied._version)
 
     def _host_ok(self, ids: torch.Tensor) -> bool:
         """Whether every (CPU) id is -1 or an occupied slot, by numpy on the host mirror."""

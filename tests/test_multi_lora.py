@@ -558,3 +558,99 @@ def test_large_ranks(backend, path):
     want = torch.autograd.grad(yr, [x64, A, Bt], dy.double().cpu())
     for name, g, gr in zip(["dx", "dA", "dBt"], got, want):
         assert_close(g, gr, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ranks", [{"a": 3, "b": 1, "c": 7}, {"a": 16, "b": 13, "c": 9}],
+                         ids=["shared-shrink", "per-run-shrink"])
+def test_cpu_runs_strategy_both_shrinks(dtype, ranks):
+    """The CPU runs strategy with one shrink GEMM for all runs (adapters' ranks together
+    <= RUNS_SHARED_SHRINK_ROWS) and with one per run, forward and dx (swap), with a base-only
+    run whose x is NaN, on a non-contiguous x, against the float64 reference."""
+    total = sum(ranks.values())
+    assert (total <= MT.RUNS_SHARED_SHRINK_ROWS) == (max(ranks.values()) < 16)
+    pool = lk.AdapterPool(IN, OUT, 4, 16, dtype=dtype)
+    for k, (name, r) in enumerate(ranks.items()):
+        pool.add(name, torch.randn(r, IN, dtype=torch.float64) / IN ** .5,
+                 torch.randn(OUT, r, dtype=torch.float64) / r ** .5, 0.5 + k)
+    lens = [(0, 11), (-1, 9), (2, 13), (1, 17), (0, 10)]          # a repeated adapter too
+    ids = torch.cat([torch.full((n,), a) for a, n in lens])
+    T = ids.shape[0]
+    x = noncontig(randn(T, IN, dtype=dtype).cpu())          # a CPU strategy: CPU tensors
+    x[ids == -1] = float("nan")
+    plan = MP.build(ids, pool.max_adapters, len(pool), backend="torch", path="prefill")
+    runs = plan.runs()
+    assert runs is not None and len(runs) == len(lens)
+    y0 = randn(T, OUT, dtype=dtype).cpu()
+    y = y0.clone()
+    MT.runs_add_(y, x, pool.view(), runs)
+    keep = ids >= 0
+    xr = x.clone()
+    xr[~keep] = 0
+    assert torch.equal(y[~keep], y0[~keep])
+    assert_close(y[keep], (y0.double() + _ref_linear(xr, None, None, pool, ids))[keep], dtype)
+    # dx: P = lora_Bt, Q = lora_A (the backward's swap), against the reference's dx
+    dy = randn(T, OUT, dtype=dtype).cpu()
+    dx = torch.zeros(T, IN, dtype=dtype)
+    MT.runs_add_(dx, dy, pool.view(), runs, swap=True)
+    x64 = xr.double().requires_grad_()
+    yr = ref.multi_lora_linear(x64, None, None, _factors64(pool), ids)
+    want, = torch.autograd.grad(yr, x64, dy.double())
+    assert_close(dx[keep], want[keep], dtype, "dx")
+    assert (dx[~keep] == 0).all()
+
+
+def test_cpu_dense_strategy_weights_follow_the_pool():
+    """The dense strategy's per-pool slot-weight table is rebuilt when a scaling or rank
+    changes (add / remove / re-add): no stale weight survives a pool change."""
+    pool = _pool(torch.float32)
+    T = 5
+    ids = torch.tensor([pool.slot("r7"), -1, pool.slot("r1"), pool.slot("r7"), pool.slot("r4")])
+    x = randn(T, IN)
+    plan = MP.build(ids, pool.max_adapters, len(pool), backend="torch", path="decode")
+    for step in range(3):
+        y = torch.zeros(T, OUT)
+        MT.dense_add_(y, x, pool.view(), plan)
+        assert_close(y, _ref_linear(x, None, None, pool, ids), torch.float32, f"step {step}")
+        a, b, s = pool.get("r7")
+        pool.remove("r7")
+        pool.add("r7", a[:3], b[:, :3], s * 3 + 1, slot=ids[0].item())   # new rank and scale
+
+
+def test_id_check_is_redone_after_any_change():
+    """check_ids skips re-checking the very same unchanged ids tensor on an unchanged pool;
+    writing to the ids in place or freeing a slot they name makes the check run again."""
+    pool = _pool(torch.float32)
+    x, w = randn(4, IN), randn(OUT, IN)
+    ids = torch.tensor([pool.slot("r7"), pool.slot("r1"), -1, pool.slot("r7")])
+    lk.multi_lora_linear(x, w, None, pool, ids)
+    lk.multi_lora_linear(x, w, None, pool, ids)          # the cached answer
+    ids[2] = MAXA                                          # out of range, written in place
+    with pytest.raises(ValueError, match="adapter_ids"):
+        lk.multi_lora_linear(x, w, None, pool, ids)
+    ids[2] = -1
+    lk.multi_lora_linear(x, w, None, pool, ids)
+    pool.remove("r1")                                      # ids[1] now names a freed slot
+    with pytest.raises(ValueError, match="adapter_ids"):
+        lk.multi_lora_linear(x, w, None, pool, ids)
+
+
+@pytest.mark.parametrize("T,strategy", [(60, "dense_add_"), (3000, "runs_add_")])
+def test_cpu_prefill_picks_dense_or_runs_by_cost(monkeypatch, T, strategy):
+    """A sorted CPU prefill batch runs the dense strategy while its extra FLOPs cost less than
+    the runs' fixed costs (short batches, small pool) and per-run GEMMs beyond (long runs); the
+    public op gives the reference result either way. (CPU strategies: CPU tensors.)"""
+    pool = lk.AdapterPool(IN, OUT, MAXA, MAXR)
+    for k, (name, r) in enumerate(RANKS.items()):
+        pool.add(name, torch.randn(r, IN) / IN ** .5, torch.randn(OUT, r) / r ** .5, 0.5 + k)
+    slots = [pool.slot(n) for n in pool.names()]
+    ids = torch.tensor(slots).repeat_interleave(-(-T // len(slots)))[:T]
+    x, w = randn(T, IN).cpu(), randn(OUT, IN).cpu()
+    seen = []
+    for name in ("dense_add_", "runs_add_", "gather_add_"):
+        fn = getattr(MT, name)
+        monkeypatch.setattr(MT, name, lambda *a, _f=fn, _n=name, **k: (seen.append(_n),
+                                                                       _f(*a, **k))[1])
+    y = lk.multi_lora_linear(x, w, None, pool, ids, backend="torch")
+    assert seen == [strategy]
+    assert_close(y, _ref_linear(x, w, None, pool, ids), torch.float32)
