@@ -561,14 +561,11 @@ def test_large_ranks(backend, path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ranks", [{"a": 3, "b": 1, "c": 7}, {"a": 16, "b": 13, "c": 9}],
-                         ids=["shared-shrink", "per-run-shrink"])
-def test_cpu_runs_strategy_both_shrinks(dtype, ranks):
-    """The CPU runs strategy with one shrink GEMM for all runs (adapters' ranks together
-    <= RUNS_SHARED_SHRINK_ROWS) and with one per run, forward and dx (swap), with a base-only
-    run whose x is NaN, on a non-contiguous x, against the float64 reference."""
-    total = sum(ranks.values())
-    assert (total <= MT.RUNS_SHARED_SHRINK_ROWS) == (max(ranks.values()) < 16)
+@pytest.mark.parametrize("ranks", [{"a": 3, "b": 1, "c": 7}, {"a": 16, "b": 13, "c": 9}])
+def test_cpu_runs_strategy(dtype, ranks):
+    """The CPU runs strategy (per run of equal ids, two GEMMs on row slices), forward and dx
+    (swap), with a base-only run whose x is NaN and a repeated adapter, on a non-contiguous x,
+    against the float64 reference."""
     pool = lk.AdapterPool(IN, OUT, 4, 16, dtype=dtype)
     for k, (name, r) in enumerate(ranks.items()):
         pool.add(name, torch.randn(r, IN, dtype=torch.float64) / IN ** .5,
@@ -654,3 +651,62 @@ def test_cpu_prefill_picks_dense_or_runs_by_cost(monkeypatch, T, strategy):
     y = lk.multi_lora_linear(x, w, None, pool, ids, backend="torch")
     assert seen == [strategy]
     assert_close(y, _ref_linear(x, w, None, pool, ids), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_sorted_strategy(dtype):
+    """The CPU sorted strategy (fragmented batches over many slots) on a random-order batch with
+    base-only tokens whose x is NaN, an id naming an emptied slot and out-of-range ids (a raw
+    op call skips the pool's check), non-contiguous x, forward and dx, against float64."""
+    pool = lk.AdapterPool(IN, OUT, MAXA, MAXR, dtype=dtype)
+    for k, (name, r) in enumerate(RANKS.items()):
+        pool.add(name, torch.randn(r, IN, dtype=torch.float64) / IN ** .5,
+                 torch.randn(OUT, r, dtype=torch.float64) / r ** .5, 0.5 + k)
+    pool.remove("gone")
+    g = torch.Generator().manual_seed(3)
+    T = 53
+    ids = torch.tensor([pool.slot(n) for n in pool.names()] + [-1])[
+        torch.randint(0, 5, (T,), generator=g)]
+    ids[[4, 9]] = 1                                       # the freed slot
+    ids[[7, 20]] = torch.tensor([MAXA, 1_000_000])
+    keep = (ids >= 0) & (ids < MAXA) & (ids != 1)
+    x = noncontig(randn(T, IN, dtype=dtype).cpu())
+    x[~keep] = float("nan")
+    plan = MP.build(ids, MAXA, len(pool), backend="torch", path="prefill")
+    assert plan.runs() is None                            # fragmented: no run table
+    y0 = randn(T, OUT, dtype=dtype).cpu()
+    y = y0.clone()
+    MT.sorted_add_(y, x, pool.view(), plan)
+    assert torch.equal(y[~keep], y0[~keep])
+    xr, ok = x.clone(), torch.where(keep, ids, -1)
+    xr[~keep] = 0
+    assert_close(y[keep], (y0.double() + _ref_linear(xr, None, None, pool, ok))[keep], dtype)
+    dy = randn(T, OUT, dtype=dtype).cpu()
+    dy[~keep] = float("nan")
+    dx = torch.zeros(T, IN, dtype=dtype)
+    MT.sorted_add_(dx, dy, pool.view(), plan, swap=True)
+    x64 = xr.double().requires_grad_()
+    want, = torch.autograd.grad(ref.multi_lora_linear(x64, None, None, _factors64(pool), ok),
+                                x64, torch.where(keep[:, None], dy.double(), 0.0))
+    assert_close(dx[keep], want[keep], dtype, "dx")
+    assert (dx[~keep] == 0).all()
+
+
+def test_cpu_fragmented_batches_pick_by_cost(monkeypatch):
+    """Fragmented CPU batches: dense for a small pool, sorted for a pool of many rank rows (the
+    gather strategy is the GPU's); the public op matches the reference."""
+    seen = []
+    for name in ("dense_add_", "runs_add_", "gather_add_", "sorted_add_"):
+        fn = getattr(MT, name)
+        monkeypatch.setattr(MT, name, lambda *a, _f=fn, _n=name, **k: (seen.append(_n),
+                                                                       _f(*a, **k))[1])
+    for maxa, maxr, want in ((6, 16, "dense_add_"), (40, 16, "sorted_add_")):
+        pool = lk.AdapterPool(IN, OUT, maxa, maxr)
+        for j in range(maxa):
+            pool.add(f"a{j}", torch.randn(j % 16 + 1, IN), torch.randn(OUT, j % 16 + 1), 0.3)
+        ids = torch.randint(-1, maxa, (90,), generator=torch.Generator().manual_seed(maxa))
+        x, w = randn(90, IN).cpu(), randn(OUT, IN).cpu()
+        seen.clear()
+        y = lk.multi_lora_linear(x, w, None, pool, ids)
+        assert seen == [want]
+        assert_close(y, _ref_linear(x, w, None, pool, ids), torch.float32, want)

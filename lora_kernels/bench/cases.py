@@ -727,6 +727,8 @@ def cpu_cases(device, quick: bool) -> list[Case]:
     cases.append(decode_case(16, 512, 512, 8, 16, "zipf", f32, device))
     if not quick:
         cases.append(decode_case(64, 1024, 1024, 16, 64, "uniform", f32, device))
+    # an unsorted prefill-shaped mixed batch over many slots (the CPU sorted strategy)
+    cases.append(decode_case(256, 1024, 1024, 16, 64, "uniform", f32, device))
     cases.append(prefill_case(4, 64, 512, 512, 8, f32, device))
     # the batch plan built once per forward, on a deep served model (decode and prefill shapes)
     cases.append(served_case(32, 8, 1, 256, 8, 4, dtype=f32, device=device, group="decode"))

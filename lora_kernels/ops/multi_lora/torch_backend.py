@@ -1,18 +1,19 @@
 """The ``"torch"`` backend of multi-adapter LoRA (plain PyTorch; the CPU path and the reference
-for the kernels). Three strategies, each computing ``y[t] += s_i (x[t] P_i^T) Q_i`` with
-``(P, Q) = (lora_A, lora_Bt)`` (forward) or ``(lora_Bt, lora_A)`` (backward dx):
+for the kernels). Four strategies, each computing ``y[t] += s_i (x[t] P_i^T) Q_i`` with
+``(P, Q) = (lora_A, lora_Bt)`` (forward) or ``(lora_Bt, lora_A)`` (backward dx); on CPU
+:func:`add_` picks the cheapest of the first three by a measured cost model:
 
-* runs (CPU, prefill path, ids in few runs -- :class:`~.plan.BatchPlan` records them once per
-  forward): per run of equal ids, two GEMMs on row slices of x and y at the adapter's real rank,
-  in place (``addmm_``); the shrinks of all runs are one GEMM when the batch's adapters are
-  narrow together. No gather, no scatter: a served mixed batch is batch-first, so each sequence
-  is one run whatever the order of its adapters.
-* dense (CPU decode and fragmented batches, small pools: MAXA*MAXR <= 256 rank rows): two GEMMs
-  over every slot's factors at once, per-token slot weights (one gather from a per-pool table)
-  keeping each token's own slot (no factor gather; four ATen calls in all).
-* gather (decode, fragmented batches, GPU tensors): per token, its adapter's factors gathered
-  into ``(T, rb, in|out)`` and two batched GEMMs in fp32 (chunked over tokens). No host sync, so
-  a CUDA graph can capture it.
+* runs (CPU, ids in few runs -- :class:`~.plan.BatchPlan` records them once per forward): per run
+  of equal ids, two GEMMs on row slices of x and y at the adapter's real rank, in place
+  (``addmm_``). No gather, no scatter: a served mixed batch is batch-first, so each sequence is one
+  run whatever the order of its adapters.
+* dense (CPU, small pools: MAXA*MAXR <= 256 rank rows, short batches): two GEMMs over every
+  slot's factors at once, per-token slot weights (one gather from a per-pool table) keeping each
+  token's own slot (no factor gather; four ATen calls in all).
+* sorted (CPU, fragmented batches: unsorted prefill, decode over many slots): x gathered once
+  into the plan's adapter order, two GEMMs per adapter segment, the delta gathered back.
+* gather (GPU tensors): per token, its adapter's factors gathered into ``(T, rb, in|out)`` and
+  two batched GEMMs in fp32 (chunked over tokens). No host sync, so a CUDA graph can capture it.
 
 None scatters with ``index_add_``: on CPU its kernel stalls when its worker threads compete
 for cores (measured on the 2-core CI box with the other core busy: 2.8 ms for 128 rows of 512
@@ -22,9 +23,9 @@ gradient segments read the plan's sorted order with ``index_select`` (a gather) 
 
 from __future__ import annotations
 
-import itertools
 import weakref
 
+import numpy as np
 import torch
 
 from ...pool import PoolView
@@ -35,12 +36,14 @@ _CHUNK_ELEMS = 1 << 22
 DENSE_MAX_SLOT_ROWS = 256
 # CPU prefill: dense_add_ instead of runs_add_ when the dense GEMMs' extra FLOPs (every slot's
 # rank rows instead of each run's own) cost less than the runs' per-run fixed cost. Measured on
-# the 2-core CI box (fp32): the two dense GEMMs of a (256, 512) x with 32 rank rows take ~106 us
-# hot for 16.8 MFLOP (~6 ps per FLOP); a run's slices and two small GEMMs cost ~30 us over their
-# FLOPs. Four 64-token rank-8 runs over 512x512: runs 0.40 ms, dense 0.29 ms (both cache-cold,
-# interleaved with the base GEMM), segment loop 0.38 ms.
-DENSE_SEC_PER_FLOP = 6e-12
+# the 2-core CI box (fp32): dense GEMMs run at ~12 ps per FLOP and core (a (256, 512) x with 32
+# rank rows: 16.8 MFLOP, 0.20 ms on 1 thread, ~0.11 ms on 2); a run's or a segment's slices and
+# two small GEMMs cost 15-30 us over their FLOPs. Four 64-token rank-8 runs over 512x512 with 2
+# threads: runs 0.40 ms, dense 0.29 ms (cache-cold, interleaved with the base GEMM).
+DENSE_SEC_PER_CORE_FLOP = 12e-12      # divided by torch.get_num_threads() (6 ps with 2)
 RUN_FIXED_SEC = 30e-6
+# CPU fragmented batches: sorted_add_'s gathers (x into adapter order, the delta back), per byte
+SEC_PER_BYTE = 1e-10
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -52,24 +55,30 @@ def _factors(view: PoolView, swap: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) -> None:
-    """In place ``y[t] += s_i (x[t] P_i^T) Q_i`` (``swap``: P = lora_Bt, Q = lora_A)."""
-    cpu = x.device.type == "cpu"
+    """In place ``y[t] += s_i (x[t] P_i^T) Q_i`` (``swap``: P = lora_Bt, Q = lora_A). GPU
+    tensors: the gather (no host sync). CPU: the cheapest of runs / dense / sorted by the cost
+    model below (host reads of the plan are free there)."""
+    if x.device.type != "cpu":
+        gather_add_(y, x, view, plan, swap=swap)
+        return
+    T, kn = x.shape[0], x.shape[1] + y.shape[1]
     rows = view.lora_A.shape[0] * view.lora_A.shape[1]            # every slot's rank rows
-    runs = plan.runs() if cpu and plan.resolved_path() != "decode" else None
-    if runs is not None and not _dense_beats_runs(x.shape[0], x.shape[1] + y.shape[1], rows,
-                                                  view.rank_bound, len(runs)):
-        runs_add_(y, x, view, runs, swap=swap)
-    elif cpu and rows <= DENSE_MAX_SLOT_ROWS:
+    dense = (2.0 * T * kn * (rows - view.rank_bound) * DENSE_SEC_PER_CORE_FLOP
+             / torch.get_num_threads()
+             if rows <= DENSE_MAX_SLOT_ROWS else float("inf"))   # its extra FLOPs' cost
+    runs = plan.runs() if plan.resolved_path() != "decode" else None
+    if runs is not None:                                          # few runs, in token order
+        if dense <= len(runs) * RUN_FIXED_SEC:
+            dense_add_(y, x, view, plan, swap=swap)
+        else:
+            runs_add_(y, x, view, runs, swap=swap)
+        return
+    segments = sum(1 for c in plan.counts()[:-1] if c)
+    moved = T * (x.shape[1] + 2 * y.shape[1]) * _acc(y.dtype).itemsize   # gathers in, out
+    if dense <= segments * RUN_FIXED_SEC + moved * SEC_PER_BYTE:
         dense_add_(y, x, view, plan, swap=swap)
     else:
-        gather_add_(y, x, view, plan, swap=swap)
-
-
-def _dense_beats_runs(T: int, k_plus_n: int, rows: int, rank: int, n_runs: int) -> bool:
-    """The CPU cost model of a prefill batch (constants above): the dense strategy's extra
-    FLOPs ``2 T (K + N) (rows - rank)`` against ``n_runs`` runs' fixed costs."""
-    return (rows <= DENSE_MAX_SLOT_ROWS
-            and 2.0 * T * k_plus_n * (rows - rank) * DENSE_SEC_PER_FLOP <= n_runs * RUN_FIXED_SEC)
+        sorted_add_(y, x, view, plan, swap=swap)
 
 
 def dense_add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) -> None:
@@ -137,45 +146,64 @@ def _token_weights(view: PoolView, plan: BatchPlan, acc: torch.dtype):
     return W[key], ok[key]
 
 
-# runs_add_: one shrink GEMM for all runs when the batch's adapters together have at most this
-# many rank rows. Measured on the 2-core CI box (fp32, K = 512): x (T, K) @ (K, w) costs about
-# the same for w = 8..32 (~26 us at T = 64, ~65 us at T = 256 for w = 32) and grows linearly
-# beyond, so four rank-8 runs of 64 rows cost 4 x 26 us apart and 65 us together.
-RUNS_SHARED_SHRINK_ROWS = 32
-
-
 def runs_add_(y, x, view: PoolView, runs, *, swap: bool = False) -> None:
-    """The runs strategy (module doc); ``runs`` = ``[[key, start, end], ...]``. Per run of
-    ``e - s`` tokens with adapter ``a`` of rank ``r``: ``y[s:e] += s_a (x[s:e] P_a^T) Q_a``
-    (two GEMMs on row slices, in place); when the batch's adapters have at most
-    ``RUNS_SHARED_SHRINK_ROWS`` rank rows together, the shrinks of all runs are one GEMM
-    ``S = x P_used^T`` (T, sum of ranks) and each run reads its columns of S."""
+    """The runs strategy (module doc); ``runs`` = ``[[key, start, end], ...]``: per run of
+    tokens ``[s, e)`` with adapter ``a`` of rank ``r``, ``y[s:e] += s_a (x[s:e] P_a^T) Q_a``
+    (two GEMMs on row slices, in place)."""
     P, Q = _factors(view, swap)
     ranks, scs = view.ranks.tolist(), view.scalings.tolist()
-    runs = [(a, s, e) for a, s, e in runs if a < len(ranks) and ranks[a]]   # skip base / empty
-    if not runs:
-        return
     acc = _acc(y.dtype)
-    xa = x if x.dtype == acc else x.to(acc)
-    used = list(dict.fromkeys(a for a, _, _ in runs))       # the batch's adapters, first seen
-    col = dict(zip(used, itertools.accumulate((ranks[a] for a in used), initial=0)))
-    if len(runs) > 1 and sum(ranks[a] for a in used) <= RUNS_SHARED_SHRINK_ROWS:
-        Pu = torch.cat([P[a, :ranks[a]] for a in used])                      # (width, K)
-        S = torch.mm(xa, (Pu if Pu.dtype == acc else Pu.to(acc)).t())        # (T, width)
-
-        def shrink(a, s, e):
-            return S[s:e, col[a]:col[a] + ranks[a]]
-    else:
-        def shrink(a, s, e):
-            Pa = P[a, :ranks[a]]
-            return torch.mm(xa[s:e], (Pa if Pa.dtype == acc else Pa.to(acc)).t())
     for a, s, e in runs:
-        Qa = Q[a, :ranks[a]]
-        Qa = Qa if Qa.dtype == acc else Qa.to(acc)
+        if a >= len(ranks) or ranks[a] == 0:
+            continue                                  # base-only tokens / an empty slot
+        Pa, Qa, xa = P[a, :ranks[a]], Q[a, :ranks[a]], x[s:e]
+        if Pa.dtype != acc:
+            Pa, Qa, xa = Pa.to(acc), Qa.to(acc), xa.to(acc)
         if y.dtype == acc:
-            y[s:e].addmm_(shrink(a, s, e), Qa, alpha=scs[a])
+            y[s:e].addmm_(torch.mm(xa, Pa.t()), Qa, alpha=scs[a])
         else:
-            y[s:e] = torch.addmm(y[s:e].to(acc), shrink(a, s, e), Qa, alpha=scs[a]).to(y.dtype)
+            y[s:e] = torch.addmm(y[s:e].to(acc), torch.mm(xa, Pa.t()), Qa,
+                                 alpha=scs[a]).to(y.dtype)
+
+
+def sorted_add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) -> None:
+    """The sorted strategy (CPU, fragmented batches, e.g. an unsorted prefill or a decode over
+    many slots): the adapted tokens gathered once into the plan's adapter-sorted order
+    (``perm``), per adapter segment two GEMMs at its real rank into a sorted delta, and the delta
+    gathered back into token order and added (``y += D[inv]``: gathers only, no scatter). Costs
+    two row gathers against the gather strategy's (T, r, in|out) factor copies."""
+    P, Q = _factors(view, swap)
+    so = plan.seg_off.tolist()
+    n_ad = so[-2]                         # tokens naming a slot (base-only / invalid sort last)
+    if n_ad == 0:
+        return
+    T, N = y.shape
+    ranks, scs = view.ranks.tolist(), view.scalings.tolist()
+    acc = _acc(y.dtype)
+    perm = plan.perm.numpy()
+    xs = x.index_select(0, plan.perm[:n_ad])                                 # (n_ad, K)
+    if xs.dtype != acc:
+        xs = xs.to(acc)
+    d = torch.empty((n_ad + 1, N), dtype=acc)             # sorted delta; row n_ad stays zero
+    d[n_ad].zero_()
+    for a, r in enumerate(ranks):
+        s, e = so[a], so[a + 1]
+        if e == s:
+            continue
+        if r == 0:                                        # an empty slot named (raw op call)
+            d[s:e].zero_()
+            continue
+        Pa, Qa = P[a, :r], Q[a, :r]
+        if Pa.dtype != acc:
+            Pa, Qa = Pa.to(acc), Qa.to(acc)
+        torch.addmm(d[s:e], torch.mm(xs[s:e], Pa.t()), Qa, beta=0, alpha=scs[a], out=d[s:e])
+    inv = np.full(T, n_ad, dtype=np.int64)                # token -> its sorted row, or the zero
+    inv[perm[:n_ad]] = np.arange(n_ad)
+    back = d.index_select(0, torch.from_numpy(inv))                          # (T, N)
+    if y.dtype == acc:
+        y.add_(back)
+    else:
+        y.copy_((y.to(acc) + back).to(y.dtype))
 
 
 def _all_adapted(view: PoolView, plan: BatchPlan) -> bool:
