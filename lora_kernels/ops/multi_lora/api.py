@@ -12,7 +12,7 @@ import weakref
 import torch
 
 from ... import _validate as V
-from ..._backend import resolve_backend
+from ..._backend import compact_rows_for_cpu_gemm, resolve_backend
 from ...pool import AdapterPool
 from . import plan as P
 from .registered import add_, apply
@@ -59,7 +59,9 @@ def _check_common(x, pool, adapter_ids, backend, path):
     else:
         ids = pool.check_ids(adapter_ids, T)
         plan = _plan_cached(ids, pool, be, path or "auto")
-    return x.reshape(T, in_f), plan, be
+    # a row-padded bf16/fp16 CPU x goes to torch's GEMMs compact (AMX reads row padding:
+    # lora_kernels._backend.compact_rows_for_cpu_gemm); the saved x for backward is that copy
+    return compact_rows_for_cpu_gemm(x.reshape(T, in_f)), plan, be
 
 
 # id(ids) -> (weakref to ids, its _version, key, its plan without ids): a freed ids tensor drops
