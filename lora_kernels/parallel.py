@@ -95,6 +95,7 @@ from torch.distributed.tensor import (
 from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.parallel import style as _torch_style
 
+from ._cache import version
 from .serving import AdapterPool, MultiAdapterModel, ServingLinear
 
 __all__ = [
@@ -333,10 +334,10 @@ def _cur_shard(m, mode):
 @torch.no_grad()
 def _cur_refresh(m, L):
     wl = m.weight.to_local()
-    key = (id(m.weight), wl._version, id(m.row_idx), m.row_idx._version, id(m.col_idx),
-           m.col_idx._version)
+    key = (id(m.weight), version(wl), id(m.row_idx), version(m.row_idx), id(m.col_idx),
+           version(m.col_idx))
     cache = getattr(m, "_lk_tp_cur", None)
-    if cache is not None and cache[0] == key:
+    if cache is not None and cache[0] == key and None not in key:   # None: inference tensors
         return
     if L.mode == COLWISE:
         n, idx = wl.shape[0], m.row_idx

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate as V
+from ._cache import version
 
 _POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -178,8 +179,9 @@ class AdapterPool:
                 if not self._host_ok(ids):  # numpy on the host mirror; the check names the bad id
                     V.ids_in_slots(name, ids, self.max_adapters, self._occupied,
                                    self._loaded_desc())
-                self._last_ok = (weakref.ref(ids), ids._version, self._occupied,
-                                 self._occupied._version)
+                v_ids, v_occ = version(ids), version(self._occupied)
+                self._last_ok = (None if v_ids is None or v_occ is None else
+                                 (weakref.ref(ids), v_ids, self._occupied, v_occ))
             return ids.to(self.device, non_blocking=True) if self.device.type != "cpu" else ids
         if ids.device != self.device:
             raise ValueError(f"{name} must be on the CPU or on the pool's device {self.device}, "
@@ -195,8 +197,8 @@ class AdapterPool:
         them). A served model's layers each check one ids tensor per forward: the first check
         costs ~10 numpy calls, the repeats one compare."""
         last = self._last_ok
-        return (last is not None and last[0]() is ids and last[1] == ids._version
-                and last[2] is self._occupied and last[3] == self._occupied._version)
+        return (last is not None and last[0]() is ids and last[1] == version(ids)
+                and last[2] is self._occupied and last[3] == version(self._occupied))
 
     def _host_ok(self, ids: torch.Tensor) -> bool:
         """Whether every (CPU) id is -1 or an occupied slot, by numpy on the host mirror."""

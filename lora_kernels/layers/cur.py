@@ -43,7 +43,10 @@ class CURLoRALinear(AdapterLinear):
         return cls(linear.weight, linear.bias, rank, alpha, generator, backend)
 
     def _indices_key(self):
+        """None (check every call) for inference tensors: they have no version counter."""
         c, r = self.col_idx, self.row_idx
+        if c.is_inference() or r.is_inference():
+            return None
         return (c.data_ptr(), c._version, c.device, r.data_ptr(), r._version, r.device)
 
     def lora_factors(self, view=same):
@@ -55,11 +58,12 @@ class CURLoRALinear(AdapterLinear):
         ``_version``); never while torch.compile traces. (The tensor-parallel forward builds
         C and R from its shards instead: ``lora_kernels.parallel``.)
         """
-        key = None if torch.compiler.is_compiling() else self._indices_key()
-        if key is not None and key != getattr(self, "_checked_key", None):
-            check_indices(self.col_idx, self.row_idx, self.rank, self.in_features,
-                          self.out_features, self.weight.device)
-            self._checked_key = key
+        if not torch.compiler.is_compiling():
+            key = self._indices_key()
+            if key is None or key != getattr(self, "_checked_key", None):
+                check_indices(self.col_idx, self.row_idx, self.rank, self.in_features,
+                              self.out_features, self.weight.device)
+                self._checked_key = key
         P, Q = cur_factors(view(self.weight), self.col_idx, self.row_idx, view(self.U))
         return P, Q, self.scaling
 

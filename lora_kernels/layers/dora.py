@@ -53,7 +53,7 @@ class DoRALinear(AdapterLinear):
                 self._wsq = weight_sq_norm(w.dequantize(torch.float32))
                 self._wsq_key = key
             return self._wsq
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or w.is_inference():  # (no version counter: no cache)
             return weight_sq_norm(w.detach())
         key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
         if self._wsq is None or self._wsq_key != key:

@@ -13,6 +13,7 @@ import torch
 
 from ... import _validate as V
 from ..._backend import compact_rows_for_cpu_gemm, resolve_backend
+from ..._cache import version
 from ...pool import AdapterPool
 from . import plan as P
 from .registered import add_, apply
@@ -75,14 +76,14 @@ def _plan_cached(ids: torch.Tensor, pool: AdapterPool, backend: str, path: str) 
     of a model called with one ids tensor share one plan, as a served model's do. The ids are
     still checked against each pool (:meth:`AdapterPool.check_ids`) on every call."""
     key = (pool.max_adapters, len(pool), backend, path)
-    if torch.compiler.is_compiling():
+    v = None if torch.compiler.is_compiling() else version(ids)
+    if v is None:                       # traced, or an inference tensor: no cache
         return P.build(ids, *key[:2], backend=backend, path=path)
     hit = _PLANS.get(id(ids))
-    if hit is not None and hit[0]() is ids and hit[1] == ids._version and hit[2] == key:
+    if hit is not None and hit[0]() is ids and hit[1] == v and hit[2] == key:
         return hit[3]._replace(ids=ids)
     plan = P.build(ids, *key[:2], backend=backend, path=path)
-    _PLANS[id(ids)] = (weakref.ref(ids, _forget(id(ids))), ids._version, key,
-                       plan._replace(ids=None))
+    _PLANS[id(ids)] = (weakref.ref(ids, _forget(id(ids))), v, key, plan._replace(ids=None))
     return plan
 
 

@@ -28,6 +28,7 @@ import weakref
 import numpy as np
 import torch
 
+from ..._cache import version
 from ...pool import PoolView
 from .plan import BatchPlan
 
@@ -117,18 +118,19 @@ def _slot_tables(view: PoolView, acc: torch.dtype) -> tuple[torch.Tensor, torch.
     ``s_a e_a`` (0 for an empty slot), the last row (index -1, base-only tokens) is zero;
     ``adapted[a]`` = slot ``a`` holds an adapter. Built once per pool state (CPU)."""
     sc, ranks = view.scalings, view.ranks
+    versions = (version(sc), version(ranks))
     hit = _TABLES.get(id(sc))
-    if (hit is not None and hit[0]() is sc and hit[1] == sc._version
-            and hit[2] == ranks._version and hit[3] == acc):
+    if hit is not None and hit[0]() is sc and hit[1:3] == versions and hit[3] == acc:
         return hit[4]
     maxa = sc.shape[0]
     ok = torch.cat([ranks > 0, ranks.new_zeros(1, dtype=torch.bool)])
     W = torch.zeros(maxa + 1, maxa, dtype=acc, device=sc.device)
     W[:maxa].diagonal().copy_(torch.where(ok[:maxa], sc.to(acc), 0.0))
     tables = (W.unsqueeze(2), ok.unsqueeze(1))
-    key = id(sc)
-    _TABLES[key] = (weakref.ref(sc, lambda _: _TABLES.pop(key, None)), sc._version,
-                    ranks._version, acc, tables)
+    if None not in versions:            # inference tensors: rebuilt per call
+        key = id(sc)
+        _TABLES[key] = (weakref.ref(sc, lambda _: _TABLES.pop(key, None)), *versions, acc,
+                        tables)
     return tables
 
 
