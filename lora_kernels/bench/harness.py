@@ -434,8 +434,9 @@ def _fail(row: dict, e: BaseException) -> None:
 
 def time_cpu_interleaved(steps: dict[str, Callable[[int], Any]], n_sets: int | dict[str, int],
                          budget: Budget, rounds: int | None = None) -> dict[str, Timing]:
-    """CPU: time several implementations in alternating rounds, so load from other processes on a
-    shared machine falls on all of them alike; per-implementation median over all rounds.
+    """CPU: time several implementations in alternating rounds (each round in a rotated order), so
+    load from other processes on a shared machine falls on all of them alike;
+    per-implementation median over all rounds.
     ``n_sets``: input sets each step rotates over (one count, or one per implementation)."""
     rounds = rounds or max(1, min(10, budget.min_reps))
     n_of = n_sets if isinstance(n_sets, dict) else {k: n_sets for k in steps}
@@ -445,8 +446,12 @@ def time_cpu_interleaved(steps: dict[str, Callable[[int], Any]], n_sets: int | d
         t0 = time.perf_counter()
         step(1 % n_of[k])
         est[k] = max(time.perf_counter() - t0, 1e-6) * 1e3
+    names = list(steps)
     for r in range(rounds):
-        for k, step in steps.items():
+        # each round starts at the next implementation, so none always follows the same other
+        # one (the predecessor's data in cache; being first after the previous round's last)
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            step = steps[k]
             reps = int(min(budget.max_reps, max(budget.min_reps, budget.rep_ms / est[k])))
             reps = max(1, -(-reps // rounds))   # ceil: every round times every implementation
             if r == 0:
