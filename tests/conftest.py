@@ -44,3 +44,13 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test (the CPU multi-LoRA cost model divides FLOP costs by
+    the thread count: tests that assert its choice pin it), restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -633,7 +633,7 @@ def test_id_check_is_redone_after_any_change():
 
 
 @pytest.mark.parametrize("T,strategy", [(60, "dense_add_"), (3000, "runs_add_")])
-def test_cpu_prefill_picks_dense_or_runs_by_cost(monkeypatch, T, strategy):
+def test_cpu_prefill_picks_dense_or_runs_by_cost(monkeypatch, one_thread, T, strategy):
     """A sorted CPU prefill batch runs the dense strategy while its extra FLOPs cost less than
     the runs' fixed costs (short batches, small pool) and per-run GEMMs beyond (long runs); the
     public op gives the reference result either way. (CPU strategies: CPU tensors.)"""
@@ -692,7 +692,7 @@ def test_cpu_sorted_strategy(dtype):
     assert (dx[~keep] == 0).all()
 
 
-def test_cpu_fragmented_batches_pick_by_cost(monkeypatch):
+def test_cpu_fragmented_batches_pick_by_cost(monkeypatch, one_thread):
     """Fragmented CPU batches: dense for a small pool, sorted for a pool of many rank rows (the
     gather strategy is the GPU's); the public op matches the reference."""
     seen = []

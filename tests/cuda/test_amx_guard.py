@@ -84,16 +84,22 @@ def test_glora_linear_torch_path_ignores_row_padding(monkeypatch):
     assert_close(y, x0.double() @ w.double().t(), torch.bfloat16, "y")
 
 
-def test_multi_lora_torch_path_ignores_row_padding(monkeypatch):
+def test_multi_lora_torch_path_ignores_row_padding(monkeypatch, one_thread):
     """multi_lora_linear / multi_lora_add_ on a row-padded bf16 x under the AMX simulation, for
     the CPU strategies (dense: a decode batch; runs: a batch-first prefill; sorted: a fragmented
     batch over many slots), forward and dx/dA/dBt, against float64."""
+    from lora_kernels.ops.multi_lora import torch_backend as MT
     from lora_kernels.reference import serving as ref_serving
 
     in_f, out_f = 40, 24
     w = (torch.randn(out_f, in_f) * in_f ** -0.5).bfloat16()
     _simulate_amx(monkeypatch)
-    for maxa, maxr, T, order in ((4, 8, 5, "random"), (4, 8, 3000, "sorted"),
+    seen = set()
+    for name in ("dense_add_", "runs_add_", "sorted_add_"):
+        fn = getattr(MT, name)
+        monkeypatch.setattr(MT, name, lambda *a, _f=fn, _n=name, **k: (seen.add(_n),
+                                                                       _f(*a, **k))[1])
+    for maxa, maxr, T, order in ((4, 8, 5, "random"), (4, 8, 6000, "sorted"),
                                  (40, 16, 90, "random")):
         pool = lk.AdapterPool(in_f, out_f, maxa, maxr, dtype=torch.bfloat16)
         for j in range(maxa):
@@ -122,3 +128,4 @@ def test_multi_lora_torch_path_ignores_row_padding(monkeypatch):
             yy = torch.zeros(T, out_f, dtype=torch.bfloat16)
             lk.multi_lora_add_(yy, _padded(x0), pool, ids)
         assert_close(yy, want - x0.double() @ w.double().t(), torch.bfloat16, f"add_ T={T}")
+    assert seen == {"dense_add_", "runs_add_", "sorted_add_"}
