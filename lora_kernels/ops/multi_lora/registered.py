@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..._backend import triton_available
 from ...pool import PoolView
-from .._register import define_op, needs_grad
+from .._register import define_op
 from . import cuda_backend, torch_backend, triton_backend
 from . import plan as P
 
@@ -169,11 +169,6 @@ def apply(x2, weight, bias, view: PoolView, plan: P.BatchPlan, backend: str) -> 
     """``y (T, out)`` on validated arguments (x2 (T, in), a plan for these tokens, a resolved
     backend), through :data:`MULTI_LORA_OP` (the registered op under torch.compile, the eager
     Function when autograd records, the implementation alone for inference)."""
-    if not torch.compiler.is_compiling() and not needs_grad(x2, weight, bias, view.lora_A,
-                                                            view.lora_Bt):
-        # inference: the implementation on the view and plan as they are (what MULTI_LORA_OP
-        # would run after packing them into the op's 16 arguments and unpacking them again)
-        return fwd(x2, weight, bias, view, plan, backend)
     return MULTI_LORA_OP(x2, weight, bias, *view[:4], plan.ids, view.rank_bound, backend,
                          plan.path, *plan.tensors())
 
