@@ -80,3 +80,19 @@ def tiny_gpt2(seed: int = 1):
                                   attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg).to(DEVICE).eval()
+
+
+CPU_STRATEGIES = ("dense_add_", "runs_add_", "sorted_add_", "gather_add_")
+
+
+def spy_cpu_strategies(monkeypatch) -> list[str]:
+    """Record (in the returned list, in call order) which strategies of the multi-LoRA torch
+    backend run; each still does its work."""
+    from lora_kernels.ops.multi_lora import torch_backend as MT
+
+    seen: list[str] = []
+    for name in CPU_STRATEGIES:
+        fn = getattr(MT, name)
+        monkeypatch.setattr(MT, name, lambda *a, _f=fn, _n=name, **k: (seen.append(_n),
+                                                                       _f(*a, **k))[1])
+    return seen

@@ -12,7 +12,7 @@ from lora_kernels.ops.multi_lora import torch_backend as MT
 from lora_kernels.reference import serving as ref
 
 from conftest import DEVICE, DTYPES, backends
-from helpers import assert_close, noncontig, randn
+from helpers import assert_close, noncontig, randn, spy_cpu_strategies
 
 IN, OUT, MAXA, MAXR = 97, 75, 6, 16
 RANKS = {"r1": 1, "gone": 5, "r7": 7, "r16": 16, "r4": 4}
@@ -643,11 +643,7 @@ def test_cpu_prefill_picks_dense_or_runs_by_cost(monkeypatch, one_thread, T, str
     slots = [pool.slot(n) for n in pool.names()]
     ids = torch.tensor(slots).repeat_interleave(-(-T // len(slots)))[:T]
     x, w = randn(T, IN).cpu(), randn(OUT, IN).cpu()
-    seen = []
-    for name in ("dense_add_", "runs_add_", "gather_add_"):
-        fn = getattr(MT, name)
-        monkeypatch.setattr(MT, name, lambda *a, _f=fn, _n=name, **k: (seen.append(_n),
-                                                                       _f(*a, **k))[1])
+    seen = spy_cpu_strategies(monkeypatch)
     y = lk.multi_lora_linear(x, w, None, pool, ids, backend="torch")
     assert seen == [strategy]
     assert_close(y, _ref_linear(x, w, None, pool, ids), torch.float32)
@@ -695,11 +691,7 @@ def test_cpu_sorted_strategy(dtype):
 def test_cpu_fragmented_batches_pick_by_cost(monkeypatch, one_thread):
     """Fragmented CPU batches: dense for a small pool, sorted for a pool of many rank rows (the
     gather strategy is the GPU's); the public op matches the reference."""
-    seen = []
-    for name in ("dense_add_", "runs_add_", "gather_add_", "sorted_add_"):
-        fn = getattr(MT, name)
-        monkeypatch.setattr(MT, name, lambda *a, _f=fn, _n=name, **k: (seen.append(_n),
-                                                                       _f(*a, **k))[1])
+    seen = spy_cpu_strategies(monkeypatch)
     for maxa, maxr, want in ((6, 16, "dense_add_"), (40, 16, "sorted_add_")):
         pool = lk.AdapterPool(IN, OUT, maxa, maxr)
         for j in range(maxa):
