@@ -18,6 +18,7 @@ from .ops.deep import deep_lora_linear
 from .ops.dora import dora_linear
 from .ops.glora import glora_linear
 from .ops.lora import lora_linear
+from .ops.moe_lora import ExpertPlan, expert_plan, moe_lora_linear
 from .ops.multi_lora import multi_lora_add_, multi_lora_linear
 from .ops.nora import nora_linear
 from .params import count_trainable, param_table, print_param_table, trainable_params
@@ -51,3 +52,4 @@ __all__ += [
 __all__ += ["DoRALinear", "dora_linear"]
 __all__ += ["inject_adapter", "merge_and_unload", "patch_peft", "unpatch_peft"]
 __all__ += ["FP8Weight", "Int8Weight", "NF4Weight"]
+__all__ += ["ExpertPlan", "expert_plan", "moe_lora_linear"]

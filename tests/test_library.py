@@ -84,6 +84,8 @@ OPCHECKED.update({"lora_kernels::qlora_fwd": "test_library.py::test_opcheck_qlor
                   "lora_kernels::qlora_bwd": "test_library.py::test_opcheck_qlora"})
 OPCHECKED.update({"lora_kernels::dora_fwd": "test_dora.py::test_opcheck_and_compile",
                   "lora_kernels::dora_bwd": "test_dora.py::test_opcheck_and_compile"})
+OPCHECKED.update({n: "test_moe_lora.py::test_opcheck" for n in (
+    "lora_kernels::moe_plan", "lora_kernels::moe_lora_fwd", "lora_kernels::moe_lora_bwd")})
 
 
 def test_every_registered_op_is_opchecked():

@@ -1,0 +1,345 @@
+"""The MoE-LoRA op: LoRA on a mixture-of-experts layer's expert GEMM.
+
+``y[m] = x[m] W_e^T + b_e + s * x[m] A_e^T B_e^T``  with ``e = expert_ids[m]`` (row m skipped,
+``y[m] = 0``, when ``e == -1``).
+
+Shapes: x (M, in); weight W (E, out, in) (transformers' ``(E, in, out)`` layout is passed as the
+view ``weight.transpose(1, 2)``: read through its strides, never copied); bias b (E, out) or None;
+lora_A A (E, r, in); lora_B B (E, out, r); expert_ids (M,) int32/int64 in ``[-1, E)``.
+
+The plan (:class:`ExpertPlan`, built once per routing by :func:`expert_plan`, shareable by every
+expert GEMM that sees the same rows, e.g. gate_up and down of one MoE block):
+
+    key[m]  = expert_ids[m]  (E for a skipped row)
+    order   = stable argsort(key)        (M,)   row indices, expert-major, skipped rows last
+    offsets = exclusive cumsum of counts (E+1,) expert e: order[offsets[e]:offsets[e+1]];
+                                                offsets[E] = n, the number of routed rows
+
+Forward on the sorted rows (xs = x[order[:n]], one gather), per expert e (segment rows X_e):
+
+    S_e = X_e A_e^T                     (T_e, r)   saved fp32 (sorted order, (M, r), rows >= n zero)
+    Y_e = X_e W_e^T + b_e + s S_e B_e^T (T_e, out)   -> y[order[:n]] (one scatter); skipped rows 0
+
+Backward (dY_e = dy[order[a:b]]):
+
+    G_e  = s dY_e B_e                   (T_e, r)
+    dX_e = dY_e W_e + G_e A_e           (T_e, in)  -> dx[order[:n]]; skipped rows 0
+    dA_e = G_e^T X_e                    (r, in)
+    dB_e = s dY_e^T S_e                 (out, r)
+    dW_e = dY_e^T X_e, db_e = sum dY_e  (only when weight / bias require grad)
+    experts without rows: zero gradients.
+
+Backends: ``"torch"`` (this module: the float64-testable reference and the CPU path; one sort,
+per-expert GEMMs on contiguous segments). The expert ids are bounds-checked when the plan is built
+(``lora_kernels::moe_plan``), before any GEMM reads a weight.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import _validate as V
+from .._backend import compact_rows_for_cpu_gemm, resolve_backend
+from . import _triton as TR
+from ._register import define_op
+
+OP_NAME = "moe_lora_linear"
+
+
+# ----------------------------------------------------------------------------- the plan
+class ExpertPlan(NamedTuple):
+    """Rows grouped by expert, built once per routing by :func:`expert_plan` (ids checked there).
+
+    ``expert_ids`` (M,) the ids it was built from; ``order`` (M,) int64 row indices sorted by
+    expert (stable; skipped ``-1`` rows last); ``offsets`` (E+1,) int64: expert e's rows are
+    ``order[offsets[e]:offsets[e+1]]``, ``offsets[E]`` is the number of routed rows;
+    ``num_experts`` E. Pass it as ``expert_ids`` to :func:`moe_lora_linear` (and to every other
+    expert GEMM over the same rows) to sort once.
+    """
+
+    expert_ids: torch.Tensor
+    order: torch.Tensor
+    offsets: torch.Tensor
+    num_experts: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.expert_ids.shape[0]
+
+
+def check_expert_ids(name: str, ids: torch.Tensor, num_experts: int) -> None:
+    """Raise ``ValueError`` naming the first id outside ``[-1, num_experts)`` (one host read)."""
+    if ids.numel() == 0:
+        return
+    bad = (ids < -1) | (ids >= num_experts)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{t}] = {int(ids[t])} is out of range: expert ids must be -1 "
+                         f"(row skipped) or an expert in [0, {num_experts})")
+
+
+def _plan_op(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order (M,), offsets (E+1,))`` int64 of checked ``expert_ids`` (:class:`ExpertPlan`)."""
+    check_expert_ids("expert_ids", expert_ids, num_experts)
+    key = torch.where(expert_ids < 0, num_experts, expert_ids).long()
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_ids.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
+
+
+def _plan_fake(expert_ids, num_experts):
+    M = expert_ids.shape[0]
+    return (expert_ids.new_empty(M, dtype=torch.int64),
+            expert_ids.new_empty(num_experts + 1, dtype=torch.int64))
+
+
+PLAN_OP = define_op("lora_kernels::moe_plan", _plan_op, fake=_plan_fake)
+
+
+def expert_plan(expert_ids, num_experts: int) -> ExpertPlan:
+    """Check ``expert_ids`` ((M,) int32/int64 tensor or list of ints; each ``-1`` or in
+    ``[0, num_experts)``) and group its rows by expert: an :class:`ExpertPlan`.
+
+    Raises ``TypeError``/``ValueError`` naming the argument (the first bad id and its row)."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    if isinstance(expert_ids, (list, tuple)):
+        expert_ids = V.adapter_ids("expert_ids", expert_ids, len(expert_ids))
+    if not isinstance(expert_ids, torch.Tensor):
+        raise TypeError(f"expert_ids must be an int32/int64 tensor, got "
+                        f"{type(expert_ids).__name__}")
+    if expert_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"expert_ids must have dtype int32 or int64, got {expert_ids.dtype}")
+    if expert_ids.dim() != 1:
+        raise ValueError(f"expert_ids must be 1-D (M,), got shape {tuple(expert_ids.shape)}")
+    order, offsets = PLAN_OP(expert_ids, num_experts)
+    return ExpertPlan(expert_ids, order, offsets, num_experts)
+
+
+# ----------------------------------------------------------------------------- torch path
+def _segments(offsets: torch.Tensor) -> list[int]:
+    return offsets.tolist()  # E+1 ints: one host read per call
+
+
+def _torch_fwd(x, weight, bias, A, B, order, offsets, scaling):
+    M, E, out_f, r = x.shape[0], weight.shape[0], weight.shape[1], A.shape[1]
+    off = _segments(offsets)
+    n = off[E]
+    rows = order[:n]
+    xs = x.index_select(0, rows)                                       # (n, in) expert-sorted
+    ys = TR.empty((n, out_f), x.dtype, x.device)
+    S = torch.zeros((M, r), dtype=torch.float32, device=x.device)     # rows >= n stay 0
+    for e in range(E):
+        a, b = off[e], off[e + 1]
+        if a == b:
+            continue
+        xe, ye = xs[a:b], ys[a:b]
+        se = xe @ A[e].t()                                             # (T_e, r)
+        if bias is not None:
+            torch.addmm(bias[e], xe, weight[e].t(), out=ye)
+        else:
+            torch.mm(xe, weight[e].t(), out=ye)
+        ye.addmm_(se, B[e].t(), alpha=scaling)
+        S[a:b] = se
+    y = torch.zeros((M, out_f), dtype=x.dtype, device=x.device)
+    return y.index_copy_(0, rows, ys), S
+
+
+class Saved(NamedTuple):
+    """What the backward reads: ``x`` (M, in), ``weight`` (E, out, in), ``A`` (E, r, in),
+    ``B`` (E, out, r), ``S`` (M, r) fp32 (sorted row order), the plan's ``order`` / ``offsets``,
+    ``scaling``."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    S: torch.Tensor
+    order: torch.Tensor
+    offsets: torch.Tensor
+    scaling: float
+
+
+class Needs(NamedTuple):
+    """Which gradients the backward computes."""
+
+    dx: bool
+    dW: bool
+    db: bool
+    dA: bool
+    dB: bool
+
+
+def _torch_bwd(dy, saved: Saved, need: Needs):
+    x, weight, A, B, S, order, offsets, scaling = saved
+    E = weight.shape[0]
+    off = _segments(offsets)
+    n = off[E]
+    rows = order[:n]
+    dys = dy.index_select(0, rows)                                     # (n, out)
+    xs = x.index_select(0, rows) if (need.dA or need.dW) else None
+    dxs = TR.empty((n, x.shape[1]), x.dtype, x.device) if need.dx else None
+    dW = torch.zeros(weight.shape, dtype=weight.dtype, device=x.device) if need.dW else None
+    db = torch.zeros(weight.shape[:2], dtype=weight.dtype, device=x.device) if need.db else None
+    dA = torch.zeros(A.shape, dtype=A.dtype, device=x.device) if need.dA else None
+    dB = torch.zeros(B.shape, dtype=B.dtype, device=x.device) if need.dB else None
+    for e in range(E):
+        a, b = off[e], off[e + 1]
+        if a == b:
+            continue
+        dye = dys[a:b]
+        if need.dx or need.dA:
+            gs = (dye @ B[e]).mul_(scaling)                            # s G_e (T_e, r)
+        if need.dx:
+            torch.mm(dye, weight[e], out=dxs[a:b]).addmm_(gs, A[e])
+        if need.dA:
+            torch.mm(gs.t(), xs[a:b], out=dA[e])
+        if need.dB:
+            torch.mm(dye.t(), (S[a:b] * scaling).to(dy.dtype), out=dB[e])
+        if need.dW:
+            torch.mm(dye.t(), xs[a:b], out=dW[e])
+        if need.db:
+            torch.sum(dye, 0, out=db[e])
+    dx = None
+    if need.dx:
+        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device).index_copy_(0, rows, dxs)
+    return dx, dW, db, dA, dB
+
+
+def _impl(backend: str):
+    if backend == "torch":
+        return _torch_fwd, _torch_bwd
+    raise ValueError(f"{OP_NAME} has no {backend!r} implementation; use backend='torch'")
+
+
+# ----------------------------------------------------------------------------- registered ops
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         lora_A: torch.Tensor, lora_B: torch.Tensor, order: torch.Tensor,
+         offsets: torch.Tensor, scaling: float,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, in) -> (y (M, out), S (M, r) fp32 in sorted row order)."""
+    return _impl(backend)[0](x, weight, bias, lora_A, lora_B, order, offsets, scaling)
+
+
+def _fwd_fake(x, weight, bias, lora_A, lora_B, order, offsets, scaling, backend):
+    return (x.new_empty((x.shape[0], weight.shape[1])),
+            x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32))
+
+
+def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+         lora_B: torch.Tensor, s: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+         scaling: float, backend: str, need_dx: bool, need_dW: bool, need_db: bool,
+         need_dA: bool, need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    """(dx (M, in), dW (E, out, in), db (E, out), dA (E, r, in), dB (E, out, r)); None (the op:
+    empty) where not needed."""
+    return _impl(backend)[1](dy, Saved(x, weight, lora_A, lora_B, s, order, offsets, scaling),
+                             Needs(need_dx, need_dW, need_db, need_dA, need_dB))
+
+
+def _bwd_fake(dy, x, weight, lora_A, lora_B, s, order, offsets, scaling, backend, need_dx,
+              need_dW, need_db, need_dA, need_dB):
+    return (x.new_empty(x.shape) if need_dx else None,
+            weight.new_empty(weight.shape) if need_dW else None,
+            weight.new_empty(weight.shape[:2]) if need_db else None,
+            lora_A.new_empty(lora_A.shape) if need_dA else None,
+            lora_B.new_empty(lora_B.shape) if need_dB else None)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, order, offsets, scaling, backend = inputs
+    ctx.save_for_backward(x, weight, A, B, output[1], order, offsets)
+    ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
+
+
+def _grads(ctx, bwd, dy, _ds=None):
+    x, weight, A, B, s, order, offsets = ctx.saved_tensors
+    nx, nw, nb, na, nB = ctx.needs_input_grad[:5]
+    nb = nb and ctx.has_bias
+    if dy is None:  # y unused by the loss (the eager Function does not materialise zeros)
+        return (None,) * 9
+    dx, dW, db, dA, dB = bwd(dy, x, weight, A, B, s, order, offsets, ctx.scaling, ctx.backend,
+                             nx, nw, nb, na, nB)
+    return (dx if nx else None, dW if nw else None, db if nb else None, dA if na else None,
+            dB if nB else None, None, None, None, None)
+
+
+MOE_LORA_OP = define_op("lora_kernels::moe_lora_fwd", _fwd, fake=_fwd_fake,
+                        bwd_name="lora_kernels::moe_lora_bwd", bwd=_bwd, bwd_fake=_bwd_fake,
+                        setup_context=_setup_context, grads=_grads, nondiff_outputs=(1,),
+                        function_name="MoELoRAFunction")
+
+
+# ----------------------------------------------------------------------------- public API
+def _check_args(x, weight, bias, lora_A, lora_B) -> None:
+    V.float_tensor("x", x, ndim=2)
+    V.float_tensor("weight", weight, ndim=3)
+    E, out_f, in_f = weight.shape
+    if E < 1:
+        raise ValueError(f"weight must hold at least one expert (E, out, in), got "
+                         f"{tuple(weight.shape)}")
+    if x.shape[1] != in_f:
+        raise ValueError(f"x must have last dim in_features={in_f} (weight is (E, out, in) = "
+                         f"{tuple(weight.shape)}; pass an (E, in, out) weight as "
+                         f"weight.transpose(1, 2)), got x of shape {tuple(x.shape)}")
+    V.float_tensor("lora_A", lora_A, ndim=3)
+    V.float_tensor("lora_B", lora_B, ndim=3)
+    r = lora_A.shape[1]
+    if r < 1:
+        raise ValueError(f"lora_A must have rank >= 1 (E, r, in), got {tuple(lora_A.shape)}")
+    V.shape("lora_A", lora_A, (E, r, in_f), "(E, r, in_features)")
+    V.shape("lora_B", lora_B, (E, out_f, r), f"(E, out_features, r) with r={r} from lora_A")
+    if bias is not None:
+        V.float_tensor("bias", bias, ndim=2)
+        V.shape("bias", bias, (E, out_f), "(E, out_features)")
+    V.same_dtype("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    V.same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+
+
+def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *, backend=None):
+    """MoE-LoRA expert GEMM: ``y[m] = x[m] W_e^T + b_e + scaling * x[m] A_e^T B_e^T``,
+    ``e = expert_ids[m]``.
+
+    Args:
+        x: ``(M, in)`` rows (one per routed token-expert pair); any strides.
+        weight: ``(E, out, in)`` expert weights; transformers' ``(E, in, out)`` parameters are
+            passed as the view ``weight.transpose(1, 2)`` (never copied). Frozen unless it
+            requires grad.
+        bias: ``(E, out)`` or None.
+        lora_A: ``(E, r, in)``; lora_B: ``(E, out, r)`` (per-expert PEFT layout).
+        expert_ids: ``(M,)`` int32/int64, each ``-1`` (row skipped: output row 0, no gradient)
+            or an expert in ``[0, E)``; or an :class:`ExpertPlan` from
+            ``expert_plan(expert_ids, E)``, to sort the rows once for several expert GEMMs.
+        scaling: float multiplier of the low-rank branch (PEFT: ``alpha / r``).
+        backend: ``None | "torch"`` (see ``lora_kernels._backend``).
+    Returns:
+        ``(M, out)`` in x's dtype; gradients flow to x, lora_A, lora_B, and weight / bias when
+        they require grad (experts that receive no row get zero gradients).
+    Raises:
+        TypeError / ValueError naming the argument; expert ids are bounds-checked before any
+        expert weight is read.
+    """
+    _check_args(x, weight, bias, lora_A, lora_B)
+    E = weight.shape[0]
+    if isinstance(expert_ids, ExpertPlan):
+        plan = expert_ids
+        if plan.num_experts != E:
+            raise ValueError(f"expert_ids is an ExpertPlan for {plan.num_experts} experts, but "
+                             f"weight has E={E}")
+    else:
+        plan = expert_plan(expert_ids, E)
+    if plan.num_rows != x.shape[0]:
+        raise ValueError(f"expert_ids must have shape ({x.shape[0]},) (one id per row of x), "
+                         f"got ({plan.num_rows},)")
+    V.same_device("x", x, expert_ids=plan.order)
+    scaling = V.scalar("scaling", scaling)
+    be = resolve_backend(backend, x.device, OP_NAME)
+    if be != "torch":
+        _impl(be)  # raises: the only implementation so far is torch
+    x2 = compact_rows_for_cpu_gemm(x)
+    y, _ = MOE_LORA_OP(x2, weight, bias, lora_A, lora_B, plan.order, plan.offsets, scaling, be)
+    return y
