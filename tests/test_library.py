@@ -86,6 +86,8 @@ OPCHECKED.update({"lora_kernels::dora_fwd": "test_dora.py::test_opcheck_and_comp
                   "lora_kernels::dora_bwd": "test_dora.py::test_opcheck_and_compile"})
 OPCHECKED.update({n: "test_moe_lora.py::test_opcheck" for n in (
     "lora_kernels::moe_plan", "lora_kernels::moe_lora_fwd", "lora_kernels::moe_lora_bwd")})
+OPCHECKED.update({n: "test_moe_lora.py::test_quantized_opcheck_and_compile" for n in (
+    "lora_kernels::moe_qlora_fwd", "lora_kernels::moe_qlora_bwd")})
 
 
 def test_every_registered_op_is_opchecked():

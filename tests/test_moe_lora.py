@@ -219,3 +219,94 @@ def test_triton_backend_not_yet_refused_cleanly():
     with pytest.raises(ValueError, match="cuda"):
         lk.moe_lora_linear(randn(M, i), randn(E, o, i), None, randn(E, r, i), randn(E, o, r),
                            torch.tensor([1, 0, -1, 1]), backend="cuda")
+
+
+# ----------------------------------------------------------------------------- quantized experts
+QFMTS = [("nf4", {}), ("int8", {}), ("fp8", {}), ("fp8", {"block_size": 128})]
+
+
+def _qexperts(w, fi):
+    from lora_kernels.quant import QuantizedExperts
+
+    fmt, kw = QFMTS[fi]
+    return QuantizedExperts.from_float(w, fmt, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fi", range(len(QFMTS)))
+def test_quantized_experts_match_float64(dtype, fi):
+    """x deq(W_e)^T + b_e + s x A_e^T B_e^T against float64 with the dequantised experts (in 130:
+    FP8 128x128 blocks with a partial edge block; out 9 odd)."""
+    M, i, o, r, E = 19, 130, 9, 3, 5
+    q = _qexperts(randn(E, o, i, scale=0.3), fi).to(dtype)
+    x = randn(M, i, dtype=dtype, requires_grad=True)
+    b = randn(E, o, dtype=dtype, requires_grad=True)
+    A = randn(E, r, i, dtype=dtype, scale=0.3, requires_grad=True)
+    B = randn(E, o, r, dtype=dtype, scale=0.5, requires_grad=True)
+    ids = _ids(M, E)
+    y = lk.moe_lora_linear(noncontig(x), q, b, A, B, ids, 0.6)
+    x64, b64, A64, B64 = to64([x, b, A, B])
+    y64 = reference(x64, q.double(), b64, A64, B64, ids, 0.6)
+    assert_close(y, y64, dtype, "y")
+    dy = randn(M, o, dtype=dtype)
+    y.backward(dy)
+    y64.backward(dy.double())
+    for name, t, t64 in [("dx", x, x64), ("db", b, b64), ("dA", A, A64), ("dB", B, B64)]:
+        assert_close(t.grad, t64.grad, dtype, name)
+    assert not list(q.parameters())
+
+
+def test_quantized_experts_are_the_2d_formats():
+    """Each expert is quantised exactly as its 2-D format quantises w[e]; NF4 experts with
+    out*in a multiple of the blocksize are bitsandbytes' quantize_4bit of the (E, out, in)
+    tensor, bit for bit; FP8 block scales are per expert (E, ceil(out/128), ceil(in/128))."""
+    from lora_kernels import quant
+
+    E, o, i = 3, 8, 136
+    w = randn(E, o, i)
+    for fi, (fmt, kw) in enumerate(QFMTS):
+        q = _qexperts(w, fi)
+        assert q.shape == (E, o, i)
+        for e in range(E):
+            ref = quant.FORMATS[fmt].from_float(w[e], **kw).dequantize()
+            torch.testing.assert_close(q.dequantize_expert(e), ref, rtol=0, atol=0)
+    assert _qexperts(w, 3).scale.shape == (E, 1, 2)
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False,
+                                       quant_type="nf4")
+    q = _qexperts(w, 0)
+    assert torch.equal(packed.reshape(-1), q.packed.reshape(-1))
+    assert torch.equal(state.absmax, q.absmax.reshape(-1))
+    with pytest.raises(ValueError, match="not be nested"):
+        quant.QuantizedExperts.from_experts(
+            [quant.NF4Weight.from_float(w[e], compress_statistics=True) for e in range(E)])
+    with pytest.raises(ValueError, match="experts\\[1\\]"):
+        quant.QuantizedExperts.from_experts([quant.Int8Weight.from_float(w[0]),
+                                             quant.Int8Weight.from_float(w[1, :4])])
+
+
+def test_quantized_opcheck_and_compile():
+    M, i, o, r, E = 7, 64, 5, 2, 3
+    q = _qexperts(randn(E, o, i), 0)
+    ids = torch.tensor([0, 2, -1, 2, 1, 0, 1], device=DEVICE)
+    order, offsets = ML.PLAN_OP(ids, E)
+    x, b = randn(M, i), randn(E, o)
+    A, B = randn(E, r, i, requires_grad=True), randn(E, o, r, requires_grad=True)
+    ts, meta = q.tensors(), q.meta()
+    opcheck(torch.ops.lora_kernels.moe_qlora_fwd.default,
+            (x, ts, meta, "nf4", b, A, B, order, offsets, 0.5, "torch"))
+    dy, S = randn(M, o), randn(M, r)
+    for needs in [(True, True, True, True), (False, False, True, False)]:
+        opcheck(torch.ops.lora_kernels.moe_qlora_bwd.default,
+                (dy, x, ts, meta, "nf4", A.detach(), B.detach(), S, order, offsets, 0.5,
+                 "torch", *needs))
+    torch._dynamo.reset()
+    f = lambda x, A, B, ids: lk.moe_lora_linear(x, q, b, A, B, ids, 0.5)  # noqa: E731
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, A, B, ids)
+    y.square().sum().backward()
+    gA = A.grad.clone()
+    A.grad = None
+    y0 = f(x, A, B, ids)
+    y0.square().sum().backward()
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(gA, A.grad)

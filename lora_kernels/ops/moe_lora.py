@@ -42,6 +42,7 @@ import torch
 
 from .. import _validate as V
 from .._backend import compact_rows_for_cpu_gemm, resolve_backend
+from ..quant.experts import QuantizedExperts
 from . import _triton as TR
 from ._register import define_op
 
@@ -121,11 +122,18 @@ def expert_plan(expert_ids, num_experts: int) -> ExpertPlan:
 
 
 # ----------------------------------------------------------------------------- torch path
+def _expert_w(weight, e: int, dtype) -> torch.Tensor:
+    """Expert e's ``(out, in)`` weight: a view of a dense ``(E, out, in)`` tensor, or a
+    :class:`~lora_kernels.quant.QuantizedExperts` expert dequantised in ``dtype``."""
+    return weight[e] if isinstance(weight, torch.Tensor) else weight.dequantize_expert(e, dtype)
+
+
 def _segments(offsets: torch.Tensor) -> list[int]:
     return offsets.tolist()  # E+1 ints: one host read per call
 
 
 def _torch_fwd(x, weight, bias, A, B, order, offsets, scaling):
+    """``weight``: dense (E, out, in) or QuantizedExperts (each routed expert dequantised once)."""
     M, E, out_f, r = x.shape[0], weight.shape[0], weight.shape[1], A.shape[1]
     off = _segments(offsets)
     n = off[E]
@@ -139,10 +147,11 @@ def _torch_fwd(x, weight, bias, A, B, order, offsets, scaling):
             continue
         xe, ye = xs[a:b], ys[a:b]
         se = xe @ A[e].t()                                             # (T_e, r)
+        we = _expert_w(weight, e, x.dtype)
         if bias is not None:
-            torch.addmm(bias[e], xe, weight[e].t(), out=ye)
+            torch.addmm(bias[e], xe, we.t(), out=ye)
         else:
-            torch.mm(xe, weight[e].t(), out=ye)
+            torch.mm(xe, we.t(), out=ye)
         ye.addmm_(se, B[e].t(), alpha=scaling)
         S[a:b] = se
     y = torch.zeros((M, out_f), dtype=x.dtype, device=x.device)
@@ -183,8 +192,8 @@ def _torch_bwd(dy, saved: Saved, need: Needs):
     dys = dy.index_select(0, rows)                                     # (n, out)
     xs = x.index_select(0, rows) if (need.dA or need.dW) else None
     dxs = TR.empty((n, x.shape[1]), x.dtype, x.device) if need.dx else None
-    dW = torch.zeros(weight.shape, dtype=weight.dtype, device=x.device) if need.dW else None
-    db = torch.zeros(weight.shape[:2], dtype=weight.dtype, device=x.device) if need.db else None
+    dW = torch.zeros(weight.shape, dtype=x.dtype, device=x.device) if need.dW else None
+    db = torch.zeros(weight.shape[:2], dtype=x.dtype, device=x.device) if need.db else None
     dA = torch.zeros(A.shape, dtype=A.dtype, device=x.device) if need.dA else None
     dB = torch.zeros(B.shape, dtype=B.dtype, device=x.device) if need.dB else None
     for e in range(E):
@@ -195,7 +204,7 @@ def _torch_bwd(dy, saved: Saved, need: Needs):
         if need.dx or need.dA:
             gs = (dye @ B[e]).mul_(scaling)                            # s G_e (T_e, r)
         if need.dx:
-            torch.mm(dye, weight[e], out=dxs[a:b]).addmm_(gs, A[e])
+            torch.mm(dye, _expert_w(weight, e, dy.dtype), out=dxs[a:b]).addmm_(gs, A[e])
         if need.dA:
             torch.mm(gs.t(), xs[a:b], out=dA[e])
         if need.dB:
@@ -274,10 +283,79 @@ MOE_LORA_OP = define_op("lora_kernels::moe_lora_fwd", _fwd, fake=_fwd_fake,
                         function_name="MoELoRAFunction")
 
 
+# quantized experts: the stacked buffers travel as a list plus ints (QuantizedExperts.tensors /
+# meta / from_tensors), so torch.compile sees one op per direction; the weight gets no gradient.
+def _qfwd(x: torch.Tensor, qtensors: list[torch.Tensor], qmeta: list[int], fmt: str,
+          bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+          order: torch.Tensor, offsets: torch.Tensor, scaling: float,
+          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, in) -> (y (M, out), S (M, r) fp32); the experts dequantised in x's dtype."""
+    qw = QuantizedExperts.from_tensors(fmt, qtensors, qmeta, x.dtype)
+    return _impl(backend)[0](x, qw, bias, lora_A, lora_B, order, offsets, scaling)
+
+
+def _qfwd_fake(x, qtensors, qmeta, fmt, bias, lora_A, lora_B, order, offsets, scaling, backend):
+    return (x.new_empty((x.shape[0], qmeta[1])),
+            x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32))
+
+
+def _qbwd(dy: torch.Tensor, x: torch.Tensor, qtensors: list[torch.Tensor], qmeta: list[int],
+          fmt: str, lora_A: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor,
+          order: torch.Tensor, offsets: torch.Tensor, scaling: float, backend: str,
+          need_dx: bool, need_db: bool, need_dA: bool,
+          need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (M, in), db (E, out), dA, dB); None (the op: empty) where not needed."""
+    qw = QuantizedExperts.from_tensors(fmt, qtensors, qmeta, x.dtype)
+    dx, _, db, dA, dB = _impl(backend)[1](
+        dy, Saved(x, qw, lora_A, lora_B, s, order, offsets, scaling),
+        Needs(need_dx, False, need_db, need_dA, need_dB))
+    return dx, db, dA, dB
+
+
+def _qbwd_fake(dy, x, qtensors, qmeta, fmt, lora_A, lora_B, s, order, offsets, scaling, backend,
+               need_dx, need_db, need_dA, need_dB):
+    return (x.new_empty(x.shape) if need_dx else None,
+            x.new_empty(qmeta[:2]) if need_db else None,
+            lora_A.new_empty(lora_A.shape) if need_dA else None,
+            lora_B.new_empty(lora_B.shape) if need_dB else None)
+
+
+def _qsetup_context(ctx, inputs, output):
+    x, qts, qmeta, fmt, bias, A, B, order, offsets, scaling, backend = inputs
+    ctx.save_for_backward(x, A, B, output[1], order, offsets, *qts)
+    ctx.qmeta, ctx.fmt, ctx.scaling, ctx.backend = qmeta, fmt, scaling, backend
+    ctx.has_bias = bias is not None
+
+
+def _qgrads(ctx, bwd, dy, _ds=None):
+    x, A, B, s, order, offsets, *qts = ctx.saved_tensors
+    nx, _, _, _, nb, na, nB = ctx.needs_input_grad[:7]
+    nb = nb and ctx.has_bias
+    # the registered op's autograd wants the list input's structure back (one None per tensor)
+    dq = None if bwd is _qbwd else [None] * len(qts)
+    if dy is None:
+        return (None, dq) + (None,) * 9
+    dx, db, dA, dB = bwd(dy, x, qts, ctx.qmeta, ctx.fmt, A, B, s, order, offsets, ctx.scaling,
+                         ctx.backend, nx, nb, na, nB)
+    return (dx if nx else None, dq, None, None, db if nb else None, dA if na else None,
+            dB if nB else None, None, None, None, None)
+
+
+MOE_QLORA_OP = define_op("lora_kernels::moe_qlora_fwd", _qfwd, fake=_qfwd_fake,
+                         bwd_name="lora_kernels::moe_qlora_bwd", bwd=_qbwd, bwd_fake=_qbwd_fake,
+                         setup_context=_qsetup_context, grads=_qgrads, nondiff_outputs=(1,),
+                         function_name="MoEQLoRAFunction")
+
+
 # ----------------------------------------------------------------------------- public API
 def _check_args(x, weight, bias, lora_A, lora_B) -> None:
     V.float_tensor("x", x, ndim=2)
-    V.float_tensor("weight", weight, ndim=3)
+    if isinstance(weight, QuantizedExperts):
+        if weight.device != x.device:
+            raise ValueError(f"weight (quantized experts) must be on {x.device} (like x), got "
+                             f"{weight.device}")
+    else:
+        V.float_tensor("weight", weight, ndim=3)
     E, out_f, in_f = weight.shape
     if E < 1:
         raise ValueError(f"weight must hold at least one expert (E, out, in), got "
@@ -296,8 +374,9 @@ def _check_args(x, weight, bias, lora_A, lora_B) -> None:
     if bias is not None:
         V.float_tensor("bias", bias, ndim=2)
         V.shape("bias", bias, (E, out_f), "(E, out_features)")
-    V.same_dtype("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    V.same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    w = weight if isinstance(weight, torch.Tensor) else None
+    V.same_dtype("x", x, weight=w, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    V.same_device("x", x, weight=w, bias=bias, lora_A=lora_A, lora_B=lora_B)
 
 
 def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *, backend=None):
@@ -308,7 +387,8 @@ def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *,
         x: ``(M, in)`` rows (one per routed token-expert pair); any strides.
         weight: ``(E, out, in)`` expert weights; transformers' ``(E, in, out)`` parameters are
             passed as the view ``weight.transpose(1, 2)`` (never copied). Frozen unless it
-            requires grad.
+            requires grad. Or a frozen :class:`lora_kernels.quant.QuantizedExperts` (NF4, int8,
+            FP8 per channel or per 128x128 block; each routed expert dequantised in x's dtype).
         bias: ``(E, out)`` or None.
         lora_A: ``(E, r, in)``; lora_B: ``(E, out, r)`` (per-expert PEFT layout).
         expert_ids: ``(M,)`` int32/int64, each ``-1`` (row skipped: output row 0, no gradient)
@@ -341,5 +421,9 @@ def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *,
     if be != "torch":
         _impl(be)  # raises: the only implementation so far is torch
     x2 = compact_rows_for_cpu_gemm(x)
+    if isinstance(weight, QuantizedExperts):
+        y, _ = MOE_QLORA_OP(x2, weight.tensors(), weight.meta(), weight.fmt, bias, lora_A,
+                            lora_B, plan.order, plan.offsets, scaling, be)
+        return y
     y, _ = MOE_LORA_OP(x2, weight, bias, lora_A, lora_B, plan.order, plan.offsets, scaling, be)
     return y

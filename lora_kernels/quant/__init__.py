@@ -569,3 +569,8 @@ def _gather(qw: QuantizedWeight, rows: torch.Tensor, cols: torch.Tensor) -> torc
     if qw.fmt == "fp8" and qw.block_size is not None:
         return q * qw.scale[(rows // FP8_BLOCK)[:, None], (cols // FP8_BLOCK)[None, :]]
     return q * qw.scale[rows][:, None]
+
+
+from .experts import QuantizedExperts  # noqa: E402  (builds on the formats above)
+
+__all__ += ["QuantizedExperts"]
