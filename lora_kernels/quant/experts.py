@@ -141,6 +141,15 @@ class QuantizedExperts(nn.Module):
     def dim(self) -> int:
         return 3
 
+    def narrow(self, start: int, length: int) -> QuantizedExperts:
+        """Experts ``[start, start + length)`` as a QuantizedExperts (views, no copy)."""
+        E = self._shape[0]
+        if not (0 <= start and length >= 1 and start + length <= E):
+            raise ValueError(f"narrow({start}, {length}) is outside the {E} experts")
+        ts = [t if t.dim() == 1 else t.narrow(0, start, length) for t in self.tensors()]
+        return QuantizedExperts.from_tensors(self.fmt, ts, [length, *self.meta()[1:]],
+                                             self._dtype)
+
     def expert(self, e: int) -> QuantizedWeight:
         """Expert ``e`` as its 2-D quantized type (views of the stacked buffers)."""
         q = self._experts.get(e)

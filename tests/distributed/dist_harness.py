@@ -138,10 +138,12 @@ def check(res: dict, name: str) -> None:
 NEEDS_TRITON = {"tp_triton_interpreter"}
 
 
-def params(world):
+def params(world, module: str | None = None):
+    """pytest parameters of the scenarios of ``world`` registered by test module ``module``
+    (its ``__name__``; None: every module's)."""
     no_triton = importlib.util.find_spec("triton") is None
     out = []
-    for n in names_of(world):
+    for n in names_of(world, module):
         marks = []
         if n in KNOWN:
             marks.append(pytest.mark.xfail(strict=True, raises=AssertionError,
@@ -159,5 +161,6 @@ def selected(request, world: int) -> list[str]:
             if getattr(it, "originalname", None) == fn and it.module is request.module]
 
 
-def names_of(world):
-    return [n for n, (_, ws) in SCENARIOS.items() if world in ws]
+def names_of(world, module: str | None = None):
+    return [n for n, (fn, ws) in SCENARIOS.items()
+            if world in ws and (module is None or fn.__module__ == module)]

@@ -631,12 +631,12 @@ def tp_bad_mesh(ctx):
 # ----------------------------------------------------------------------------- pytest entry
 
 
-@pytest.mark.parametrize("name", params(2))
+@pytest.mark.parametrize("name", params(2, __name__))
 def test_world2(world2, name):
     check(world2, name)
 
 
-@pytest.mark.parametrize("name", params(4))
+@pytest.mark.parametrize("name", params(4, __name__))
 def test_world4(world4, name):
     check(world4, name)
 
