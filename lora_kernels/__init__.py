@@ -11,11 +11,13 @@ from .layers import METHODS, AdapterLinear, LoRALinear
 from .layers.cur import CURLoRALinear
 from .layers.deep import DeepLoRALinear
 from .layers.dora import DoRALinear
+from .layers.embedding import LoRAEmbedding
 from .layers.glora import GLoRALinear
 from .layers.nora import NoRALinear
 from .ops.cur import cur_linear
 from .ops.deep import deep_lora_linear
 from .ops.dora import dora_linear
+from .ops.embedding import lora_embedding, multi_lora_embedding
 from .ops.glora import glora_linear
 from .ops.lora import lora_linear
 from .ops.moe_lora import ExpertPlan, expert_plan, moe_lora_linear
@@ -53,3 +55,4 @@ __all__ += ["DoRALinear", "dora_linear"]
 __all__ += ["inject_adapter", "merge_and_unload", "patch_peft", "unpatch_peft"]
 __all__ += ["FP8Weight", "Int8Weight", "NF4Weight"]
 __all__ += ["ExpertPlan", "expert_plan", "moe_lora_linear"]
+__all__ += ["LoRAEmbedding", "lora_embedding", "multi_lora_embedding"]

@@ -37,9 +37,10 @@ def _matcher(target_modules):
     return lambda name: any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_linears(model: nn.Module, target_modules) -> list[str]:
+def find_linears(model: nn.Module, target_modules, *, embeddings: bool = False) -> list[str]:
     """Names of the modules of ``model`` matched by ``target_modules``, all checked to be
-    ``nn.Linear`` or transformers ``Conv1D``.
+    ``nn.Linear`` or transformers ``Conv1D`` (or ``nn.Embedding`` when ``embeddings``: embedding
+    LoRA).
 
     Rules (PEFT's): a list matches a module whose full name equals an entry or ends with
     ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); a string is a
@@ -53,16 +54,40 @@ def find_linears(model: nn.Module, target_modules) -> list[str]:
     for name, mod in model.named_modules():
         if not name or not match(name):
             continue
-        if not is_linear_like(mod):
+        if not (is_linear_like(mod) or (embeddings and isinstance(mod, nn.Embedding))):
+            what = "nn.Linear / transformers Conv1D" + (" / nn.Embedding" if embeddings else "")
             raise TypeError(f"target_modules matched {name!r}, a {type(mod).__name__}; only "
-                            "nn.Linear / transformers Conv1D modules can be targeted (narrow "
-                            "target_modules)")
+                            f"{what} modules can be targeted (narrow target_modules)")
         names.append(name)
     if not names:
         some = [n for n, m in model.named_modules() if is_linear_like(m)][:8]
         raise ValueError(f"target_modules {target_modules!r} matched no module of the model "
                          f"(its linears include: {some})")
     return names
+
+
+def check_base_weights(model: nn.Module, adapter) -> None:
+    """``ValueError`` unless every base table ``adapter`` carries (``adapter.base_weights``, from
+    :func:`lora_kernels.load_peft_adapter`: PEFT's ``save_embedding_layers``) equals the model's
+    weight of that module (the file's values cast to the model's dtype); no-op for a plain
+    dict."""
+    for name, t in (getattr(adapter, "base_weights", None) or {}).items():
+        mod = dict(model.named_modules()).get(name)
+        if mod is None:
+            raise ValueError(f"adapter carries a base weight for module {name!r}, which the model "
+                             "does not have")
+        w = getattr(mod, "base_layer", mod).weight
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"adapter carries a base weight for {name!r}, whose weight is "
+                             f"{type(w).__name__} (a quantized base): cannot be compared")
+        if is_conv1d(getattr(mod, "base_layer", mod)):
+            w = w.t()
+        if tuple(t.shape) != tuple(w.shape) or not torch.equal(t.to(w.device, w.dtype), w):
+            raise ValueError(
+                f"adapter carries its own base weight for {name!r} {tuple(t.shape)} (PEFT's "
+                f"save_embedding_layers) that differs from the model's {tuple(w.shape)}: a "
+                "resized or retrained vocabulary is not supported here; copy it into the model "
+                "first")
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -80,7 +105,9 @@ def inject(model: nn.Module, method: str = "lora", target_modules=None, **method
     ``method`` is a key of :data:`lora_kernels.METHODS` (``"lora"``, ...); ``method_kwargs`` are
     that layer's ``from_linear`` arguments (e.g. ``r=8, alpha=16`` for LoRA). All new layers are
     built before the first replacement, so a refused call (unknown method, nothing matched, a
-    matched non-Linear, bad kwargs) leaves the model unchanged. Freezing the rest of the model is
+    matched non-Linear, bad kwargs) leaves the model unchanged. With ``method="lora"`` a matched
+    ``nn.Embedding`` becomes a :class:`~lora_kernels.LoRAEmbedding` (PEFT's embedding LoRA; the
+    same ``r`` / ``alpha`` / ``use_rslora``, no dropout). Freezing the rest of the model is
     left to the caller (``model.requires_grad_(False)`` before injecting freezes all but the new
     adapter parameters).
     """
@@ -90,9 +117,15 @@ def inject(model: nn.Module, method: str = "lora", target_modules=None, **method
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if target_modules is None:
         raise ValueError("target_modules is required (e.g. ['q_proj', 'v_proj'])")
+    from .layers import LoRAEmbedding
+
     cls = METHODS[method]
-    names = find_linears(model, target_modules)
-    new = {name: cls.from_linear(model.get_submodule(name), **method_kwargs) for name in names}
+    names = find_linears(model, target_modules, embeddings=method == "lora")
+    new = {}
+    for name in names:
+        mod = model.get_submodule(name)
+        new[name] = (LoRAEmbedding.from_embedding(mod, **method_kwargs)
+                     if isinstance(mod, nn.Embedding) else cls.from_linear(mod, **method_kwargs))
     for name, layer in new.items():
         _set(model, name, layer)
     return model
@@ -124,6 +157,7 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
                         f"{type(adapter).__name__}")
     if not adapter:
         raise ValueError("adapter is empty")
+    check_base_weights(model, adapter)
     mods = dict(model.named_modules())
     new = {}
     for name, entry in adapter.items():
@@ -139,9 +173,12 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
         if isinstance(mod, AdapterLinear):
             raise TypeError(f"adapter[{name!r}]: the model's {name!r} is already an adapter "
                             f"layer ({type(mod).__name__}); merge_and_unload it first")
+        if isinstance(mod, nn.Embedding):
+            new[name] = _embedding_layer(name, mod, (A, B, s), mag, trainable, backend)
+            continue
         if not is_linear_like(mod):
             raise TypeError(f"adapter[{name!r}]: the model's {name!r} is a "
-                            f"{type(mod).__name__}, not an nn.Linear / Conv1D")
+                            f"{type(mod).__name__}, not an nn.Linear / Conv1D / nn.Embedding")
         w = mod.weight
         out_f, in_f = (w.shape[1], w.shape[0]) if is_conv1d(mod) else tuple(w.shape)
         r = A.shape[0]
@@ -169,6 +206,38 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
     for name, layer in new.items():
         _set(model, name, layer)
     return model
+
+
+def _embedding_layer(name: str, mod: nn.Embedding, factors, mag, trainable: bool,
+                     backend: str | None) -> nn.Module:
+    """A :class:`~lora_kernels.LoRAEmbedding` over ``mod`` carrying ``factors`` (``lora_A (r,
+    num_embeddings)``, ``lora_B (dim, r)``, scaling; PEFT's ``lora_embedding_A/B``), checked
+    against the table first."""
+    from .layers import LoRAEmbedding
+
+    A, B, s = factors
+    if mag is not None:
+        raise ValueError(f"adapter[{name!r}]: a DoRA embedding adapter is not supported")
+    num, dim = mod.weight.shape
+    if A.shape[1] != num:
+        raise ValueError(f"adapter[{name!r}] is an embedding LoRA for a vocabulary of "
+                         f"{A.shape[1]} tokens (lora_embedding_A {tuple(A.shape)}) but the model's "
+                         f"{name!r} has num_embeddings={num}")
+    if B.shape[0] != dim:
+        raise ValueError(f"adapter[{name!r}] is an embedding LoRA of dim {B.shape[0]} (lora_"
+                         f"embedding_B {tuple(B.shape)}) but the model's {name!r} has "
+                         f"embedding_dim={dim}")
+    if not math.isfinite(s):
+        raise ValueError(f"adapter[{name!r}]: scaling must be finite, got {s}")
+    r = A.shape[0]
+    layer = LoRAEmbedding.from_embedding(mod, r, alpha=s * r, backend=backend)
+    layer.scaling = float(s)
+    with torch.no_grad():
+        layer.lora_A.copy_(A.to(layer.lora_A.dtype))
+        layer.lora_B.copy_(B.to(layer.lora_B.dtype))
+    layer.lora_A.requires_grad_(trainable)
+    layer.lora_B.requires_grad_(trainable)
+    return layer
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

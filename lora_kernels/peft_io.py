@@ -7,6 +7,13 @@ The config is validated field by field against what PEFT (0.13 .. 0.21) writes f
   ``rank_pattern``, ``alpha_pattern`` (PEFT's matching rule: pattern ``p`` applies to module
   ``m`` when ``re.match(rf"(.*\\.)?({p})$", m)``; first match wins), ``use_dora`` (DoRA: each
   module also has a ``lora_magnitude_vector`` and loads as :class:`DoRAFactors`);
+* embedding LoRA (a target that is an ``nn.Embedding``): PEFT's ``<module>.lora_embedding_A (r,
+  num_embeddings)`` / ``lora_embedding_B (dim, r)`` load as :class:`EmbeddingFactors` (the
+  LoRA-equivalent factors of the table's linear view, ``in = num_embeddings``); the base tables
+  PEFT also writes for ``embed_tokens`` / ``lm_head`` targets (``save_embedding_layers``:
+  ``<module>.base_layer.weight``) are kept in the result's ``base_weights`` and must equal the
+  model's (checked by ``inject_adapter`` / ``MultiAdapterModel.add``; a resized vocabulary is
+  refused there, by name);
 * metadata / training-time only, ignored: see :data:`IGNORED_FIELDS` (the weights file, not
   ``target_modules``, says which modules have an adapter);
 * fields that change what the adapter computes and that we do not implement must be unset
@@ -80,6 +87,29 @@ _WARNED_UNKNOWN: set[str] = set()
 _KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<which>A|B)\.weight$")
 # PEFT's DoRA magnitude (its state-dict key minus the adapter name; ".weight" in older PEFT)
 _MAG_KEY = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(\.weight)?$")
+# PEFT's embedding LoRA (ParameterDict entries: no ".weight")
+_EMB_KEY = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<which>A|B)$")
+# base tables PEFT saves with embedding / lm_head targets (save_embedding_layers)
+_BASE_KEY = re.compile(r"^(?P<mod>.+)\.base_layer\.weight$")
+
+
+class EmbeddingFactors(NamedTuple):
+    """One embedding-LoRA module of a PEFT adapter (PEFT's ``lora.Embedding``): ``lora_A (r,
+    num_embeddings)`` (``lora_embedding_A``), ``lora_B (dim, r)`` (``lora_embedding_B``),
+    ``scaling``: ``y = W[ids] + scaling * A[:, ids]^T B^T``. A 3-tuple, so everything taking
+    ``(lora_A, lora_B, scaling)`` takes it (the LoRA of the table's one-hot linear view)."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+
+class PeftAdapter(dict):
+    """What :func:`load_peft_adapter` returns: ``{module name: factors}`` plus ``base_weights``
+    ``{module name: tensor}``, the base tables the file carries (PEFT's
+    ``save_embedding_layers``), which the model's must equal."""
+
+    base_weights: dict
 
 
 class DoRAFactors(NamedTuple):
@@ -205,8 +235,24 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{wfn} is not a valid safetensors file: {e}") from None
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    embeddings: set[str] = set()
+    base_weights: dict[str, torch.Tensor] = {}
     dora = bool(cfg.get("use_dora", False))
     for key, t in tensors.items():
+        m = _EMB_KEY.match(key) or _BASE_KEY.match(key)
+        if m is not None:
+            mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
+            if "which" not in m.groupdict():
+                if t.dim() != 2 or not t.is_floating_point():
+                    raise ValueError(f"{wfn}: tensor {key!r} (a saved base weight) must be a "
+                                     f"2-D float tensor, got {t.dtype} {tuple(t.shape)}")
+                base_weights[mod] = t
+                continue
+            if dora:
+                raise ValueError(f"{wfn}: tensor {key!r}: DoRA embedding LoRA is not supported")
+            embeddings.add(mod)
+            factors.setdefault(mod, {})["E" + m["which"]] = t
+            continue
         m = _KEY.match(key)
         if m is None and dora and _MAG_KEY.match(key):
             m = _MAG_KEY.match(key)
@@ -216,17 +262,27 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
         if m is None:
             what = ("DoRA magnitude (but use_dora is not set)"
                     if "lora_magnitude_vector" in key else
-                    "embedding LoRA" if "lora_embedding" in key else
                     "LoRA bias" if re.search(r"\.lora_B\.bias$", key) else "unexpected tensor")
             raise ValueError(f"{wfn}: tensor {key!r} ({what}) is not supported; only "
-                             "'<module>.lora_A.weight' / '<module>.lora_B.weight' are")
+                             "'<module>.lora_A.weight' / '<module>.lora_B.weight' / "
+                             "'<module>.lora_embedding_A|B' are")
         mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
         factors.setdefault(mod, {})[m["which"]] = t
     if not factors:
         raise ValueError(f"{wfn} holds no LoRA tensors")
-    out = {}
+    out = PeftAdapter()
+    for mod in base_weights:
+        if mod not in factors:
+            raise ValueError(f"{wfn}: base weight of {mod!r} saved without a LoRA on that module "
+                             "(a modules_to_save copy?): not supported")
+    out.base_weights = {m: t.to(device=device) for m, t in base_weights.items()}
     for mod, ab in factors.items():
-        if set(ab) != ({"A", "B", "m"} if dora else {"A", "B"}):
+        if mod in embeddings:
+            if set(ab) != {"EA", "EB"}:
+                raise ValueError(f"{wfn}: module {mod!r} mixes or lacks lora_embedding_A / "
+                                 f"lora_embedding_B (has {sorted(ab)})")
+            ab = {"A": ab["EA"], "B": ab["EB"]}
+        if set(ab) != ({"A", "B", "m"} if dora and mod not in embeddings else {"A", "B"}):
             miss = ("lora_A.weight" if "A" not in ab else "lora_B.weight" if "B" not in ab
                     else "lora_magnitude_vector (the config says use_dora=true)")
             raise ValueError(f"{wfn}: module {mod!r} has no {miss}")
@@ -245,7 +301,9 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
         scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora", False) else r)
         A = A.to(device=device, dtype=dtype or A.dtype)
         B = B.to(device=device, dtype=dtype or B.dtype)
-        if dora:
+        if mod in embeddings:
+            out[mod] = EmbeddingFactors(A, B, float(scaling))
+        elif dora:
             mag = ab["m"]
             if mag.dim() != 1 or mag.shape[0] != B.shape[0] or not mag.is_floating_point():
                 raise ValueError(f"{wfn}: module {mod!r} has lora_magnitude_vector "
@@ -260,11 +318,14 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
 def adapter_dict(model: nn.Module) -> dict:
     """``{module name: as_lora()}`` of every adapter layer of ``model`` (LoRA-equivalent factors,
     so NoRA/CURLoRA/Deep LoRA export as plain LoRA); ``ValueError`` for a layer without one."""
-    from .layers import AdapterLinear
+    from .layers import AdapterLinear, LoRAEmbedding
 
     out = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, AdapterLinear) and hasattr(mod, "as_dora"):
+        if isinstance(mod, LoRAEmbedding):
+            A, B, s = mod.as_lora()
+            out[name] = EmbeddingFactors(A.detach(), B.detach(), float(s))
+        elif isinstance(mod, AdapterLinear) and hasattr(mod, "as_dora"):
             A, B, s, mag = mod.as_dora()
             out[name] = DoRAFactors(A.detach(), B.detach(), float(s), mag.detach())
         elif isinstance(mod, AdapterLinear):
@@ -300,6 +361,10 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
     module: ``r``/``lora_alpha`` are the most common ones and the others go in ``rank_pattern`` /
     ``alpha_pattern`` keyed by full module name (``lora_alpha = scaling * r``). The factors are
     stored unchanged (``dtype`` converts them), so PEFT computes exactly our delta.
+
+    Embedding LoRA: a model's :class:`~lora_kernels.LoRAEmbedding` layers and
+    :class:`EmbeddingFactors` entries of a dict are written as PEFT's ``lora_embedding_A`` /
+    ``lora_embedding_B`` (a plain tuple is always a linear's ``lora_A`` / ``lora_B``).
 
     ``fan_in_fan_out`` (PEFT's flag for transformers ``Conv1D`` targets, GPT-2): ``None`` writes
     True when a saved model's adapter layers were built from a ``Conv1D`` (False for a dict);
@@ -353,10 +418,10 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
             raise ValueError(f"model_or_dict[{name!r}]: scaling must be finite, got {s}")
         r = A.shape[0]
         ranks[name], alphas[name] = r, s * r
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.detach().to(
-            "cpu", dtype or A.dtype).contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.detach().to(
-            "cpu", dtype or B.dtype).contiguous()
+        ka, kb = (("lora_embedding_A", "lora_embedding_B") if isinstance(entry, EmbeddingFactors)
+                  else ("lora_A.weight", "lora_B.weight"))
+        tensors[f"{PREFIX}{name}.{ka}"] = A.detach().to("cpu", dtype or A.dtype).contiguous()
+        tensors[f"{PREFIX}{name}.{kb}"] = B.detach().to("cpu", dtype or B.dtype).contiguous()
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas.values()).most_common(1)[0][0]
     cfg = {

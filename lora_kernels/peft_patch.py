@@ -36,9 +36,10 @@ included, ``ops.dora``) and gradients to ``lora_A``, ``lora_B`` and the magnitud
 QLoRA: a PEFT LoRA ``Linear`` (or PEFT's ``bnb.Linear4bit``, its class on CUDA; unverified on a
 GPU) over a bitsandbytes NF4 ``Linear4bit`` runs on the fused op with the
 packed NF4 codes read as they are (:meth:`lora_kernels.quant.NF4Weight.from_bnb`, cached, rebuilt
-when PEFT replaces the base weight). Layers that are not PEFT LoRA ``Linear``s over a plain
-``nn.Linear`` / ``Conv1D`` / NF4 ``Linear4bit`` (embedding and convolution LoRA, 8-bit / GPTQ /
-HQQ bases, ``target_parameters``) are left to PEFT; one warning lists
+when PEFT replaces the base weight). PEFT LoRA ``Embedding`` layers over a plain ``nn.Embedding`` run on
+:func:`lora_kernels.lora_embedding` (:func:`_fused_embedding_forward`). Layers that are not PEFT
+LoRA ``Linear``s over a plain ``nn.Linear`` / ``Conv1D`` / NF4 ``Linear4bit`` or ``Embedding``s
+(convolution LoRA, 8-bit / GPTQ / HQQ bases, ``target_parameters``) are left to PEFT; one warning lists
 them, and the adapters that will always fall back.
 """
 
@@ -180,6 +181,48 @@ def _fused_forward(self, x, *args, **kwargs):
     return y
 
 
+def _plain_embedding(base) -> bool:
+    """A plain ``nn.Embedding`` whose lookup :func:`lora_kernels.lora_embedding` reproduces (no
+    forward override, no max_norm renormalisation, no gradient rescaling, dense gradients)."""
+    return (isinstance(base, nn.Embedding) and type(base).forward is nn.Embedding.forward
+            and base.max_norm is None and not base.scale_grad_by_freq and not base.sparse)
+
+
+def _fused_embedding_forward(self, x, *args, **kwargs):
+    """PEFT's ``lora.Embedding.forward`` (``y = base(x) + sum_a scaling[a] * F.embedding(x,
+    A_a^T) B_a^T``) with the lookup and the first active adapter on
+    :func:`lora_kernels.lora_embedding`; PEFT's own forward whenever that would differ
+    (disabled / merged adapters, ``adapter_names=`` or other arguments, variants, an embed
+    scale (Gemma), tensor-parallel hooks, dtypes unlike the table's, autocast)."""
+    from .ops.embedding import lora_embedding
+
+    orig = type(self).forward
+    if (args or kwargs or self.disable_adapters or self.merged
+            or torch.is_autocast_enabled(x.device.type)):
+        return orig(self, x, *args, **kwargs)
+    active = [a for a in self.active_adapters if a in self.lora_embedding_A]
+    base = self.base_layer
+    if not active:
+        return base(x)
+    W = base.weight
+    scale_fn = getattr(self, "_get_embed_scale", None)
+    for a in active:
+        if (a in (getattr(self, "lora_variant", {}) or {})
+                or a in (getattr(self, "input_fns", {}) or {})
+                or self.lora_embedding_A[a].dtype != W.dtype
+                or self.lora_embedding_B[a].dtype != W.dtype
+                or (scale_fn is not None and scale_fn() is not None)):
+            return orig(self, x)
+    first = active[0]
+    y = lora_embedding(x, W, self.lora_embedding_A[first], self.lora_embedding_B[first],
+                       float(self.scaling[first]), padding_idx=base.padding_idx,
+                       backend=getattr(self, _BACKEND))
+    for a in active[1:]:   # PEFT's own expression for the further active adapters
+        y = y + (self._embed(x, self.lora_embedding_A[a].T) @ self.lora_embedding_B[a].T
+                 * self.scaling[a])
+    return y
+
+
 def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module:
     """Run every PEFT LoRA ``Linear`` layer of ``peft_model`` on the fused LoRA op, in place;
     return ``peft_model`` (see the module docstring for exactly what is fused and what falls back
@@ -205,7 +248,9 @@ def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Modul
             continue
         peft_bnb4 = (type(m).__name__ == "Linear4bit"
                      and type(m).__module__ == "peft.tuners.lora.bnb")  # PEFT's CUDA QLoRA class
-        if (type(m) is L.Linear or peft_bnb4) and _plain_base(m.base_layer):
+        if type(m) is L.Embedding and _plain_embedding(m.base_layer):
+            targets.append(m)
+        elif (type(m) is L.Linear or peft_bnb4) and _plain_base(m.base_layer):
             targets.append(m)
             bad = _variant_adapters(m)
             if bad:
@@ -219,7 +264,8 @@ def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Modul
     for m in targets:
         setattr(m, _BACKEND, backend)
         if not getattr(m, _FLAG, False):
-            m.forward = types.MethodType(_fused_forward, m)
+            fwd = _fused_embedding_forward if type(m) is L.Embedding else _fused_forward
+            m.forward = types.MethodType(fwd, m)
             setattr(m, _FLAG, True)
     if left or partial:
         msg = [f"patch_peft: {len(targets)} LoRA layer(s) run on lora_kernels"]

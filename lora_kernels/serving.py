@@ -23,8 +23,9 @@ from .ops.multi_lora import plan as _plan
 from .ops.multi_lora.registered import add_ as _add_
 from .ops.multi_lora.registered import apply as _apply
 from .pool import AdapterPool, PoolView, _adapter_name, _pos_int
+from .serving_embedding import ServingEmbedding
 
-__all__ = ["AdapterPool", "MultiAdapterModel", "PoolView", "ServingLinear"]
+__all__ = ["AdapterPool", "MultiAdapterModel", "PoolView", "ServingEmbedding", "ServingLinear"]
 
 
 # ============================================================================ model level
@@ -44,6 +45,8 @@ def _split_dora(adapter: Mapping, layers: dict) -> tuple[dict, dict]:
             continue
         A, B, s, m = entry
         lay = layers[mod]
+        if isinstance(lay, ServingEmbedding):
+            raise ValueError(f"adapter[{mod!r}]: DoRA on an embedding is not supported")
         w = lay.weight
         for nm, t, shape in (("lora_A", A, (None, lay.in_features)),
                              ("lora_B", B, (lay.out_features, None)),
@@ -179,7 +182,9 @@ class MultiAdapterModel(nn.Module):
     ``MultiAdapterModel(model, target_modules)`` replaces, IN PLACE, every ``nn.Linear`` of
     ``model`` matched by ``target_modules`` (the rules of :func:`lora_kernels.inject`) with a
     :class:`ServingLinear` holding an :class:`AdapterPool` of ``max_adapters`` slots of rank up to
-    ``max_rank`` (dtype/device of that linear's weight). One adapter = one slot index shared by
+    ``max_rank`` (dtype/device of that linear's weight); a matched ``nn.Embedding`` becomes a
+    :class:`ServingEmbedding` (embedding LoRA: its pool holds ``lora_A (r, num_embeddings)``,
+    ``lora_B (dim, r)``). One adapter = one slot index shared by
     every layer; a module an adapter does not cover keeps that slot empty (rank 0: no work).
 
     ``server(input_ids, adapters=[name | None, ...], **kwargs)`` runs ``model(input_ids,
@@ -202,15 +207,23 @@ class MultiAdapterModel(nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _pos_int("max_adapters", max_adapters)
         _pos_int("max_rank", max_rank)
-        names = find_linears(model, target_modules)
+        names = find_linears(model, target_modules, embeddings=True)
         self.model = model
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._state = _ServingState(max_adapters)
-        self.layers: dict[str, ServingLinear] = {}
+        self.layers: dict[str, ServingLinear | ServingEmbedding] = {}
         # the replaced modules themselves, for unload() (a plain dict: not submodules)
         self._originals: dict[str, nn.Module] | None = {}
         for name in names:
             self._originals[name] = model.get_submodule(name)
+            if isinstance(self._originals[name], nn.Embedding):
+                emb = self._originals[name]
+                pool = AdapterPool(emb.num_embeddings, emb.embedding_dim, max_adapters, max_rank,
+                                   dtype=emb.weight.dtype, device=emb.weight.device)
+                layer = ServingEmbedding(emb, pool, self._state, backend)
+                _set(model, name, layer)
+                self.layers[name] = layer
+                continue
             # a transformers Conv1D is served through its (out, in) weight view (same storage)
             lin = as_linear(model.get_submodule(name))
             pool = AdapterPool(lin.in_features, lin.out_features, max_adapters, max_rank,
@@ -259,10 +272,13 @@ class MultiAdapterModel(nn.Module):
         ``use_dora`` PEFT adapter) are served as LoRA factors in the pool plus the layer's output
         row scale ``g = magnitude / ||W + scaling B A||_row`` (applied to that adapter's rows
         after the multi-LoRA op), so DoRA and LoRA adapters mix in one batch."""
+        from .inject import check_base_weights
+
         self._live()
         _adapter_name(name)
         if name in self._sums:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
+        check_base_weights(self.model, adapter)
         # the store validates the dict (type, modules, every entry) before anything is written;
         # DoRA entries ((lora_A, lora_B, scaling, magnitude), from a use_dora PEFT adapter): the
         # pool stores the LoRA factors, the layer its row scale g (computed here, in low rank)

@@ -5,6 +5,7 @@ from .base import AdapterLinear
 from .cur import CURLoRALinear
 from .deep import DeepLoRALinear
 from .dora import DoRALinear
+from .embedding import LoRAEmbedding
 from .glora import GLoRALinear
 from .lora import LoRALinear
 from .nora import NoRALinear
@@ -17,3 +18,4 @@ METHODS["dora"] = DoRALinear
 __all__ = ["METHODS", "AdapterLinear", "LoRALinear"]
 __all__ += ["CURLoRALinear", "DeepLoRALinear", "GLoRALinear", "NoRALinear"]
 __all__ += ["DoRALinear"]
+__all__ += ["LoRAEmbedding"]
