@@ -36,11 +36,12 @@ included, ``ops.dora``) and gradients to ``lora_A``, ``lora_B`` and the magnitud
 QLoRA: a PEFT LoRA ``Linear`` (or PEFT's ``bnb.Linear4bit``, its class on CUDA; unverified on a
 GPU) over a bitsandbytes NF4 ``Linear4bit`` runs on the fused op with the
 packed NF4 codes read as they are (:meth:`lora_kernels.quant.NF4Weight.from_bnb`, cached, rebuilt
-when PEFT replaces the base weight). PEFT LoRA ``Embedding`` layers over a plain ``nn.Embedding`` run on
-:func:`lora_kernels.lora_embedding` (:func:`_fused_embedding_forward`). Layers that are not PEFT
-LoRA ``Linear``s over a plain ``nn.Linear`` / ``Conv1D`` / NF4 ``Linear4bit`` or ``Embedding``s
-(convolution LoRA, 8-bit / GPTQ / HQQ bases, ``target_parameters``) are left to PEFT; one warning lists
-them, and the adapters that will always fall back.
+when PEFT replaces the base weight). PEFT LoRA ``Embedding`` layers over a plain
+``nn.Embedding`` run on :func:`lora_kernels.lora_embedding` (:func:`_fused_embedding_forward`).
+Layers that are not PEFT LoRA ``Linear``s over a plain ``nn.Linear`` / ``Conv1D`` / NF4
+``Linear4bit`` or ``Embedding``s (convolution LoRA, 8-bit / GPTQ / HQQ bases,
+``target_parameters``) are left to PEFT; one warning lists them, and the adapters that will
+always fall back.
 """
 
 from __future__ import annotations
