@@ -1,0 +1,125 @@
+"""lora_embedding / multi_lora_embedding (issue 23): embedding LoRA (PEFT's lora.Embedding) against
+a float64 F.embedding reference on odd shapes, every dtype and backend, forward and every
+gradient; served lookups per token; bad input refused before any kernel runs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_kernels as lk
+from lora_kernels.ops.embedding import LORA_EMBEDDING_OP
+
+from conftest import DEVICE, DTYPES
+from helpers import assert_close, noncontig, randn
+
+BACKENDS = ["torch", "triton"]
+# (num_embeddings, dim, r, ids shape, padding_idx)
+CASES = [(37, 23, 5, (13,), 4), (11, 16, 1, (1,), None), (53, 40, 17, (2, 9), 0)]
+
+
+def _backends():
+    from conftest import backends
+
+    return [b for b in BACKENDS if b in backends()]
+
+
+def _ref(ids, W, A, B, s, pad):
+    """PEFT's lora.Embedding forward, in float64 (a trained base table: nn.Embedding's padding
+    rule too)."""
+    return F.embedding(ids, W, padding_idx=pad) + F.embedding(ids, A.t(), padding_idx=pad) @ B.t() * s
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_gradients_match_float64(backend, dtype, case):
+    num, dim, r, shape, pad = case
+    ids = torch.randint(0, num, shape, device=DEVICE)
+    if pad is not None:
+        ids.view(-1)[0] = pad
+    W, A, B = randn(num, dim, dtype=dtype), randn(r, num, dtype=dtype), randn(dim, r, dtype=dtype)
+    W, A, B = noncontig(W), noncontig(A), noncontig(B)      # strided views of every operand
+    train_w = case is CASES[2]
+    W.requires_grad_(train_w)
+    A.requires_grad_()
+    B.requires_grad_()
+    y = lk.lora_embedding(ids, W, A, B, 0.7, padding_idx=pad, backend=backend)
+    W64, A64, B64 = (t.detach().double().requires_grad_() for t in (W, A, B))
+    y64 = _ref(ids, W64, A64, B64, 0.7, pad)
+    assert y.shape == (*shape, dim) and y.dtype == dtype
+    assert_close(y, y64, dtype, "y")
+    dy = torch.randn(y64.shape, dtype=torch.float64, device=DEVICE)
+    y.backward(dy.to(dtype))
+    y64.backward(dy)
+    assert_close(A.grad, A64.grad, dtype, "dA")
+    assert_close(B.grad, B64.grad, dtype, "dB")
+    if train_w:
+        assert_close(W.grad, W64.grad, dtype, "dW")
+    # sparse: the columns of A no token touched (and the padding column) get exactly zero
+    untouched = torch.ones(num, dtype=torch.bool, device=DEVICE)
+    untouched[ids.reshape(-1)] = False
+    if pad is not None:
+        untouched[pad] = True
+    assert (A.grad[:, untouched] == 0).all()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_only_requested_gradients(backend):
+    ids = torch.randint(0, 19, (5,), device=DEVICE)
+    W, A, B = randn(19, 16), randn(3, 19), randn(16, 3, requires_grad=True)
+    lk.lora_embedding(ids, W, A, B, 2.0, backend=backend).sum().backward()
+    assert A.grad is None and W.grad is None and B.grad is not None
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_served_lookup_per_token(backend, dtype):
+    num, dim = 29, 21
+    pool = lk.AdapterPool(num, dim, 4, 8, dtype=dtype, device=DEVICE)
+    for k, r in enumerate((1, 5, 8)):
+        pool.add(f"a{k}", randn(r, num), randn(dim, r), 0.5 + k)
+    W = randn(num, dim, dtype=dtype)
+    ids = torch.randint(0, num, (3, 6), device=DEVICE)
+    slots = torch.tensor([[2] * 6, [-1] * 6, [0, 0, 1, 1, -1, 2]], device=DEVICE)
+    y = lk.multi_lora_embedding(ids, W, pool, slots, backend=backend)
+    ref = F.embedding(ids, W.double())
+    for b in range(3):
+        for t in range(6):
+            k = int(slots[b, t])
+            if k >= 0:
+                A, B, s = pool.get(f"a{k}")
+                ref[b, t] += s * (A[:, ids[b, t]].double() @ B.double().t())
+    assert_close(y, ref, dtype, "served")
+    assert torch.equal(y[1], F.embedding(ids[1], W))         # base-only rows: the plain lookup
+
+
+def test_bad_input_refused_before_any_kernel():
+    W, A, B = randn(10, 8), randn(2, 10, requires_grad=True), randn(8, 2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 10\).*\[0, 10\]"):
+        lk.lora_embedding(torch.tensor([0, 10], device=DEVICE), W, A, B)
+    with pytest.raises(ValueError, match="ids must lie"):
+        lk.lora_embedding(torch.tensor([-1], device=DEVICE), W, A, B)
+    with pytest.raises(TypeError, match="ids must be an int64/int32"):
+        lk.lora_embedding(torch.zeros(3, device=DEVICE), W, A, B)
+    with pytest.raises(ValueError, match=r"lora_A must have shape \(2, 10\)"):
+        lk.lora_embedding(torch.tensor([1], device=DEVICE), W, randn(2, 11), B)
+    with pytest.raises(ValueError, match=r"lora_B must have shape \(8, 2\)"):
+        lk.lora_embedding(torch.tensor([1], device=DEVICE), W, A, randn(9, 2))
+    with pytest.raises(ValueError, match="padding_idx"):
+        lk.lora_embedding(torch.tensor([1], device=DEVICE), W, A, B, padding_idx=10)
+    assert A.grad is None and B.grad is None
+    pool = lk.AdapterPool(10, 8, 2, 4, device=DEVICE)
+    pool.add("a", randn(2, 10), randn(8, 2), 1.0)
+    with pytest.raises(ValueError, match=r"slot_ids must lie in \[-1, 2\)"):
+        lk.multi_lora_embedding(torch.tensor([1], device=DEVICE), W, pool,
+                                torch.tensor([2], device=DEVICE))
+    with pytest.raises(ValueError, match="num_embeddings"):
+        lk.multi_lora_embedding(torch.tensor([1], device=DEVICE), randn(11, 8), pool,
+                                torch.tensor([0], device=DEVICE))
+
+
+def test_registered_op_opcheck():
+    ids = torch.randint(0, 13, (6,), device=DEVICE)
+    W, A = randn(13, 16), randn(3, 13, requires_grad=True)
+    B = randn(16, 3, requires_grad=True)
+    torch.library.opcheck(LORA_EMBEDDING_OP.custom_op, (ids, W, A, B, 0.5, 2, "torch"))

@@ -1,0 +1,193 @@
+"""Embedding and lm_head LoRA against PEFT (issue 23) on tiny Llama (tied and untied), Qwen2 and
+GPT-2 models: PEFT-made adapters load and serve in mixed batches equal to each adapter's PEFT
+model (logits and greedy generate); train step for step like PEFT (inject_adapter and
+patch_peft); files PEFT loads and back; an adapter for another vocabulary is refused."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lora_kernels as lk
+
+from conftest import DEVICE
+from helpers import rel_err, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+KINDS = ["llama", "llama_tied", "qwen2", "gpt2"]
+
+
+def _base(kind, vocab=64):
+    if kind == "gpt2" and vocab == 64:
+        return tiny_gpt2()
+    if kind == "llama" and vocab == 64:
+        return tiny_llama()
+    cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}.get(
+        kind, (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    cfg = cls[0](vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                 tie_word_embeddings=kind == "llama_tied")
+    torch.manual_seed(1)
+    return cls[1](cfg).to(DEVICE).eval()
+
+
+def _targets(kind, i):
+    emb, lin = ("wte", "c_attn") if kind == "gpt2" else ("embed_tokens", ["q_proj", "v_proj"][i])
+    return [emb, lin] + (["lm_head"] if i == 1 else [])
+
+
+def _peft(base, kind, i, seed):
+    """PEFT adapter ``i`` (0: embedding + one linear, rank 4; 1: + lm_head, rank 6) with random
+    factors (so no term is trivially zero)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=4 + 2 * i, lora_alpha=8, target_modules=_targets(kind, i),
+            fan_in_fan_out=kind == "gpt2"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.2)
+    return pm.eval()
+
+
+def _save(pm, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(path))
+    return str(path)
+
+
+def _ids(n=3, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (n, length), generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_adapters_served_in_mixed_batch(kind, tmp_path):
+    base = _base(kind)
+    pms = {f"a{i}": _peft(base, kind, i, seed=10 + i) for i in range(2)}
+    srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=sorted(
+        set(_targets(kind, 0) + _targets(kind, 1))), max_rank=8)
+    for n, pm in pms.items():
+        srv.load_peft(n, _save(pm, tmp_path / n))
+    assert type(srv.layers[[n for n in srv.layers if n.endswith(("embed_tokens", "wte"))][0]]) \
+        is lk.serving.ServingEmbedding
+    names = ["a1", None, "a0", "a1"]
+    ids = _ids(len(names))
+    with torch.no_grad():
+        out = srv(ids, adapters=names).logits
+        for b, n in enumerate(names):
+            ref = (pms[n] if n else base)(ids[b:b + 1]).logits
+            assert rel_err(out[b:b + 1], ref) < 1e-5, (kind, n)
+            if n:
+                assert rel_err(base(ids[b:b + 1]).logits, ref) > 1e-2   # the adapter matters
+        gen = srv.generate(ids, adapters=names, max_new_tokens=4, do_sample=False,
+                           pad_token_id=0)
+        for b, n in enumerate(names):
+            ref = (pms[n] if n else base).generate(input_ids=ids[b:b + 1], max_new_tokens=4,
+                                                   do_sample=False, pad_token_id=0)
+            assert torch.equal(gen[b:b + 1], ref), (kind, n)
+
+
+def _train(model, params, steps=3):
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for step in range(steps):
+        ids = _ids(4, 9, seed=step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("how", ["inject_adapter", "patch_peft"])
+def test_trains_step_for_step_like_peft(kind, how, tmp_path):
+    base = _base(kind)
+    pm = _peft(base, kind, 1, seed=3).train()
+    path = _save(pm, tmp_path / "a")
+    if how == "patch_peft":
+        ours = copy.deepcopy(pm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lk.patch_peft(ours)
+        emb = [m for m in ours.modules() if type(m).__name__ == "Embedding"
+               and hasattr(m, "lora_embedding_A")][0]
+        assert lk.peft_patch.is_patched(emb)
+        params = [p for p in ours.parameters() if p.requires_grad]
+    else:
+        ours = copy.deepcopy(base).requires_grad_(False)
+        lk.inject_adapter(ours, lk.load_peft_adapter(path))
+        ours.train()
+        params = [p for p in ours.parameters() if p.requires_grad]
+    ref_params = [p for p in pm.parameters() if p.requires_grad]
+    assert len(params) == len(ref_params)
+    l_ref, l_ours = _train(pm, ref_params), _train(ours, params)
+    assert max(abs(a - b) for a, b in zip(l_ref, l_ours)) < 1e-4, (l_ref, l_ours)
+    # the trained factors, compared through the files each side writes
+    _save(pm, tmp_path / "ref")
+    if how == "patch_peft":
+        _save(ours, tmp_path / "ours")
+    else:
+        lk.save_peft_adapter(ours, tmp_path / "ours")
+    a, b = (lk.load_peft_adapter(tmp_path / d) for d in ("ref", "ours"))
+    assert set(a) == set(b)
+    for mod in a:
+        assert rel_err(b[mod][0], a[mod][0]) < 1e-4 and rel_err(b[mod][1], a[mod][1]) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama_tied", "gpt2"])
+def test_files_both_ways_and_merge(kind, tmp_path):
+    base = _base(kind)
+    ours = lk.inject(copy.deepcopy(base), "lora", target_modules=_targets(kind, 1), r=5,
+                     alpha=10)
+    assert isinstance(ours.get_submodule(
+        "transformer.wte" if kind == "gpt2" else "model.embed_tokens"), lk.LoRAEmbedding)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+    ids = _ids()
+    with torch.no_grad():
+        want = ours(ids).logits
+    lk.save_peft_adapter(ours, tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        assert rel_err(pm(ids).logits, want) < 1e-5
+        back = lk.inject_adapter(copy.deepcopy(base), lk.load_peft_adapter(_save(pm, tmp_path / "b")))
+        assert rel_err(back(ids).logits, want) < 1e-5
+        merged = lk.merge_and_unload(ours)
+        assert not any(isinstance(m, lk.AdapterLinear) for m in merged.modules())
+        assert rel_err(merged(ids).logits, want) < 1e-5
+
+
+def test_adapter_for_another_vocabulary_refused(tmp_path):
+    path = _save(_peft(_base("llama_tied"), "llama_tied", 0, seed=1), tmp_path / "a")
+    ad = lk.load_peft_adapter(path)
+    assert isinstance(ad["model.embed_tokens"], lk.peft_io.EmbeddingFactors)
+    other = _base("llama_tied", vocab=70)
+    before = {n: type(m) for n, m in other.named_modules()}
+    with pytest.raises(ValueError, match="base weight for 'model.embed_tokens'"):
+        lk.inject_adapter(other, ad)
+    with pytest.raises(ValueError, match="vocabulary of 64 tokens.*num_embeddings=70"):
+        lk.inject_adapter(other, dict(ad))
+    assert {n: type(m) for n, m in other.named_modules()} == before
+    srv = lk.MultiAdapterModel(other, target_modules=["embed_tokens", "q_proj"])
+    with pytest.raises(ValueError, match="model.embed_tokens"):
+        srv.add("a", dict(ad))
+    assert srv.adapters() == []
+    # the same vocabulary but a different base table (PEFT saved its embed_tokens table)
+    moved = _base("llama_tied")
+    with torch.no_grad():
+        moved.model.embed_tokens.weight[3] += 1
+    with pytest.raises(ValueError, match="differs from the model's"):
+        lk.inject_adapter(moved, ad)
