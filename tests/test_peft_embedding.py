@@ -163,7 +163,8 @@ def test_files_both_ways_and_merge(kind, tmp_path):
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
     with torch.no_grad():
         assert rel_err(pm(ids).logits, want) < 1e-5
-        back = lk.inject_adapter(copy.deepcopy(base), lk.load_peft_adapter(_save(pm, tmp_path / "b")))
+        back = lk.inject_adapter(copy.deepcopy(base),
+                                 lk.load_peft_adapter(_save(pm, tmp_path / "b")))
         assert rel_err(back(ids).logits, want) < 1e-5
         merged = lk.merge_and_unload(ours)
         assert not any(isinstance(m, lk.AdapterLinear) for m in merged.modules())
