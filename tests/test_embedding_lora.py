@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_kernels as lk
-from lora_kernels.ops.embedding import LORA_EMBEDDING_OP
+from lora_kernels.ops.embedding import LORA_EMBEDDING_OP, MULTI_LORA_EMBEDDING_OP
 
 from conftest import DEVICE, DTYPES
 from helpers import assert_close, noncontig, randn
@@ -124,3 +124,9 @@ def test_registered_op_opcheck():
     W, A = randn(13, 16), randn(3, 13, requires_grad=True)
     B = randn(16, 3, requires_grad=True)
     torch.library.opcheck(LORA_EMBEDDING_OP.custom_op, (ids, W, A, B, 0.5, 2, "torch"))
+    pool = lk.AdapterPool(13, 16, 3, 4, device=DEVICE)
+    pool.add("a", randn(2, 13), randn(16, 2), 0.5)
+    view = pool.view()
+    slots = torch.tensor([0, -1, 0, 0, -1, 0], device=DEVICE)
+    torch.library.opcheck(MULTI_LORA_EMBEDDING_OP.custom_op, (
+        ids, slots, W, view.lora_A, view.lora_Bt, view.scalings, view.rank_bound, "torch"))

@@ -84,6 +84,9 @@ OPCHECKED.update({"lora_kernels::qlora_fwd": "test_library.py::test_opcheck_qlor
                   "lora_kernels::qlora_bwd": "test_library.py::test_opcheck_qlora"})
 OPCHECKED.update({"lora_kernels::dora_fwd": "test_dora.py::test_opcheck_and_compile",
                   "lora_kernels::dora_bwd": "test_dora.py::test_opcheck_and_compile"})
+OPCHECKED.update({n: "test_embedding_lora.py::test_registered_op_opcheck" for n in (
+    "lora_kernels::lora_embedding_fwd", "lora_kernels::lora_embedding_bwd",
+    "lora_kernels::multi_lora_embedding")})
 OPCHECKED.update({n: "test_moe_lora.py::test_opcheck" for n in (
     "lora_kernels::moe_plan", "lora_kernels::moe_lora_fwd", "lora_kernels::moe_lora_bwd")})
 OPCHECKED.update({n: "test_moe_lora.py::test_quantized_opcheck_and_compile" for n in (
