@@ -49,7 +49,7 @@ def main():
     w = torch.randn(d, d, device=dev, dtype=dtype)
     a = torch.randn(r, d, device=dev, dtype=dtype)
     b = torch.randn(d, r, device=dev, dtype=dtype)
-    impl = L._impl(args.backend)[0]
+    impl = L.BACKENDS[args.backend][0]
     ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
     res = {
         "direct": _median_us(lambda: impl(x, w, None, a, b, 2.0, 0.0, None), sync),

@@ -10,7 +10,7 @@ from torch import nn
 import lora_kernels as lk
 from lora_kernels.ops import dora as D
 from lora_kernels.ops._triton import draw_seed
-from lora_kernels.ops.lora import torch_keep_mask
+from lora_kernels.ops.lowrank import torch_keep_mask
 from lora_kernels.reference import dora as ref
 
 from conftest import DEVICE, DTYPES, backends
@@ -458,7 +458,7 @@ def test_cuda_backend_under_emulation(monkeypatch, p):
     from test_cuda_build import use_emulation
 
     from lora_kernels.ops import lora_cuda
-    from lora_kernels.ops.lora import Needs, Saved
+    from lora_kernels.ops.lowrank import Needs, Saved
 
     dev = use_emulation(monkeypatch)
     x, w, b, a, bb, m = _inputs(7, 29, 17, 3, torch.float32)

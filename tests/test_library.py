@@ -35,10 +35,10 @@ def test_opcheck_lora(backend, p):
 def test_opcheck_qlora(backend, fmt):
     """The quantized-base LoRA ops (a list[Tensor] input: the packed weight) on both paths."""
     from lora_kernels import quant
-    from lora_kernels.ops import qlora
+    from lora_kernels.ops import weights
 
     cls = {"nf4": quant.NF4Weight, "int8": quant.Int8Weight}[fmt]
-    qt, qm, f = qlora._flatten(cls.from_float(randn(7, 64)))
+    qt, qm, f = weights.flatten(cls.from_float(randn(7, 64)))
     x, b = randn(5, 64), randn(7)
     a, bb = randn(3, 64, requires_grad=True), randn(7, 3, requires_grad=True)
     opcheck(torch.ops.lora_kernels.qlora_fwd.default,

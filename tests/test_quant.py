@@ -1,6 +1,6 @@
-"""Quantized bases (lora_kernels.quant) and LoRA on them (ops.qlora): formats against float64
-references of the dequantised weight and bit-exact against bitsandbytes; every backend runnable
-here, forward and every gradient."""
+"""Quantized bases (lora_kernels.quant) and LoRA on them (ops.lora, ops.weights): formats against
+float64 references of the dequantised weight and bit-exact against bitsandbytes; every backend
+runnable here, forward and every gradient."""
 
 import math
 
@@ -259,7 +259,7 @@ def test_qlora_dropout(backend):
 def test_split_k_decode_path(fmt):
     """The decode grid (K split over programs, partials summed by the epilogue kernel) on T=3,
     forward (x W^T with the low-rank epilogue) and the dX direction (dy W, dropout epilogue)."""
-    from lora_kernels.ops.qlora import qgemm
+    from lora_kernels.ops.weights import qgemm
 
     T, i, o, r = 3, 200, 45, 5
     x, qw, b, a, bb = _qinputs(T, i, o, r, torch.float32, fmt)
@@ -296,7 +296,7 @@ def aot_calls():
     (tests/cuda/test_triton_aot.py): every format, forward + backward (dX with the dropout
     epilogue), and the split-K decode grid with its epilogue kernel. FP8 launches are fp32 only
     (compiled for sm_90: sm_80 has no FP8 conversions)."""
-    from lora_kernels.ops.qlora import qgemm
+    from lora_kernels.ops.weights import qgemm
 
     for fmt, dtype, split in (("nf4-dq32", torch.bfloat16, True), ("int8", torch.float32, False),
                               ("fp8-block", torch.float32, False)):
@@ -316,10 +316,11 @@ def aot_calls():
 def test_qlora_registered_op_and_compile():
     """The registered op (quantized weight passed as its tensors) passes opcheck, and a
     fullgraph torch.compile of lora_linear on an NF4 base gives the eager values and gradients."""
-    from lora_kernels.ops.qlora import QLORA_OP, _flatten
+    from lora_kernels.ops.lora import QLORA_OP
+    from lora_kernels.ops.weights import flatten
 
     x, qw, b, a, bb = _qinputs(3, 64, 20, 4, torch.float32, "nf4-dq32")
-    ts, meta, fmt = _flatten(qw)
+    ts, meta, fmt = flatten(qw)
     torch.library.opcheck(QLORA_OP.custom_op, (x, ts, meta, fmt, b, a, bb, 0.5, 0.0, None,
                                                "torch"))
     f = torch.compile(lambda x, a, bb: lk.lora_linear(x, qw, b, a, bb, 0.5, backend="torch"),

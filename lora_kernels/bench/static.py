@@ -156,7 +156,7 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
     must be 0 in this process (the launchers then take their GPU branches)."""
     from ..ops import _triton as TR
     from ..ops import glora as G
-    from ..ops import lora as L
+    from ..ops import lowrank as L
 
     if TR.triton_interpret():
         raise RuntimeError("headline_launches needs TRITON_INTERPRET=0 (GPU launch paths)")
@@ -171,10 +171,10 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
         for p in (0.0, 0.1):
             seed = torch.zeros(1, dtype=torch.int64) if p else None
             label[0] = f"train{'-dropout' if p else ''} fwd T{T} {K}x{N} r{r}"
-            _, s = L._triton_fwd(x, w, None, A, B, 2.0, p, seed)
+            _, s = L.triton_fwd(x, w, None, A, B, 2.0, p, seed)
             label[0] = f"train{'-dropout' if p else ''} bwd T{T} {K}x{N} r{r}"
-            L._triton_bwd(dy, L.Saved(x, w, A, B, e(T, r, dt=torch.float32), 2.0, p, seed),
-                          L.Needs(True, True, True))
+            L.triton_bwd(dy, L.Saved(x, w, A, B, e(T, r, dt=torch.float32), 2.0, p, seed),
+                         L.Needs(True, True, True))
         from ..kernels.lora_tma import TMA_CONFIGS
         from ..ops import lora_tma as LT
 
@@ -187,7 +187,7 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
             LT.gemm_lowrank_tma(dy, w, w_kmajor=False, out_dtype=dtype, s=s, bm=A.t(),
                                 scale=2.0, config=c)
         from ..ops import dora as D
-        from ..ops import qlora as Q
+        from ..ops import weights as Q
         from ..quant import quantize
 
         g = torch.ones(N)
@@ -197,24 +197,22 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
         D._triton_bwd(dy, L.Saved(x, w, A, B, s, 2.0, 0.0, None), L.Needs(True, True, True), g=g)
         qw = quantize(torch.randn(N, K).to(dtype), "nf4")
         label[0] = f"qlora-nf4 fwd T{T} {K}x{N} r{r}"
-        qkw = dict(scaling=2.0, p=0.0, seed=None, backend="triton")
-        _, s = Q._fwd_impl(x, qw, None, A, B, **qkw)
+        _, s = L.triton_fwd(x, qw, None, A, B, 2.0, 0.0, None)
         label[0] = f"qlora-nf4 bwd T{T} {K}x{N} r{r}"
-        Q._bwd_impl(dy, L.Saved(x, qw, A, B, s, 2.0, 0.0, None), L.Needs(True, True, True),
-                    "triton")
+        L.triton_bwd(dy, L.Saved(x, qw, A, B, s, 2.0, 0.0, None), L.Needs(True, True, True))
         label[0] = f"qlora-nf4 decode T16 {K}x{N} r{r}"
-        real_splits = Q._decode_splits
+        real_splits = Q.decode_splits
 
         def h200_splits(M, N, K, device, tile):  # the GPU's split-K choice, with 132 SMs
             if M > 16:
                 return 1
             return max(1, min(-(-4 * 132 // -(-N // tile["BLOCK_N"])), K // (2 * tile["BLOCK_K"])))
 
-        Q._decode_splits = h200_splits
+        Q.decode_splits = h200_splits
         try:
-            Q._fwd_impl(e(16, K), qw, None, A, B, **qkw)
+            L.triton_fwd(e(16, K), qw, None, A, B, 2.0, 0.0, None)
         finally:
-            Q._decode_splits = real_splits
+            Q.decode_splits = real_splits
         label[0] = f"glora fwd T{T} {K}x{N} r{r} (A, B low-rank)"
         a1, a2 = G._parse("A", (e(N, r), e(r, K)), x, K, N)
         b1, b2 = G._parse("B", (e(N, r), e(r, K)), x, K, N)

@@ -74,6 +74,16 @@ def needs_grad(*tensors) -> bool:
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+def pick(table: dict, backend: str, op: str):
+    """``table[backend]``: every op's backend table is a dict from backend name to its
+    implementation(s); a backend without one is refused naming the op and what it offers."""
+    try:
+        return table[backend]
+    except KeyError:
+        raise ValueError(f"{op} has no {backend!r} implementation; use one of "
+                         f"{', '.join(repr(b) for b in table)}") from None
+
+
 def _fill_empties(fn: Callable) -> Callable:
     """``fn`` with every None in its returned tuple/list replaced by a fresh empty tensor like the
     first tensor argument (the registered-op form of "gradient not computed")."""

@@ -1,4 +1,4 @@
-"""Launch helpers shared by the Triton launchers: tile choice, dot precision, seeds."""
+"""Launch helpers shared by the Triton launchers: tile choice, dot precision, seeds, ``cdiv``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def empty(shape, dtype, device) -> torch.Tensor:
     if os.environ.get("LORA_KERNELS_POISON", "0") == "1":
         t.fill_(float("nan"))
     return t
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (b > 0): tile and split counts."""
+    return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
@@ -52,7 +57,7 @@ def tile_launch(plain, autotuned, M: int, N: int):
         kernel, cfg = autotuned, {}
 
     def grid(meta):
-        return (-(-M // meta["BLOCK_M"]) * -(-N // meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     return kernel, cfg, grid
 

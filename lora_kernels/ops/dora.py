@@ -74,10 +74,11 @@ import torch.nn.functional as F
 from .. import _validate as V
 from .._backend import ENV_VAR, resolve_backend
 from . import _triton as TR
-from ._register import define_op
-from .lora import Needs, Saved, gemm_lowrank, tn, torch_keep_mask
-from .lora import _torch_bwd as _lora_torch_bwd
-from .qlora import dense_weight
+from . import lora_cuda
+from ._register import define_op, pick
+from .lowrank import Needs, Saved, gemm_lowrank, tn, torch_keep_mask
+from .lowrank import torch_bwd as lora_torch_bwd
+from .weights import dense_weight
 
 
 # ----------------------------------------------------------------------------- the weight norm
@@ -148,7 +149,7 @@ def _torch_bwd(dy, saved: Saved, needs: Needs, *, g):
     gd = g.to(dy.dtype)
     dyg = dy * gd                                                   # g * dy (T, out)
     if p == 0.0:
-        return _lora_torch_bwd(dyg, Saved(x2, weight, A, B, s, scaling, 0.0, None),
+        return lora_torch_bwd(dyg, Saved(x2, weight, A, B, s, scaling, 0.0, None),
                                Needs(need_dx, need_dA, need_dB))
     keep = torch_keep_mask(seed, x2.shape, p, x2.device)
     dx = dA = dB = None
@@ -172,7 +173,7 @@ def _triton_keep(seed, T, K, p, device) -> torch.Tensor:
     n = T * K
     if n:
         BLOCK = 1024
-        keep_mask_kernel[(-(-n // BLOCK),)](seed, out, n, float(p), BLOCK=BLOCK)
+        keep_mask_kernel[(TR.cdiv(n, BLOCK),)](seed, out, n, float(p), BLOCK=BLOCK)
     return out.bool()
 
 
@@ -217,8 +218,6 @@ def _triton_bwd(dy, saved: Saved, needs: Needs, *, g):
 
 # ----------------------------------------------------------------------------- CUDA path
 def _cuda_fwd(x2, weight, bias, A, B, scaling, p, seed, *, g):
-    from . import lora_cuda
-
     gd = g.to(x2.dtype)
     if p == 0.0:
         y, s = lora_cuda.fwd(x2, weight, None, A, B, scaling, 0.0, None)
@@ -235,8 +234,6 @@ def _cuda_bwd(dy, saved: Saved, needs: Needs, *, g):
     """(dx, dA, dB) of the DoRA op; ``g`` (out,) fp32 the detached row scale."""
     x2, weight, A, B, s, scaling, p, seed = saved
     need_dx, need_dA, need_dB = needs
-    from . import lora_cuda
-
     gd = g.to(dy.dtype)
     dyg = dy * gd
     if p == 0.0:
@@ -252,8 +249,23 @@ def _cuda_bwd(dy, saved: Saved, needs: Needs, *, g):
     return dx, dA, dB
 
 
-_IMPLS = {"torch": (_torch_fwd, _torch_bwd), "triton": (_triton_fwd, _triton_bwd),
-          "cuda": (_cuda_fwd, _cuda_bwd)}
+def _torch_keep(seed, x2, p):
+    return torch_keep_mask(seed, x2.shape, p, x2.device)
+
+
+def _triton_keep_x(seed, x2, p):
+    return _triton_keep(seed, x2.shape[0], x2.shape[1], p, x2.device)
+
+
+def _cuda_keep(seed, x2, p):
+    return lora_cuda.keep_mask(seed, x2.shape[0], x2.shape[1], p)
+
+
+#: backend -> (fwd, bwd, keep): ``keep(seed, x2, p)`` is the (T, in) bool mask the backend's
+#: kernels apply (only materialised for dW with dropout)
+BACKENDS = {"torch": (_torch_fwd, _torch_bwd, _torch_keep),
+            "triton": (_triton_fwd, _triton_bwd, _triton_keep_x),
+            "cuda": (_cuda_fwd, _cuda_bwd, _cuda_keep)}
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -283,8 +295,8 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     u (T, out) if dropout_p > 0 else (0,))."""
     n = dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, backend)
     g = magnitude.detach().float() / n
-    y, s, u = _IMPLS[backend][0](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                 g=g)
+    fwd = pick(BACKENDS, backend, "dora_linear")[0]
+    y, s, u = fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, g=g)
     return y, s, n, g, (u if u is not None else x.new_empty(0))
 
 
@@ -307,8 +319,9 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """(dx, dW, db, dA, dB, dm); None (the op: empty) where unneeded. ``yu``: the saved y
     (dropout_p == 0) or u (dropout_p > 0), see the module docstring."""
     p = dropout_p
-    dx, dA, dB = _IMPLS[backend][1](dy, Saved(x, weight, lora_A, lora_B, s, scaling, p, seed),
-                                    Needs(need_dx, need_dA, need_dB), g=g)
+    impl = pick(BACKENDS, backend, "dora_linear")
+    dx, dA, dB = impl[1](dy, Saved(x, weight, lora_A, lora_B, s, scaling, p, seed),
+                         Needs(need_dx, need_dA, need_dB), g=g)
     dm = dW = db = None
     if need_dm:
         y, u = (None, yu) if p > 0.0 else (yu, None)
@@ -319,7 +332,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         if p == 0.0:
             dW = (dy * gd).t() @ x
         else:
-            keep = _keep_for(backend, seed, x, p)
+            keep = impl[2](seed, x, p)
             dW = dy.t() @ x + (dy * (gd - 1)).t() @ (x * keep / (1.0 - p))
     if need_db and bias is not None:
         db = dy.sum(0)
@@ -361,17 +374,6 @@ DORA_OP = define_op("lora_kernels::dora_fwd", _fwd, fake=_fwd_fake,
 DoRAFunction = DORA_OP.Function
 
 
-def _keep_for(backend, seed, x2, p):
-    """The keep mask (T, in) bool of ``backend`` for ``seed`` (only for dW with dropout)."""
-    if backend == "torch":
-        return torch_keep_mask(seed, x2.shape, p, x2.device)
-    if backend == "triton":
-        return _triton_keep(seed, x2.shape[0], x2.shape[1], p, x2.device)
-    from . import lora_cuda
-
-    return lora_cuda.keep_mask(seed, x2.shape[0], x2.shape[1], p)
-
-
 # ----------------------------------------------------------------------------- public API
 def _resolve(backend, device) -> str:
     """DoRA's CUDA backend is the LoRA CUDA kernels: an explicit ``"cuda"`` (argument or
@@ -404,7 +406,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling=1.0, dropout
         ``(..., out)`` in x's dtype; gradients to x, magnitude, lora_A, lora_B (and weight/bias if
         they require grad).
     """
-    weight = dense_weight(weight, x)  # a quantized base: deq(W) per call (ops.qlora)
+    weight = dense_weight(weight, x)  # a quantized base: deq(W) per call (ops.weights)
     in_f, out_f = V.lora_args(x, weight, bias, lora_A, lora_B)
     V.float_tensor("magnitude", magnitude, ndim=1)
     V.shape("magnitude", magnitude, (out_f,), "(out_features,)")

@@ -30,10 +30,11 @@ Backward (dy (T, out)); with ``G = dy^T x`` (out, in) and ``g = sum_t dy`` (out,
     dD = reduce(b * g),  dE = reduce(g)
     dW = G + G * A + g C^T,  db = g (1 + D)      (only if the base requires grad)
 
-**The backward materialises** ``G`` as an fp32 ``(out, in)`` matrix (Triton: split-K ``tn`` kernel
-of ``ops.lora``) when any of A, B, W needs a gradient, plus an fp32 copy of W (for half inputs) when
-A, C or W needs one; the reductions above are plain torch ops on it. It is the price of the Hadamard
-term: ``dA = G * W`` is not low-rank, so it cannot be folded into the fused LoRA backward.
+**The backward materialises** ``G`` as an fp32 ``(out, in)`` matrix (Triton: the engine's split-K
+``tn`` kernel, ``ops.lowrank``) when any of A, B, W needs a gradient, plus an fp32 copy of W (for
+half inputs) when A, C or W needs one; the reductions above are plain torch ops on it. It is the
+price of the Hadamard term: ``dA = G * W`` is not low-rank, so it cannot be folded into the fused
+LoRA backward.
 
 The ``"torch"`` backend is plain PyTorch (``W_eff`` materialised), computing ``W_eff``/``b_eff``
 and every reduction in fp32 for half inputs.
@@ -49,9 +50,9 @@ import torch.nn.functional as F
 from .. import _validate as V
 from .._backend import compact_rows_for_cpu_gemm, resolve_backend
 from . import _triton as TR
-from ._register import define_op
-from .lora import gemm_lowrank, tn
-from .qlora import dense_weight
+from ._register import define_op, pick
+from .lowrank import gemm_lowrank, tn
+from .weights import dense_weight
 
 NONE, SCALAR, VEC_N, VEC_K, LOWRANK = 0, 1, 2, 3, 4
 _FORMS = {
@@ -322,12 +323,9 @@ def _bwd(dy, x2, weight, bias, sup: Supports, backend: str, need: Needs) -> list
             for t, r, n in zip(g.values(), refs, need)]
 
 
-def _impl_fwd(backend: str):
-    if backend == "torch":
-        return _torch_fwd
-    if backend == "triton":
-        return _triton_fwd
-    raise ValueError(f"glora_linear has no {backend!r} implementation; use 'triton' or 'torch'")
+#: backend -> forward (the backward is one function, :func:`_bwd`, with a Triton / torch branch
+#: per product); no CUDA kernel
+BACKENDS = {"torch": _torch_fwd, "triton": _triton_fwd}
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -336,7 +334,8 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          b2: torch.Tensor | None, c1: torch.Tensor | None, c2: torch.Tensor | None,
          d: torch.Tensor | None, e: torch.Tensor | None, backend: str) -> torch.Tensor:
     """x (T, in) -> y (T, out); supports as normalised by :func:`_parse`."""
-    return _impl_fwd(backend)(x, weight, bias, Supports(a1, a2, b1, b2, c1, c2, d, e))
+    return pick(BACKENDS, backend, "glora_linear")(x, weight, bias,
+                                                   Supports(a1, a2, b1, b2, c1, c2, d, e))
 
 
 def _fwd_fake(x, weight, bias, a1, a2, b1, b2, c1, c2, d, e, backend):
@@ -397,7 +396,7 @@ def glora_linear(x, weight, bias, A=None, B=None, C=None, D=None, E=None, *, bac
     Returns:
         ``(..., out)`` in x's dtype; gradients to every tensor that requires them.
     """
-    weight = dense_weight(weight, x)  # a quantized base: deq(W) per call (ops.qlora)
+    weight = dense_weight(weight, x)  # a quantized base: deq(W) per call (ops.weights)
     in_f, out_f = V.linear_args(x, weight, bias)
     a1, a2 = _parse("A", A, x, in_f, out_f)
     b1, b2 = _parse("B", B, x, in_f, out_f)
@@ -407,7 +406,7 @@ def glora_linear(x, weight, bias, A=None, B=None, C=None, D=None, E=None, *, bac
     be = resolve_backend(backend, x.device, "glora_linear")
     if be != "torch" and x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
-    _impl_fwd(be)
+    pick(BACKENDS, be, "glora_linear")  # refuse a backend without a kernel before any work
     x2 = compact_rows_for_cpu_gemm(x.reshape(-1, in_f))  # row-padded bf16/fp16 on CPU
     y = GLORA_OP(x2, weight, bias, a1, a2, b1, b2, c1, c2, d, e, be)
     return y.reshape(*x.shape[:-1], out_f)

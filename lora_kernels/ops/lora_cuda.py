@@ -1,9 +1,10 @@
 """CUDA backend of the LoRA op (``backend="cuda"``): cuBLAS base GEMM + our low-rank kernels.
 
-Same interface as ``_torch_fwd`` / ``_torch_bwd`` in :mod:`lora_kernels.ops.lora`:
+The engine's CUDA backend (:mod:`lora_kernels.ops.lowrank` ``BACKENDS["cuda"]``), same interface
+as its ``torch_fwd`` / ``torch_bwd``:
 
 * ``fwd(x2, weight, bias, A, B, scaling, p, seed) -> (y, S)``
-* ``bwd(dy, saved: Saved, need: Needs) -> (dx, dA, dB)`` (``ops.lora.Saved`` / ``Needs``)
+* ``bwd(dy, saved: Saved, need: Needs) -> (dx, dA, dB)`` (``ops.lowrank.Saved`` / ``Needs``)
 
 What runs where (per call):
 
@@ -34,7 +35,7 @@ from .. import _cuda
 from ._triton import empty
 
 if TYPE_CHECKING:
-    from .lora import Needs, Saved
+    from .lowrank import Needs, Saved
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Device type the wrappers accept. Only the CPU emulation tests (tests/cuda/test_cuda_build.py, with

@@ -2,7 +2,8 @@
 GEMMs on the persistent TMA kernel. A benchmark candidate, not a backend: bench/gpu_session.sh
 times it against the Triton and CUDA backends; nothing picks it by default.
 
-Same interface as ``ops.lora._triton_fwd`` / ``_triton_bwd`` (and ``lora_cuda.fwd`` / ``bwd``):
+Same interface as the engine's ``ops.lowrank.triton_fwd`` / ``triton_bwd`` (and ``cuda_fwd`` /
+``cuda_bwd``):
 
 * ``fwd(x2, weight, bias, A, B, scaling, p, seed) -> (y, S)``:
   ``S = drop(x2) A^T`` (fp32, the skinny ``gemm_lowrank_kernel``: the same dropout mask as the
@@ -25,7 +26,7 @@ import functools
 import torch
 
 from . import _triton as TR
-from .lora import Needs, Saved, gemm_lowrank, tn
+from .lowrank import Needs, Saved, gemm_lowrank, tn
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -83,7 +84,7 @@ def gemm_lowrank_tma(x, w, *, w_kmajor: bool, out_dtype, bias=None, s=None, bm=N
     x_desc = TensorDescriptor.from_tensor(x, [bmk, bkk])
     w_desc = TensorDescriptor.from_tensor(w, [bnk, bkk] if w_kmajor else [bkk, bnk])
     R = s.shape[1] if s is not None else 1
-    tiles = -(-M // bmk) * -(-N // bnk)
+    tiles = TR.cdiv(M, bmk) * TR.cdiv(N, bnk)
     grid = (max(1, min(nsm, tiles)),)
     gemm_lowrank_tma_kernel[grid](
         x_desc, w_desc, y, bias if bias is not None else y, s if s is not None else y,
@@ -111,7 +112,7 @@ def fwd(x2, weight, bias, A, B, scaling, p, seed, *, config=None):
 
 
 def bwd(dy, saved: Saved, need: Needs, config=None):
-    """``(dx | None, dA | None, dB | None)`` of :func:`fwd`'s ``y`` (``ops.lora.Saved`` /
+    """``(dx | None, dA | None, dB | None)`` of :func:`fwd`'s ``y`` (``ops.lowrank.Saved`` /
     ``Needs``, as every backend's backward)."""
     x2, weight, A, B, s, scaling, p, seed = saved
     need_dx, need_dA, need_dB = need

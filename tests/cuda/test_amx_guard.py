@@ -17,7 +17,7 @@ from amx_sim import padding_reading_linear, padding_reading_mm
 
 import lora_kernels as lk
 from lora_kernels._backend import compact_rows_for_cpu_gemm
-from lora_kernels.ops import lora as lora_ops
+from lora_kernels.ops import lowrank
 from lora_kernels.reference.lora import lora_linear as ref_lora_linear
 
 from helpers import assert_close, spy_cpu_strategies
@@ -58,7 +58,7 @@ def test_lora_linear_torch_path_ignores_row_padding(monkeypatch):
     _simulate_amx(monkeypatch)
 
     # the simulation bites: the unguarded implementation on the padded x returns NaN
-    y_raw, _ = lora_ops._torch_fwd(_padded(x0), w, b, A.detach(), B.detach(), 0.5, 0.0, None)
+    y_raw, _ = lowrank.torch_fwd(_padded(x0), w, b, A.detach(), B.detach(), 0.5, 0.0, None)
     assert torch.isnan(y_raw).all()
 
     x = _padded(x0).requires_grad_()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import lora_kernels
 from lora_kernels import _cuda
-from lora_kernels.ops.lora import Needs, Saved
+from lora_kernels.ops.lowrank import Needs, Saved
 from lora_kernels.reference.lora import lora_linear as ref_lora_linear
 from lora_kernels.reference.philox import philox4x32_10_np, philox_keep_reference
 

@@ -12,9 +12,8 @@ import os
 import pytest
 import torch
 
-from lora_kernels.ops import lora as lora_ops
-from lora_kernels.ops import lora_tma
-from lora_kernels.ops.lora import Needs, Saved
+from lora_kernels.ops import lora_tma, lowrank
+from lora_kernels.ops.lowrank import Needs, Saved
 from lora_kernels.reference.lora import lora_linear as ref_lora_linear
 
 from conftest import DEVICE, DTYPES
@@ -83,9 +82,9 @@ def test_tma_candidate_dropout_matches_triton_backend(dtype):
     dy = torch.randn(T, o, dtype=dtype, device=dev)
     seed = torch.tensor([1234], dtype=torch.int64, device=dev)
     y, s = lora_tma.fwd(x, w, None, A, B, 0.5, p, seed)
-    yt, st = lora_ops._triton_fwd(x, w, None, A, B, 0.5, p, seed)
+    yt, st = lowrank.triton_fwd(x, w, None, A, B, 0.5, p, seed)
     g = lora_tma.bwd(dy, Saved(x, w, A, B, s, 0.5, p, seed), ALL)
-    gt = lora_ops._triton_bwd(dy, Saved(x, w, A, B, st, 0.5, p, seed), ALL)
+    gt = lowrank.triton_bwd(dy, Saved(x, w, A, B, st, 0.5, p, seed), ALL)
     assert torch.equal(s, st)
     assert_close(y, yt.double(), dtype, "y")
     for name, a, b_ in zip(("dx", "dA", "dB"), g, gt):

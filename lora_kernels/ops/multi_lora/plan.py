@@ -32,6 +32,7 @@ import torch
 
 from ..._backend import triton_available
 from .._register import define_op
+from .._triton import cdiv
 from . import tiles as _tiles
 
 PATHS = ("decode", "prefill", "prefill_fused")
@@ -43,10 +44,6 @@ DECODE_MAX_TOKENS = 16
 RUN_MIN_ROWS = 8
 
 _BUILDS = [0]   # plans built so far (a plain list: readable by the benchmark and the tests)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def choose_path(num_tokens: int, num_adapters: int) -> str:

@@ -16,25 +16,22 @@ import torch.nn.functional as F
 
 from ..._backend import triton_available
 from ...pool import PoolView
-from .._register import define_op
+from .._register import define_op, pick
 from . import cuda_backend, torch_backend, triton_backend
 from . import plan as P
 
 
-def _add_impl(backend: str):
-    if backend == "torch":
-        return torch_backend.add_
-    if backend == "triton":
-        return triton_backend.add_
-    if backend == "cuda":
-        return cuda_backend.add_
-    raise ValueError(f"unknown backend {backend!r}")
+def _cuda_bwd(dy, x, weight, view, plan, need):
+    """The CUDA backend's backward: the Triton kernels when Triton is available, else torch."""
+    impl = triton_backend.bwd if triton_available() else torch_backend.bwd
+    return impl(dy, x, weight, view, plan, need)
 
 
-def _bwd_impl(backend: str):
-    if backend == "triton" or (backend == "cuda" and triton_available()):
-        return triton_backend.bwd
-    return torch_backend.bwd
+#: backend -> (add_, bwd): ``add_(y, x, view, plan)`` adds the per-token delta into y in place;
+#: ``bwd(dy, x, weight, view, plan, need) -> (dx, dA, dBt)``
+BACKENDS = {"torch": (torch_backend.add_, torch_backend.bwd),
+            "triton": (triton_backend.add_, triton_backend.bwd),
+            "cuda": (cuda_backend.add_, _cuda_bwd)}
 
 
 def fwd(x, weight, bias, view: PoolView, plan: P.BatchPlan, backend: str) -> torch.Tensor:
@@ -48,7 +45,7 @@ def fwd(x, weight, bias, view: PoolView, plan: P.BatchPlan, backend: str) -> tor
     else:
         y = torch.zeros((T, view.lora_Bt.shape[2]), dtype=x.dtype, device=x.device)
     if view.rank_bound > 0 and T > 0:
-        _add_impl(backend)(y, x, view, plan)
+        pick(BACKENDS, backend, "multi_lora_linear")[0](y, x, view, plan)
     return y
 
 
@@ -59,7 +56,7 @@ def bwd(dy, x, weight, view: PoolView, plan: P.BatchPlan, backend: str, need):
             if need[0] else None
         return (dx, torch.zeros_like(view.lora_A) if need[1] else None,
                 torch.zeros_like(view.lora_Bt) if need[2] else None)
-    return _bwd_impl(backend)(dy, x, weight, view, plan, need)
+    return pick(BACKENDS, backend, "multi_lora_linear")[1](dy, x, weight, view, plan, need)
 
 
 def _unpack(pool_args, plan_args, path, backend):
@@ -156,7 +153,7 @@ def _add_op(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_Bt: tor
     if rank_bound > 0 and x.shape[0] > 0:
         view, plan = _unpack((lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound),
                              (perm, seg_off, tiles, fused_tiles, host), path, backend)
-        _add_impl(backend)(y, x, view, plan)
+        pick(BACKENDS, backend, "multi_lora_linear")[0](y, x, view, plan)
 
 
 MULTI_LORA_ADD_OP = define_op("lora_kernels::multi_lora_add_", _add_op,

@@ -20,7 +20,8 @@ import torch
 
 from ...pool import PoolView
 from .. import _triton as TR
-from .plan import BatchPlan, cdiv
+from .._triton import cdiv
+from .plan import BatchPlan
 from .tiles import tiles
 
 
