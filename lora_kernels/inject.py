@@ -203,9 +203,51 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
             if prm is not layer.weight and prm is not layer.bias:
                 prm.requires_grad_(trainable)
         new[name] = layer
+    copies = _adapter_biases(model, adapter, new, trainable)
     for name, layer in new.items():
         _set(model, name, layer)
+    for bias, b in copies:      # bias="all": trained biases of modules without a LoRA
+        with torch.no_grad():
+            bias.copy_(b.to(bias.dtype))
+        bias.requires_grad_(trainable)
     return model
+
+
+def _adapter_biases(model: nn.Module, adapter, new: dict, trainable: bool) -> list:
+    """Apply a loaded adapter's biases (``adapter.lora_biases``: PEFT's ``lora_bias=True``;
+    ``adapter.base_biases``: ``bias="lora_only" | "all"``) to the new layers ``new``; return the
+    ``(model bias parameter, value)`` copies left for modules without a LoRA (done by the caller
+    after every check passed). ``ValueError`` naming the module for a bias that fits nothing."""
+    from .layers import LoRALinear
+
+    for name, b in (getattr(adapter, "lora_biases", None) or {}).items():
+        layer = new.get(name)
+        if type(layer) is not LoRALinear:
+            raise ValueError(f"adapter has a LoRA bias (lora_bias=True) for {name!r}, which is "
+                             f"not a plain LoRA linear here ({type(layer).__name__})")
+        if b.shape != (layer.out_features,):
+            raise ValueError(f"adapter's LoRA bias for {name!r} has shape {tuple(b.shape)}; "
+                             f"expected ({layer.out_features},)")
+    copies = []
+    mods = dict(model.named_modules())
+    for name, b in (getattr(adapter, "base_biases", None) or {}).items():
+        target = new.get(name, mods.get(name))
+        bias = getattr(target, "bias", None)
+        if not isinstance(bias, torch.Tensor) or bias.shape != b.shape:
+            raise ValueError(f"adapter carries a trained bias {tuple(b.shape)} for {name!r} "
+                             f"(PEFT bias='lora_only'/'all'), but the model's {name!r} has "
+                             f"{'no bias' if bias is None else tuple(bias.shape)}")
+        if name not in new:
+            copies.append((bias, b))
+    for name, b in (getattr(adapter, "lora_biases", None) or {}).items():
+        new[name].add_lora_bias(b)
+        new[name].lora_bias.requires_grad_(trainable)
+    for name, b in (getattr(adapter, "base_biases", None) or {}).items():
+        if name in new:
+            old = new[name].bias
+            new[name].bias = nn.Parameter(b.detach().to(old.device, old.dtype).clone(),
+                                          requires_grad=trainable)
+    return copies
 
 
 def _embedding_layer(name: str, mod: nn.Embedding, factors, mag, trainable: bool,

@@ -51,7 +51,7 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 
 USED_FIELDS = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-               "use_dora"}
+               "use_dora", "bias", "lora_bias"}
 IGNORED_FIELDS = {
     "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
@@ -60,10 +60,8 @@ IGNORED_FIELDS = {
 }
 # field -> the values that mean "not used"
 UNSUPPORTED_FIELDS = {
-    "bias": ("none", None),
     "modules_to_save": (None, []),
     "layer_replication": (None, []),
-    "lora_bias": (False, None),
     "target_parameters": (None, []),
     "trainable_token_indices": (None, [], {}),
     "use_qalora": (False, None),
@@ -91,6 +89,10 @@ _MAG_KEY = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(\.weight)?$")
 _EMB_KEY = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<which>A|B)$")
 # base tables PEFT saves with embedding / lm_head targets (save_embedding_layers)
 _BASE_KEY = re.compile(r"^(?P<mod>.+)\.base_layer\.weight$")
+# lora_bias=True: the bias of PEFT's lora_B linear
+_LORA_BIAS_KEY = re.compile(r"^(?P<mod>.+)\.lora_B\.bias$")
+# bias="lora_only" | "all": trained base biases (of a LoRA layer's base_layer, or any module)
+_BIAS_KEY = re.compile(r"^(?P<mod>.+?)(\.base_layer)?\.bias$")
 
 
 class EmbeddingFactors(NamedTuple):
@@ -105,11 +107,19 @@ class EmbeddingFactors(NamedTuple):
 
 
 class PeftAdapter(dict):
-    """What :func:`load_peft_adapter` returns: ``{module name: factors}`` plus ``base_weights``
-    ``{module name: tensor}``, the base tables the file carries (PEFT's
-    ``save_embedding_layers``), which the model's must equal."""
+    """What :func:`load_peft_adapter` returns: ``{module name: factors}`` plus
+
+    * ``base_weights`` ``{module: tensor}``: base tables the file carries (PEFT's
+      ``save_embedding_layers``), which the model's must equal;
+    * ``lora_biases`` ``{module: (out,)}``: ``lora_bias=True`` (the bias of PEFT's ``lora_B``;
+      the module adds ``scaling * lora_bias``);
+    * ``base_biases`` ``{module: (out,)}``: ``bias="lora_only" | "all"``: trained base biases
+      that replace the model's (any module: a LoRA target's or, with ``"all"``, e.g. a norm's).
+    """
 
     base_weights: dict
+    lora_biases: dict
+    base_biases: dict
 
 
 class DoRAFactors(NamedTuple):
@@ -166,6 +176,11 @@ def validate_config(cfg) -> dict:
     if cfg.get("fan_in_fan_out") not in (None, True, False):
         raise ValueError(f"{CONFIG_NAME}: fan_in_fan_out must be a bool, got "
                          f"{cfg['fan_in_fan_out']!r}")
+    if cfg.get("bias", "none") not in ("none", "lora_only", "all", None):
+        raise ValueError(f"{CONFIG_NAME}: bias must be 'none', 'lora_only' or 'all', got "
+                         f"{cfg['bias']!r}")
+    if cfg.get("lora_bias") not in (None, True, False):
+        raise ValueError(f"{CONFIG_NAME}: lora_bias must be a bool, got {cfg['lora_bias']!r}")
     if not isinstance(cfg.get("use_rslora", False), bool):
         raise ValueError(f"{CONFIG_NAME}: use_rslora must be a bool, got {cfg['use_rslora']!r}")
     for f, num in (("rank_pattern", int), ("alpha_pattern", (int, float))):
@@ -237,8 +252,24 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
     factors: dict[str, dict[str, torch.Tensor]] = {}
     embeddings: set[str] = set()
     base_weights: dict[str, torch.Tensor] = {}
+    biases: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "base": {}}
     dora = bool(cfg.get("use_dora", False))
     for key, t in tensors.items():
+        m = _LORA_BIAS_KEY.match(key) or _BIAS_KEY.match(key)
+        if m is not None:
+            kind = "lora" if key.endswith(".lora_B.bias") else "base"
+            if kind == "lora" and not cfg.get("lora_bias", False):
+                raise ValueError(f"{wfn}: tensor {key!r} (LoRA bias) but the config does not set "
+                                 "lora_bias=true")
+            if kind == "base" and cfg.get("bias", "none") in ("none", None):
+                raise ValueError(f"{wfn}: tensor {key!r} (a trained bias) but the config says "
+                                 "bias='none'")
+            if t.dim() != 1 or not t.is_floating_point():
+                raise ValueError(f"{wfn}: tensor {key!r} must be a 1-D float bias, got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+            mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
+            biases[kind][mod] = t.to(device=device, dtype=dtype or t.dtype)
+            continue
         m = _EMB_KEY.match(key) or _BASE_KEY.match(key)
         if m is not None:
             mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
@@ -276,6 +307,11 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
             raise ValueError(f"{wfn}: base weight of {mod!r} saved without a LoRA on that module "
                              "(a modules_to_save copy?): not supported")
     out.base_weights = {m: t.to(device=device) for m, t in base_weights.items()}
+    out.lora_biases, out.base_biases = biases["lora"], biases["base"]
+    for mod, b in out.lora_biases.items():
+        if mod not in factors or "EA" in factors[mod] or b.shape[0] != factors[mod]["B"].shape[0]:
+            raise ValueError(f"{wfn}: LoRA bias of {mod!r} {tuple(b.shape)} does not match a "
+                             "lora_B (out, r) of that module")
     for mod, ab in factors.items():
         if mod in embeddings:
             if set(ab) != {"EA", "EB"}:
@@ -345,6 +381,25 @@ def _patterns(values: dict, default) -> dict:
     keys = {n for n, v in values.items() if v != default}
     keys |= {m for m in values for p in keys if m.endswith("." + p)}
     return {n: values[n] for n in sorted(keys, key=lambda n: (-len(n), n))}
+
+
+def _biases_to_save(model_or_dict, ad: dict) -> tuple[dict, dict]:
+    """``({module: lora_bias}, {module: trained base bias})`` to write: a model's LoRA biases
+    (``LoRALinear.lora_bias``) and every bias parameter that requires grad (an adapter layer's:
+    ``bias="lora_only"``; any other module's: ``bias="all"``); a loaded adapter's
+    ``lora_biases`` / ``base_biases``."""
+    if not isinstance(model_or_dict, nn.Module):
+        return (dict(getattr(model_or_dict, "lora_biases", None) or {}),
+                dict(getattr(model_or_dict, "base_biases", None) or {}))
+    lora_b, base_b = {}, {}
+    for name, mod in model_or_dict.named_modules():
+        lb = getattr(mod, "lora_bias", None)
+        if isinstance(lb, torch.Tensor) and name in ad:
+            lora_b[name] = lb
+        b = mod._parameters.get("bias") if hasattr(mod, "_parameters") else None
+        if isinstance(b, torch.Tensor) and b.requires_grad:
+            base_b[name] = b
+    return lora_b, base_b
 
 
 def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | None = None,
@@ -422,13 +477,21 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
                   else ("lora_A.weight", "lora_B.weight"))
         tensors[f"{PREFIX}{name}.{ka}"] = A.detach().to("cpu", dtype or A.dtype).contiguous()
         tensors[f"{PREFIX}{name}.{kb}"] = B.detach().to("cpu", dtype or B.dtype).contiguous()
+    lora_b, base_b = _biases_to_save(model_or_dict, ad)
+    for name, b in lora_b.items():
+        tensors[f"{PREFIX}{name}.lora_B.bias"] = b.detach().to("cpu", dtype or b.dtype).contiguous()
+    for name, b in base_b.items():
+        key = f"{PREFIX}{name}.base_layer.bias" if name in ad else f"{PREFIX}{name}.bias"
+        tensors[key] = b.detach().to("cpu", dtype or b.dtype).contiguous()
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas.values()).most_common(1)[0][0]
     cfg = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": r0, "lora_alpha": a0, "use_rslora": False,
         "rank_pattern": _patterns(ranks, r0), "alpha_pattern": _patterns(alphas, a0),
-        "target_modules": sorted(ad), "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(ad), "lora_dropout": 0.0,
+        "bias": ("all" if set(base_b) - set(ad) else "lora_only" if base_b else "none"),
+        "lora_bias": bool(lora_b),
         "fan_in_fan_out": bool(fan_in_fan_out), "use_dora": dora, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True,
     }

@@ -25,7 +25,10 @@ whenever the fused op would not compute the same thing:
 * adapters disabled (``with model.disable_adapter():``), merged (``merge_adapter()``), or a mixed
   batch (``adapter_names=``), or any extra forward argument;
 * an active adapter that is a PEFT *variant* other than DoRA, a DoRA adapter active together
-  with others, or an adapter with a LoRA bias (``lora_bias=True``);
+  with others or with a LoRA bias, a LoRA bias (``lora_bias=True``) on an adapter other than the
+  first active one (the first one's ``scaling * lora_B.bias`` is folded into the fused op's
+  bias; ``bias="lora_only" | "all"`` needs nothing: PEFT trains the base bias, the op gives its
+  gradient);
 * dtypes that differ between x, the base weight and the factors (e.g. PEFT's fp32 adapters on a
   bf16 base: PEFT computes that branch in fp32), or autocast enabled.
 
@@ -120,10 +123,11 @@ def _is_dora(layer, adapter: str) -> bool:
 
 def _variant_adapters(layer) -> list[str]:
     """Adapters of a PEFT LoRA layer that the fused ops never compute (variants other than DoRA,
-    LoRA biases)."""
+    DoRA with a LoRA bias)."""
     bad = {a for a in (getattr(layer, "lora_variant", {}) or {}) if not _is_dora(layer, a)}
-    bad |= {a for a, v in (getattr(layer, "lora_bias", {}) or {}).items() if v}
-    bad |= {a for a, m in layer.lora_B.items() if getattr(m, "bias", None) is not None}
+    biased = {a for a, v in (getattr(layer, "lora_bias", {}) or {}).items() if v}
+    biased |= {a for a, m in layer.lora_B.items() if getattr(m, "bias", None) is not None}
+    bad |= {a for a in biased if _is_dora(layer, a)}
     return sorted(bad)
 
 
@@ -151,8 +155,10 @@ def _fused_forward(self, x, *args, **kwargs):
     dora = len(active) == 1 and _is_dora(self, active[0])
     for a in active:
         A, B = self.lora_A[a].weight, self.lora_B[a].weight
-        if ((a in variants and not dora) or lora_bias.get(a, False)
-                or self.lora_B[a].bias is not None
+        lb = self.lora_B[a].bias
+        if ((a in variants and not dora)
+                or ((lora_bias.get(a, False) or lb is not None) and (dora or a != active[0]))
+                or (lb is not None and lb.dtype != x.dtype)
                 or A.dtype != x.dtype or B.dtype != x.dtype or W.dtype != x.dtype
                 or (b is not None and b.dtype != x.dtype)):
             return orig(self, x)
@@ -175,6 +181,10 @@ def _fused_forward(self, x, *args, **kwargs):
                            float(self.scaling[first]), p_of(first),
                            backend=getattr(self, _BACKEND))
 
+    lb = self.lora_B[first].bias      # lora_bias=True: y += scaling * lora_B.bias, fused
+    if lb is not None:
+        lb = lb * float(self.scaling[first])
+        b = lb if b is None else b + lb
     y = lora_linear(x, W, b, self.lora_A[first].weight, self.lora_B[first].weight,
                     float(self.scaling[first]), p_of(first), backend=getattr(self, _BACKEND))
     for a in rest:  # PEFT's own expression for the further active adapters
@@ -274,7 +284,7 @@ def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Modul
             msg.append(f"{len(left)} left to PEFT (not fusable): {left}")
         if partial:
             msg.append("these adapters always run PEFT's forward (variants other than DoRA, "
-                       f"LoRA bias): {partial}")
+                       f"DoRA with a LoRA bias): {partial}")
         warnings.warn("; ".join(msg), stacklevel=2)
     return peft_model
 

@@ -23,6 +23,7 @@ from .ops.multi_lora import plan as _plan
 from .ops.multi_lora.registered import add_ as _add_
 from .ops.multi_lora.registered import apply as _apply
 from .pool import AdapterPool, PoolView, _adapter_name, _pos_int
+from .serving_bias import add_bias_rows, bias_deltas
 from .serving_embedding import ServingEmbedding
 
 __all__ = ["AdapterPool", "MultiAdapterModel", "PoolView", "ServingEmbedding", "ServingLinear"]
@@ -123,10 +124,13 @@ class ServingLinear(nn.Module):
         # DoRA adapters: name -> g = m / ||W + s B A||_row (out,) fp32 on the weight's device; the
         # pool holds their LoRA factors, the output row scale is applied after the fused op
         self.dora_g: dict[str, torch.Tensor] = {}
+        # adapters with biases (PEFT lora_bias / bias="lora_only"|"all"): name -> delta (out,)
+        # fp32 added to that adapter's rows (lora_kernels.serving_bias)
+        self.bias_delta: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._state
-        if st.seq_ids is None or len(self.pool) == 0:
+        if st.seq_ids is None or (len(self.pool) == 0 and not self.bias_delta):
             return _qlora.base_linear(x, self.weight, self.bias, self.backend or "torch")
         batch = st.seq_ids.shape[1]
         if x.dim() < 2 or x.shape[0] != batch:
@@ -152,6 +156,8 @@ class ServingLinear(nn.Module):
                 _add_(y, x2, view, plan, be)
         if self.dora_g:
             y = self._dora_rows(y, batch)
+        if self.bias_delta:
+            y = add_bias_rows(y, batch, st.seq_names, self.bias_delta)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _dora_rows(self, y: torch.Tensor, batch: int) -> torch.Tensor:
@@ -279,6 +285,7 @@ class MultiAdapterModel(nn.Module):
         if name in self._sums:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
         check_base_weights(self.model, adapter)
+        deltas = bias_deltas(self.model, adapter, self.layers)
         # the store validates the dict (type, modules, every entry) before anything is written;
         # DoRA entries ((lora_A, lora_B, scaling, magnitude), from a use_dora PEFT adapter): the
         # pool stores the LoRA factors, the layer its row scale g (computed here, in low rank)
@@ -286,6 +293,8 @@ class MultiAdapterModel(nn.Module):
         slot = self.store.add(name, adapter)
         for mod, g in dora_g.items():
             self.layers[mod].dora_g[name] = g
+        for mod, d in deltas.items():
+            self.layers[mod].bias_delta[name] = d
         return slot
 
     def prefetch(self, adapters: Sequence[str | None]) -> list[str]:
@@ -323,6 +332,9 @@ class MultiAdapterModel(nn.Module):
             if p in self._sums:
                 flat.extend(self._sums[p])
             elif p in self.store:
+                if any(p in getattr(lay, "bias_delta", {}) for lay in self.layers.values()):
+                    raise ValueError(f"parts: {p!r} carries biases; summing adapters with "
+                                     "biases is not supported")
                 if any(p in lay.dora_g for lay in self.layers.values()):
                     raise ValueError(f"parts: {p!r} is a DoRA adapter; a sum of DoRA adapters is "
                                      "not one (each rescales the base output): not supported")
@@ -345,6 +357,7 @@ class MultiAdapterModel(nn.Module):
         self.store.remove(name)
         for lay in self.layers.values():
             lay.dora_g.pop(name, None)
+            getattr(lay, "bias_delta", {}).pop(name, None)
 
     def unload(self) -> nn.Module:
         """Give the plain model back: every served layer is replaced by the very module it

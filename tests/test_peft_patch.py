@@ -249,14 +249,14 @@ def test_unfusable_left_to_peft_with_one_warning():
     pm = peft.get_peft_model(base, peft.LoraConfig(
         target_modules=["q_proj", "embed_tokens"], r=2, use_dora=False,
         init_lora_weights=False)).eval()
-    pm.add_adapter("d", peft.LoraConfig(target_modules=["q_proj"], r=2, lora_bias=True,
-                                        init_lora_weights=False))
+    pm.add_adapter("d", peft.LoraConfig(target_modules=["q_proj"], r=2,
+                                        init_lora_weights="mica"))
     ref = copy.deepcopy(pm)
     with pytest.warns(UserWarning, match="patch_peft") as w:
         lk.patch_peft(pm)
     assert len(w) == 1
     msg = str(w[0].message)
-    assert "'d'" in msg and "embed_tokens" not in msg  # lora_bias: PEFT's; embeddings fused
+    assert "'d'" in msg and "embed_tokens" not in msg  # MiCA variant: PEFT's; embeddings fused
     assert lk.peft_patch.is_patched(pm.base_model.model.model.embed_tokens)
     ids = _batch()
     for adapter in ("default", "d"):

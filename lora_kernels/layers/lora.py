@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import _validate as V
+from ..ops.lora import lora_linear
 from .base import AdapterLinear, same
 
 
@@ -50,6 +51,36 @@ class LoRALinear(AdapterLinear):
     def lora_factors(self, view=same):
         """``(lora_A, lora_B, scaling)``: the parameters themselves (through ``view``)."""
         return view(self.lora_A), view(self.lora_B), self.scaling
+
+    def add_lora_bias(self, init: torch.Tensor | None = None) -> None:
+        """PEFT's ``lora_bias=True``: a trainable ``lora_bias (out,)`` (the bias of PEFT's
+        ``lora_B`` linear, zeros unless ``init``), added as ``scaling * lora_bias`` to the output
+        (fused: the op's bias is ``b + scaling * lora_bias``, so its gradient is ``scaling *
+        sum_t dy``)."""
+        kw = dict(dtype=self.lora_B.dtype, device=self.lora_B.device)
+        b = torch.zeros(self.out_features, **kw)
+        if init is not None:
+            V.shape("init", init, (self.out_features,), "(out_features,)")
+            b.copy_(init)
+        self.lora_bias = nn.Parameter(b)
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias the fused op adds: ``bias + scaling * lora_bias`` (differentiable)."""
+        lb = getattr(self, "lora_bias", None)
+        if lb is None:
+            return self.bias
+        return lb * self.scaling if self.bias is None else self.bias + lb * self.scaling
+
+    def delta_bias(self) -> torch.Tensor | None:
+        lb = getattr(self, "lora_bias", None)
+        return None if lb is None else (lb.detach() * self.scaling)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """As :meth:`AdapterLinear.forward`, with a LoRA bias (``lora_bias=True``) folded into
+        the op's bias."""
+        p = self.dropout if self.training else 0.0
+        return lora_linear(x, self.weight, self.effective_bias(), self.lora_A, self.lora_B,
+                           self.scaling, p, generator=generator, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (super().extra_repr()
