@@ -7,6 +7,9 @@ The config is validated field by field against what PEFT (0.13 .. 0.21) writes f
   ``rank_pattern``, ``alpha_pattern`` (PEFT's matching rule: pattern ``p`` applies to module
   ``m`` when ``re.match(rf"(.*\\.)?({p})$", m)``; first match wins), ``use_dora`` (DoRA: each
   module also has a ``lora_magnitude_vector`` and loads as :class:`DoRAFactors`);
+* biases: ``lora_bias`` (``<module>.lora_B.bias`` -> the result's ``lora_biases``) and ``bias``
+  = ``"lora_only"`` | ``"all"`` (trained base biases ``<module>.base_layer.bias`` /
+  ``<module>.bias`` -> ``base_biases``; they replace the model's, as PEFT loads them);
 * embedding LoRA (a target that is an ``nn.Embedding``): PEFT's ``<module>.lora_embedding_A (r,
   num_embeddings)`` / ``lora_embedding_B (dim, r)`` load as :class:`EmbeddingFactors` (the
   LoRA-equivalent factors of the table's linear view, ``in = num_embeddings``); the base tables
@@ -17,8 +20,8 @@ The config is validated field by field against what PEFT (0.13 .. 0.21) writes f
 * metadata / training-time only, ignored: see :data:`IGNORED_FIELDS` (the weights file, not
   ``target_modules``, says which modules have an adapter);
 * fields that change what the adapter computes and that we do not implement must be unset
-  (None / False / empty / their default): see :data:`UNSUPPORTED_FIELDS`; e.g. biases,
-  ``modules_to_save``, embedding LoRA, init methods that rewrite the base weights (PiSSA, OLoRA,
+  (None / False / empty / their default): see :data:`UNSUPPORTED_FIELDS`; e.g.
+  ``modules_to_save``, init methods that rewrite the base weights (PiSSA, OLoRA,
   LoftQ, CorDA);
 * ``fan_in_fan_out`` (GPT-2's ``Conv1D`` layout) is accepted either way: PEFT stores
   ``lora_A (r, in)`` / ``lora_B (out, r)`` for Conv1D targets too (the flag only says how the
