@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import _validate as V
 from .._backend import resolve_backend
 from . import _triton as TR
-from ._register import define_op
+from ._register import define_op, pick
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -87,7 +87,7 @@ def _triton_fwd_any(ids, slots, weight, A, B, scales, scaling, R):
     br = max(16, min(32, TR.next_pow2(max(R, 1))))
     sa = A.stride() if pool else (0,) + A.stride()
     sb = B.stride() if pool else (0,) + B.stride()
-    grid = (triton_cdiv(T, bt), triton_cdiv(N, bn))
+    grid = (TR.cdiv(T, bt), TR.cdiv(N, bn))
     embedding_lora_fwd_kernel[grid](
         ids, slots if pool else ids, weight, A, B, scales if pool else y, y, T, N, R,
         weight.stride(0), weight.stride(1), *sa, *sb, y.stride(0), y.stride(1), float(scaling),
@@ -110,7 +110,7 @@ def _triton_bwd(dy, ids, A, B, scaling, padding_idx, need_dA, need_dB):
         g = TR.empty((T, R), torch.float32, dy.device)
         if T:
             bt = 16 if TR.triton_interpret() else 64
-            embedding_lora_dyb_kernel[(triton_cdiv(T, bt), triton_cdiv(R, br))](
+            embedding_lora_dyb_kernel[(TR.cdiv(T, bt), TR.cdiv(R, br))](
                 dy, B, g, T, N, R, dy.stride(0), dy.stride(1), B.stride(0), B.stride(1),
                 g.stride(0), g.stride(1), float(scaling), BLOCK_T=bt, BLOCK_N=_blocks(N),
                 BLOCK_R=br)
@@ -121,11 +121,11 @@ def _triton_bwd(dy, ids, A, B, scaling, padding_idx, need_dA, need_dB):
     if need_dB:
         bn = _blocks(N)
         bt = 16 if TR.triton_interpret() else 64
-        splits = 1 if TR.triton_interpret() else max(1, min(triton_cdiv(T, 1024), 64))
-        per = triton_cdiv(triton_cdiv(max(T, 1), splits), bt) * bt
-        splits = triton_cdiv(max(T, 1), per)
+        splits = 1 if TR.triton_interpret() else max(1, min(TR.cdiv(T, 1024), 64))
+        per = TR.cdiv(TR.cdiv(max(T, 1), splits), bt) * bt
+        splits = TR.cdiv(max(T, 1), per)
         part = TR.empty((splits, N, R), torch.float32, dy.device)
-        embedding_lora_db_kernel[(triton_cdiv(N, bn), triton_cdiv(R, br), splits)](
+        embedding_lora_db_kernel[(TR.cdiv(N, bn), TR.cdiv(R, br), splits)](
             dy, ids, A, part, T, N, R, per, dy.stride(0), dy.stride(1), A.stride(0),
             A.stride(1), part.stride(0), part.stride(1), part.stride(2), float(scaling),
             BLOCK_N=bn, BLOCK_R=br, BLOCK_T=bt)
@@ -133,16 +133,11 @@ def _triton_bwd(dy, ids, A, B, scaling, padding_idx, need_dA, need_dB):
     return dA, dB
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+_IMPL = {"torch": (_torch_fwd, _torch_bwd), "triton": (_triton_fwd, _triton_bwd)}
 
 
 def _impl(backend: str):
-    if backend == "torch":
-        return _torch_fwd, _torch_bwd
-    if backend == "triton":
-        return _triton_fwd, _triton_bwd
-    raise ValueError(f"lora_embedding has no {backend!r} kernel (use 'torch' or 'triton')")
+    return pick(_IMPL, backend, "lora_embedding")
 
 
 # ----------------------------------------------------------------------------- registered ops
