@@ -9,7 +9,7 @@ from torch.library import opcheck
 import lora_kernels as lk
 from lora_kernels.ops import moe_lora as ML
 
-from conftest import DEVICE, DTYPES
+from conftest import DEVICE, DTYPES, backends
 from helpers import assert_close, noncontig, randn, to64
 
 # (M, in, out, r, E)
@@ -52,9 +52,10 @@ def _weight(w_param, layout):
     return w_param.transpose(1, 2) if layout == "in_out" else w_param
 
 
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ci", range(len(CASES)))
-def test_matches_float64(dtype, ci):
+def test_matches_float64(dtype, ci, backend):
     case = CASES[ci]
     layout = "in_out" if ci % 2 else "out_in"
     bias, train_base, nc = ci != 1, ci % 2 == 0, ci >= 2
@@ -62,7 +63,8 @@ def test_matches_float64(dtype, ci):
     ids = _ids(case[0], case[4])
     s = 0.7
     xin = noncontig(x) if nc else x
-    y = lk.moe_lora_linear(xin, _weight(wp, layout), b, noncontig(A) if nc else A, B, ids, s)
+    y = lk.moe_lora_linear(xin, _weight(wp, layout), b, noncontig(A) if nc else A, B, ids, s,
+                           backend=backend)
     assert y.shape == (case[0], case[2]) and y.dtype == dtype
     x64, wp64, b64, A64, B64 = to64([x, wp, b, A, B])
     y64 = reference(x64, _weight(wp64, layout), b64, A64, B64, ids, s)
@@ -162,7 +164,8 @@ def test_bad_input_raises_before_reading():
         lk.expert_plan(ok, 0)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", backends())
+def test_opcheck(backend):
     M, i, o, r, E = 9, 6, 5, 2, 3
     ids = torch.tensor([0, 2, -1, 2, 1, 0, -1, 0, 2], device=DEVICE)
     opcheck(torch.ops.lora_kernels.moe_plan.default, (ids, E))
@@ -170,15 +173,16 @@ def test_opcheck():
     x, w, b = randn(M, i), randn(E, o, i), randn(E, o)
     A, B = randn(E, r, i, requires_grad=True), randn(E, o, r, requires_grad=True)
     opcheck(torch.ops.lora_kernels.moe_lora_fwd.default,
-            (x, w, b, A, B, order, offsets, 0.5, "torch"))
+            (x, w, b, A, B, order, offsets, 0.5, backend))
     dy, S = randn(M, o), randn(M, r)
     for needs in [(True, True, True, True, True), (False, False, False, True, False),
                   (True, False, False, False, True)]:
         opcheck(torch.ops.lora_kernels.moe_lora_bwd.default,
-                (dy, x, w, A.detach(), B.detach(), S, order, offsets, 0.5, "torch", *needs))
+                (dy, x, w, A.detach(), B.detach(), S, order, offsets, 0.5, backend, *needs))
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", backends())
+def test_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     M, i, o, r, E = 10, 6, 5, 2, 3
     x, wt = randn(M, i), randn(E, i, o)
@@ -187,8 +191,7 @@ def test_compile_fullgraph_matches_eager():
 
     def f(x, wt, A, B, ids):
         plan = lk.expert_plan(ids, E)
-        h = lk.moe_lora_linear(x, wt.transpose(1, 2), None, A, B, plan, 0.5)
-        return h
+        return lk.moe_lora_linear(x, wt.transpose(1, 2), None, A, B, plan, 0.5, backend=backend)
 
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
     y = cf(x, wt, A, B, ids)
@@ -213,12 +216,21 @@ def test_inference_no_autograd_node():
     assert y.grad_fn is None
 
 
-def test_triton_backend_not_yet_refused_cleanly():
-    """A backend without a MoE implementation is a clear ValueError, not a wrong result."""
-    M, i, o, r, E = 4, 3, 2, 1, 2
+def test_backends_refused_cleanly():
+    """A backend without a MoE implementation (cuda), quantized experts on Triton: a clear
+    ValueError; backend=None never picks the Triton kernels (not verified on a GPU)."""
+    from lora_kernels._backend import resolve_backend
+
+    M, i, o, r, E = 4, 64, 2, 1, 2
+    args = (randn(M, i), randn(E, o, i), None, randn(E, r, i), randn(E, o, r),
+            torch.tensor([1, 0, -1, 1], device=DEVICE))
     with pytest.raises(ValueError, match="cuda"):
-        lk.moe_lora_linear(randn(M, i), randn(E, o, i), None, randn(E, r, i), randn(E, o, r),
-                           torch.tensor([1, 0, -1, 1]), backend="cuda")
+        lk.moe_lora_linear(*args, backend="cuda")
+    if "triton" in backends():
+        with pytest.raises(ValueError, match="quantized experts run on backend='torch'"):
+            lk.moe_lora_linear(args[0], _qexperts(randn(E, o, i), 1), *args[2:],
+                               backend="triton")
+    assert resolve_backend(None, torch.device("cuda"), ML.OP_NAME) in ("torch", "cuda")
 
 
 # ----------------------------------------------------------------------------- quantized experts
@@ -310,3 +322,38 @@ def test_quantized_opcheck_and_compile():
     y0.square().sum().backward()
     torch.testing.assert_close(y, y0)
     torch.testing.assert_close(gA, A.grad)
+
+
+def aot_calls():
+    """Triton MoE launches for the ahead-of-time compile check (tests/cuda/test_triton_aot.py):
+    forward and every backward kernel, bf16 (the target dtype) and fp32, a transposed weight."""
+    for dtype in (torch.bfloat16, torch.float32):
+        M, i, o, r, E = 21, 24, 20, 4, 3
+        x = torch.randn(M, i, dtype=dtype, requires_grad=True)
+        wt = torch.randn(E, i, o, dtype=dtype)
+        b = torch.randn(E, o, dtype=dtype)
+        A = torch.randn(E, r, i, dtype=dtype, requires_grad=True)
+        B = torch.randn(E, o, r, dtype=dtype, requires_grad=True)
+        ids = torch.tensor([0, 2, -1, 1] * 5 + [2])
+        lk.moe_lora_linear(x, wt.transpose(1, 2), b, A, B, ids, 0.5,
+                           backend="triton").sum().backward()
+
+
+def test_tile_table_partitions_rows():
+    """The device-built tile table covers every sorted position exactly once, each tile inside one
+    segment (skipped rows: expert E) with at most BLOCK_M rows, within its fixed length."""
+    g = torch.Generator().manual_seed(0)
+    for M, E, bm in [(1, 1, 16), (16, 1, 16), (17, 3, 16), (40, 7, 4), (33, 40, 8), (5, 2, 1)]:
+        ids = torch.randint(-1, E, (M,), generator=g)
+        plan = lk.expert_plan(ids, E)
+        texp, ts, te = ML.tile_table(plan.offsets, M, bm)
+        assert texp.shape[0] == -(-M // bm) + min(E + 1, M)
+        cover = torch.zeros(M, dtype=torch.int64)
+        off = plan.offsets.tolist() + [M]
+        for e, a, b in zip(texp.tolist(), ts.tolist(), te.tolist()):
+            if e < 0:
+                assert a == b == 0
+                continue
+            assert 0 < b - a <= bm and off[e] <= a and b <= off[e + 1], (e, a, b)
+            cover[a:b] += 1
+        assert bool((cover == 1).all())

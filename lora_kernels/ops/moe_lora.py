@@ -219,10 +219,161 @@ def _torch_bwd(dy, saved: Saved, need: Needs):
     return dx, dW, db, dA, dB
 
 
+# ----------------------------------------------------------------------------- Triton path
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def tile_table(offsets: torch.Tensor, num_rows: int, block_m: int):
+    """``(TILE_EXPERT int32, TILE_START int64, TILE_END int64)`` of length
+    ``G = cdiv(M, block_m) + min(E + 1, M)``: every expert's segment of sorted positions (and the
+    skipped rows' segment ``[offsets[E], M)``, expert id E) cut into tiles of ``block_m`` rows;
+    unused tiles have expert -1. Built on device from the plan's ``offsets (E+1,)`` (no host
+    read); see ``kernels.moe``."""
+    E = offsets.shape[0] - 1
+    ends = torch.cat([offsets[1:], offsets.new_full((1,), num_rows)])      # (E+1,)
+    ntiles = (ends - offsets + block_m - 1) // block_m
+    cum = torch.cumsum(ntiles, 0)
+    G = _cdiv(num_rows, block_m) + min(E + 1, num_rows)
+    g = torch.arange(G, device=offsets.device)
+    seg = torch.searchsorted(cum, g, right=True)                          # (G,) in [0, E+1]
+    valid = seg <= E
+    segc = seg.clamp(max=E)
+    start = offsets[segc] + (g - (cum[segc] - ntiles[segc])) * block_m
+    end = torch.minimum(start + block_m, ends[segc])
+    zero = torch.zeros_like(start)
+    return (torch.where(valid, segc, -1).to(torch.int32), torch.where(valid, start, zero),
+            torch.where(valid, end, zero))
+
+
+def _tiles(kind: str) -> dict:
+    """Kernel tiles: small fixed ones under the interpreter, ``kernels.moe.GPU_TILES`` else."""
+    if TR.triton_interpret():
+        return {"shrink": dict(BLOCK_M=16, BLOCK_K=32), "gemm": dict(BLOCK_M=16, BLOCK_N=16,
+                                                                      BLOCK_K=32),
+                "seg_tn": dict(BLOCK_T=16, BLOCK_N=16)}[kind]
+    from ..kernels.moe import GPU_TILES
+
+    return GPU_TILES[kind]
+
+
+def _block_r(R: int) -> int:
+    return max(16, TR.next_pow2(R))
+
+
+class _Rows(NamedTuple):
+    """A tile table and the plan it came from (the launchers' row grouping)."""
+
+    order: torch.Tensor
+    offsets: torch.Tensor
+    table: tuple
+
+
+def _shrink(x, P, strides_p, rows: _Rows, R: int) -> torch.Tensor:
+    """``S[p] = x[order[p]] @ P_e^T`` (M, R) fp32, sorted-position order; rows not routed 0.
+    ``P`` any (E, ., .) tensor read through ``strides_p = (expert, r, k)``."""
+    from ..kernels.moe import moe_shrink_kernel
+
+    M, K = x.shape
+    S = torch.zeros((M, R), dtype=torch.float32, device=x.device)
+    texp, ts, te = rows.table
+    cfg = _tiles("shrink")
+    moe_shrink_kernel[(texp.shape[0],)](
+        x, P, S, rows.order, texp, ts, te, K, R, rows.offsets.shape[0] - 1,
+        x.stride(0), x.stride(1), *strides_p, S.stride(0), S.stride(1),
+        BLOCK_R=_block_r(R), PRECISION=TR.dot_precision(x.dtype),
+        UPCAST=TR.upcast(x.dtype, P.dtype), **cfg)
+    return S
+
+
+def _gemm(x, w, strides_w, out_n: int, rows: _Rows, *, S, bm, strides_bm, scale, bias=None):
+    """``Y[order[p]] = x[order[p]] @ W_e^T + scale * S[p] @ BM_e^T (+ bias_e)``, skipped rows 0;
+    ``w`` read through ``strides_w = (expert, n, k)``, ``bm`` through ``(expert, n, r)``."""
+    from ..kernels.moe import moe_gemm_kernel
+
+    M, K = x.shape
+    y = TR.empty((M, out_n), x.dtype, x.device)
+    texp, ts, te = rows.table
+    cfg = _tiles("gemm")
+    if bias is not None and bias.stride(1) != 1:
+        bias = bias.contiguous()
+    R = S.shape[1]
+    grid = (texp.shape[0], _cdiv(out_n, cfg["BLOCK_N"]))
+    moe_gemm_kernel[grid](
+        x, w, bias if bias is not None else y, y, S, bm, rows.order, texp, ts, te,
+        K, out_n, R, rows.offsets.shape[0] - 1,
+        x.stride(0), x.stride(1), *strides_w, bias.stride(0) if bias is not None else 0,
+        y.stride(0), y.stride(1), S.stride(0), S.stride(1), *strides_bm, float(scale),
+        HAS_BIAS=bias is not None, HAS_LOWRANK=True, BLOCK_R=min(64, _block_r(R)),
+        PRECISION=TR.dot_precision(x.dtype), UPCAST=TR.upcast(x.dtype, w.dtype), **cfg)
+    return y
+
+
+def _seg_tn(L, Rm, out, strides_o, rows: _Rows, *, scale):
+    """``out[e] (r, n) = scale * sum_{p in segment e} L[p]^T Rm[order[p]]`` through
+    ``strides_o = (expert, r, n)``; experts without rows get zeros."""
+    from ..kernels.moe import moe_seg_tn_kernel
+
+    E, R, N = out.shape[0], L.shape[1], Rm.shape[1]
+    cfg = _tiles("seg_tn")
+    moe_seg_tn_kernel[(E, _cdiv(N, cfg["BLOCK_N"]))](
+        L, Rm, out, rows.order, rows.offsets, N, R,
+        L.stride(0), L.stride(1), Rm.stride(0), Rm.stride(1), *strides_o, float(scale),
+        BLOCK_R=_block_r(R), PRECISION=TR.dot_precision(Rm.dtype), **cfg)
+    return out
+
+
+def _rows(order, offsets, M: int, kind: str) -> _Rows:
+    return _Rows(order, offsets, tile_table(offsets, M, _tiles(kind)["BLOCK_M"]))
+
+
+def _triton_fwd(x, weight, bias, A, B, order, offsets, scaling):
+    M, out_f, R = x.shape[0], weight.shape[1], A.shape[1]
+    if M == 0:
+        return x.new_empty((0, out_f)), torch.zeros((0, R), dtype=torch.float32,
+                                                    device=x.device)
+    S = _shrink(x, A, A.stride(), _rows(order, offsets, M, "shrink"), R)       # x A_e^T
+    y = _gemm(x, weight, weight.stride(), out_f, _rows(order, offsets, M, "gemm"), S=S, bm=B,
+              strides_bm=B.stride(), scale=scaling, bias=bias)
+    return y, S
+
+
+def _triton_bwd(dy, saved: Saved, need: Needs):
+    x, weight, A, B, S, order, offsets, scaling = saved
+    M = x.shape[0]
+    dx = dA = dB = None
+    dW, db = None, None
+    if need.dW or need.db:    # the base's gradients (rare: a frozen base is the LoRA case)
+        _, dW, db, _, _ = _torch_bwd(dy, saved, Needs(False, need.dW, need.db, False, False))
+    if M == 0:
+        z = lambda t: torch.zeros(t.shape, dtype=t.dtype, device=t.device)  # noqa: E731
+        return (x.new_empty(x.shape) if need.dx else None, dW, db,
+                z(A) if need.dA else None, z(B) if need.dB else None)
+    R = A.shape[1]
+    if need.dx or need.dA:      # G = dY B_e (M, r) fp32; B_e^T read as P through its strides
+        G = _shrink(dy, B, (B.stride(0), B.stride(2), B.stride(1)),
+                    _rows(order, offsets, M, "shrink"), R)
+    if need.dx:                 # dX = dY W_e + s G A_e: W^T and A^T as strided views
+        dx = _gemm(dy, weight, (weight.stride(0), weight.stride(2), weight.stride(1)),
+                   x.shape[1], _rows(order, offsets, M, "gemm"), S=G, bm=A,
+                   strides_bm=(A.stride(0), A.stride(2), A.stride(1)), scale=scaling)
+    if need.dA:                 # dA_e = s G_e^T X_e
+        dA = TR.empty(A.shape, A.dtype, A.device)
+        _seg_tn(G, x, dA, dA.stride(), _Rows(order, offsets, ()), scale=scaling)
+    if need.dB:                 # dB_e^T = s S_e^T dY_e, stored through dB's transposed strides
+        dB = TR.empty(B.shape, B.dtype, B.device)
+        _seg_tn(S, dy, dB, (dB.stride(0), dB.stride(2), dB.stride(1)),
+                _Rows(order, offsets, ()), scale=scaling)
+    return dx, dW, db, dA, dB
+
+
 def _impl(backend: str):
     if backend == "torch":
         return _torch_fwd, _torch_bwd
-    raise ValueError(f"{OP_NAME} has no {backend!r} implementation; use backend='torch'")
+    if backend == "triton":
+        return _triton_fwd, _triton_bwd
+    raise ValueError(f"{OP_NAME} has no {backend!r} implementation; use backend='torch' or "
+                     f"'triton'")
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -418,10 +569,14 @@ def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *,
     V.same_device("x", x, expert_ids=plan.order)
     scaling = V.scalar("scaling", scaling)
     be = resolve_backend(backend, x.device, OP_NAME)
-    if be != "torch":
-        _impl(be)  # raises: the only implementation so far is torch
+    _impl(be)  # raises for a backend without a MoE implementation
+    if be == "triton" and x.dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32/float16/bfloat16 for backend='triton', got {x.dtype}")
     x2 = compact_rows_for_cpu_gemm(x)
     if isinstance(weight, QuantizedExperts):
+        if be != "torch":
+            raise ValueError(f"quantized experts run on backend='torch' only (the Triton MoE "
+                             f"kernels take dense experts), got backend={be!r}")
         y, _ = MOE_QLORA_OP(x2, weight.tensors(), weight.meta(), weight.fmt, bias, lora_A,
                             lora_B, plan.order, plan.offsets, scaling, be)
         return y
