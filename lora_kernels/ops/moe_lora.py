@@ -29,9 +29,21 @@ Backward (dY_e = dy[order[a:b]]):
     dW_e = dY_e^T X_e, db_e = sum dY_e  (only when weight / bias require grad)
     experts without rows: zero gradients.
 
-Backends: ``"torch"`` (this module: the float64-testable reference and the CPU path; one sort,
-per-expert GEMMs on contiguous segments). The expert ids are bounds-checked when the plan is built
-(``lora_kernels::moe_plan``), before any GEMM reads a weight.
+Backends:
+* ``"torch"``: the float64-testable reference and the CPU path: one sort (the plan), one gather of
+  the routed rows, per-expert GEMMs on contiguous segments (``torch.mm(..., out=)`` into one
+  sorted buffer, the low-rank term by ``addmm_`` on the same rows), one scatter back. Quantized
+  experts (:class:`~lora_kernels.quant.QuantizedExperts`) run here: each routed expert is
+  dequantised in x's dtype (forward, and again for dx in the backward).
+* ``"triton"`` (``kernels.moe``): a tile table cut from the plan on device; ``S = x A_e^T``
+  (fp32) by a shrink kernel, then the grouped base GEMM reading ``x`` at token rows through the
+  sort order with ``+ s S B_e^T + b_e`` in its epilogue, writing y at token rows (no gathered
+  copies). Backward: G = dy B_e (shrink), dx by the same grouped GEMM on W^T / A^T views,
+  dA / dB by a per-expert segmented reduction (deterministic). dW / db (a trained base) use the
+  torch path. Interpreter-tested and compiled for sm_80 / sm_90; not run on a GPU, so
+  ``backend=None`` never picks it (``_backend.VERIFIED_ON_GPU``).
+The expert ids are bounds-checked when the plan is built (``lora_kernels::moe_plan``), before any
+GEMM reads a weight.
 """
 
 from __future__ import annotations
@@ -546,7 +558,8 @@ def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *,
             or an expert in ``[0, E)``; or an :class:`ExpertPlan` from
             ``expert_plan(expert_ids, E)``, to sort the rows once for several expert GEMMs.
         scaling: float multiplier of the low-rank branch (PEFT: ``alpha / r``).
-        backend: ``None | "torch"`` (see ``lora_kernels._backend``).
+        backend: ``None | "torch" | "triton"`` (see ``lora_kernels._backend``; ``None`` picks
+            ``"torch"`` until the Triton kernels are verified on a GPU).
     Returns:
         ``(M, out)`` in x's dtype; gradients flow to x, lora_A, lora_B, and weight / bias when
         they require grad (experts that receive no row get zero gradients).
