@@ -53,6 +53,8 @@ EXTRA_CASES = (("cases_dora", "dora_cases"), ("cases_dropin", "dropin_cases"),
                ("cases_store", "store_cases"))
 GROUPS += ("qlora",)  # bench/cases_quant.py
 EXTRA_CASES += (("cases_quant", "quant_cases"),)
+GROUPS += ("moe",)  # bench/cases_moe.py
+EXTRA_CASES += (("cases_moe", "moe_cases"),)
 
 
 # ----------------------------------------------------------------------------- helpers

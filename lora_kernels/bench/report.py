@@ -65,6 +65,9 @@ from .cases_quant import QUANT_HEADLINE, qlora_cpu_checks  # noqa: E402
 HEADLINE_KEYS += tuple(QUANT_HEADLINE)
 HEADLINE_SPEC.update(QUANT_HEADLINE)
 
+# MoE-LoRA (bench/cases_moe.py): CPU ratios only (its GPU point is not a headline key yet)
+from .cases_moe import moe_cpu_checks  # noqa: E402
+
 # issue 14: more adapters than device slots (lora_kernels/bench/cases_store.py)
 HEADLINE_KEYS += ("decode_overhead_at_90pct_hits",)
 HEADLINE_SPEC["decode_overhead_at_90pct_hits"] = dict(
@@ -185,6 +188,7 @@ def cpu_checks(rows: list[dict]) -> dict:
         out["significantly_slower"] = sig
     out["dora"] = dora_cpu_checks(rows)
     out["qlora"] = qlora_cpu_checks(rows)
+    out["moe"] = moe_cpu_checks(rows)
     return out
 
 
