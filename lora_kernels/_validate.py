@@ -3,6 +3,7 @@ and what was expected, before any kernel reads memory."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -45,6 +46,20 @@ def same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None)
             raise ValueError(
                 f"{name} must be on {ref.device} (like {ref_name}), got {t.device}"
             )
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def scaling32(name: str, v) -> float:
+    """A LoRA scaling stored as float32 (pools, stores): a Python float (or int / 1-element
+    tensor) that is finite *in float32* -- ``1e39`` is finite in Python but overflows there."""
+    v = scalar(name, v)
+    if not math.isfinite(v) or not math.isfinite(float(torch.tensor(v, dtype=torch.float64)
+                                                      .to(torch.float32))):
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {_F32_MAX:.4g}, the "
+                         f"pool stores it as float32), got {v}")
+    return v
 
 
 def scalar(name: str, v, *, lo: float | None = None, hi: float | None = None,

@@ -41,7 +41,6 @@ the ordering rules deterministically on a CPU.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -322,6 +321,8 @@ def _check_pools(pools) -> dict:
         if len(p):
             raise ValueError(f"pools[{k!r}] already holds adapters {p.names()}: the store must "
                              "own every slot")
+        if p._owner is not None:
+            raise ValueError(f"pools[{k!r}] is already owned by {p._owner}")
     return dict(pools)
 
 
@@ -350,10 +351,14 @@ def _swap_slot(pool, s: int, old: str | None, new: str | None, entry) -> None:
     if type(pool)._prepare is not _plain_prepare():
         # a pool with its own add (e.g. parallel.ShardedAdapterPool: slices the unsharded
         # factors, agrees with the other ranks) is written through its public API
-        if here:
-            pool.remove(old)
-        if entry is not None:
-            pool.add(new, entry[0], entry[1].t(), entry[2], slot=s)
+        pool._owner_writes += 1
+        try:
+            if here:
+                pool.remove(old)
+            if entry is not None:
+                pool.add(new, entry[0], entry[1].t(), entry[2], slot=s)
+        finally:
+            pool._owner_writes -= 1
         return
     r = 0
     if entry is not None:
@@ -389,6 +394,8 @@ class AdapterStore:
 
     def __init__(self, pools, *, policy=None, engine=None):
         self.pools = _check_pools(pools)
+        for p in self.pools.values():       # pool.add / remove now refuse (the store's slots)
+            p._owner = f"an AdapterStore of {len(self.pools)} pool(s)"
         first = next(iter(self.pools.values()))
         self.num_slots = first.max_adapters
         self.device = first.device
@@ -479,9 +486,7 @@ class AdapterStore:
                         f"(out_features, r) with r={r} from lora_A")
                 if r > p.max_rank:
                     raise ValueError(f"lora_A has rank {r} > the pool's max_rank={p.max_rank}")
-                s = V.scalar("scaling", s)
-                if not math.isfinite(s):
-                    raise ValueError(f"scaling must be finite, got {s}")
+                s = V.scaling32("scaling", s)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"adapter[{mod!r}]: {e}") from None
             checked[mod] = (A, B, s, p)

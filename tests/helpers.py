@@ -96,3 +96,52 @@ def spy_cpu_strategies(monkeypatch) -> list[str]:
         monkeypatch.setattr(MT, name, lambda *a, _f=fn, _n=name, **k: (seen.append(_n),
                                                                        _f(*a, **k))[1])
     return seen
+
+
+def snapshot(obj, _seen=None, _depth=0):
+    """A comparable, bitwise picture of ``obj``'s whole state (tensors as dtype, shape, strides
+    and raw bytes, so NaN payloads and -0.0 count; dicts, lists, nn.Modules and the package's
+    objects recursively through their ``__dict__``): ``snapshot(x) == snapshot(x)`` after a
+    call means the call changed nothing. See :func:`assert_refused`."""
+    seen = set() if _seen is None else _seen
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        raw = t.cpu().contiguous().reshape(-1)
+        raw = raw.view(torch.uint8) if raw.numel() and raw.dtype != torch.bool else raw
+        return ("T", str(t.dtype), tuple(t.shape), tuple(t.stride()), t.requires_grad,
+                bytes(raw.numpy().tobytes()))
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.dtype,
+                                       torch.device)):
+        return obj if not (isinstance(obj, float) and obj != obj) else ("nan",)
+    if id(obj) in seen or _depth > 40:
+        return ("seen", type(obj).__name__)
+    seen.add(id(obj))
+    rec = lambda v: snapshot(v, seen, _depth + 1)  # noqa: E731
+    if isinstance(obj, dict):
+        return ("D", type(obj).__name__, tuple((repr(k), rec(v)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return ("L", type(obj).__name__, tuple(rec(v) for v in obj))
+    if isinstance(obj, (set, frozenset)):
+        return ("S", tuple(sorted(repr(v) for v in obj)))
+    mod = type(obj).__module__ or ""
+    if isinstance(obj, torch.nn.Module) or mod.split(".")[0] in (
+            "lora_kernels", "peft", "transformers", "tests", "helpers"):
+        if hasattr(obj, "__dict__"):
+            return ("O", type(obj).__qualname__,
+                    tuple((k, rec(v)) for k, v in sorted(vars(obj).items())
+                          if not callable(v) or isinstance(v, torch.nn.Module)))
+    return ("X", type(obj).__qualname__)
+
+
+def assert_refused(call, exc, *objs, match=None):
+    """``call()`` raises ``exc`` (a ValueError / TypeError naming the argument: ``match``) and
+    leaves every object in ``objs`` bitwise unchanged (:func:`snapshot`): a refused call
+    changes nothing."""
+    import pytest
+
+    before = [snapshot(o) for o in objs]
+    with pytest.raises(exc, match=match):
+        call()
+    after = [snapshot(o) for o in objs]
+    for i, (b, a) in enumerate(zip(before, after)):
+        assert b == a, f"object {i} ({type(objs[i]).__name__}) changed by a refused call"

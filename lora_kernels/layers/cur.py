@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import _validate as V
+from .._cache import content, version
 from ..ops.cur import check_indices, cur_factors, sample_cur_indices
 from .base import AdapterLinear, same
 
@@ -43,19 +44,23 @@ class CURLoRALinear(AdapterLinear):
         return cls(linear.weight, linear.bias, rank, alpha, generator, backend)
 
     def _indices_key(self):
-        """None (check every call) for inference tensors: they have no version counter."""
+        """CPU indices: their content (exact, ``_cache.content``; a version counter misses writes
+        through ``.data`` or a numpy buffer). Device indices (reading them would sync): the
+        version counters (None, check every call, for inference tensors); torch's own indexing
+        still bounds-checks them on the device."""
         c, r = self.col_idx, self.row_idx
-        if c.is_inference() or r.is_inference():
-            return None
-        return (c.data_ptr(), c._version, c.device, r.data_ptr(), r._version, r.device)
+        if c.device.type == "cpu" and r.device.type == "cpu":
+            return content(c), content(r)
+        v = (version(c), version(r))
+        return None if None in v else (c.data_ptr(), *v, c.device, r.data_ptr(), r.device)
 
     def lora_factors(self, view=same):
         """Rank-``rank`` factors ``(U W0[row_idx], W0[:, col_idx], scaling)``
         (:func:`lora_kernels.ops.cur.cur_factors`, shared with :func:`cur_linear`).
 
-        The indices are bounds-checked (one host sync) only when they changed since the last
-        check: new tensors (load_state_dict, .to()) or an in-place edit (bumps the tensor's
-        ``_version``); never while torch.compile traces. (The tensor-parallel forward builds
+        The indices are bounds-checked when they changed since the last check (CPU: their
+        content; device: new tensors or an in-place edit, the version counter: one host sync);
+        never while torch.compile traces. (The tensor-parallel forward builds
         C and R from its shards instead: ``lora_kernels.parallel``.)
         """
         if not torch.compiler.is_compiling():

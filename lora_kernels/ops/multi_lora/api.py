@@ -7,13 +7,13 @@ check), builds a :class:`~.plan.BatchPlan` for the ids (or takes the caller's), 
 
 from __future__ import annotations
 
-import weakref
+import threading
 
 import torch
 
 from ... import _validate as V
 from ..._backend import compact_rows_for_cpu_gemm, resolve_backend
-from ..._cache import version
+from ..._cache import content
 from ...pool import AdapterPool
 from . import plan as P
 from .registered import add_, apply
@@ -65,30 +65,35 @@ def _check_common(x, pool, adapter_ids, backend, path):
     return compact_rows_for_cpu_gemm(x.reshape(T, in_f)), plan, be
 
 
-# id(ids) -> (weakref to ids, its _version, key, its plan without ids): a freed ids tensor drops
-# its entry (weakref callback); the stored plan holds no reference back to the ids
-_PLANS: dict[int, tuple] = {}
+# the last plans built from CPU ids: (ids content, key) -> plan without ids (a few entries: the
+# layers of one forward share one ids tensor; a new batch evicts the oldest)
+_PLANS: dict[tuple, P.BatchPlan] = {}
+_PLANS_MAX = 8
+_PLANS_LOCK = threading.Lock()
 
 
 def _plan_cached(ids: torch.Tensor, pool: AdapterPool, backend: str, path: str) -> P.BatchPlan:
-    """:func:`~.plan.build`, reusing the plan last built from this very ids tensor when it is
-    unmodified since (its ``_version``) and the slot count, backend and path match: the layers
-    of a model called with one ids tensor share one plan, as a served model's do. The ids are
-    still checked against each pool (:meth:`AdapterPool.check_ids`) on every call."""
+    """:func:`~.plan.build`, reusing the plan last built from ids of the same content (dtype,
+    shape and bytes: :func:`~lora_kernels.pool.ids_content`) for the same slot count, backend
+    and path: the layers of a model called with one ids tensor share one plan, as a served
+    model's do. Keyed on the bytes, never on the tensor's version counter (a
+    ``torch.from_numpy`` buffer or a ``.data`` write changes ids without bumping it). The ids are
+    still checked against each pool (:meth:`AdapterPool.check_ids`) on every call. Ids on a GPU
+    are not cached (reading their content would sync): pass a
+    :func:`~lora_kernels.ops.multi_lora.plan_for` plan to share one there."""
     key = (pool.max_adapters, len(pool), backend, path)
-    v = None if torch.compiler.is_compiling() else version(ids)
-    if v is None:                       # traced, or an inference tensor: no cache
+    if torch.compiler.is_compiling() or ids.device.type != "cpu":
         return P.build(ids, *key[:2], backend=backend, path=path)
-    hit = _PLANS.get(id(ids))
-    if hit is not None and hit[0]() is ids and hit[1] == v and hit[2] == key:
-        return hit[3]._replace(ids=ids)
+    ck = (content(ids), key)
+    hit = _PLANS.get(ck)
+    if hit is not None:
+        return hit._replace(ids=ids)
     plan = P.build(ids, *key[:2], backend=backend, path=path)
-    _PLANS[id(ids)] = (weakref.ref(ids, _forget(id(ids))), v, key, plan._replace(ids=None))
+    with _PLANS_LOCK:                   # (request threads share the cache)
+        if len(_PLANS) >= _PLANS_MAX:
+            del _PLANS[next(iter(_PLANS))]
+        _PLANS[ck] = plan._replace(ids=None)
     return plan
-
-
-def _forget(k: int):
-    return lambda _: _PLANS.pop(k, None)
 
 
 def multi_lora_linear(x, weight, bias, pool, adapter_ids, *, backend=None, path=None,

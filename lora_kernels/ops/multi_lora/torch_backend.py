@@ -66,7 +66,8 @@ def add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) -> None:
     rows = view.lora_A.shape[0] * view.lora_A.shape[1]            # every slot's rank rows
     dense = (2.0 * T * kn * (rows - view.rank_bound) * DENSE_SEC_PER_CORE_FLOP
              / torch.get_num_threads()
-             if rows <= DENSE_MAX_SLOT_ROWS else float("inf"))   # its extra FLOPs' cost
+             if rows <= DENSE_MAX_SLOT_ROWS and factors_finite(view)
+             else float("inf"))                                   # its extra FLOPs' cost
     runs = plan.runs() if plan.resolved_path() != "decode" else None
     if runs is not None:                                          # few runs, in token order
         if dense <= len(runs) * RUN_FIXED_SEC:
@@ -106,6 +107,34 @@ def dense_add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) -> 
         y.addmm_(S, Qf)
     else:
         y.copy_(torch.addmm(y.to(acc), S, Qf).to(y.dtype))
+
+
+# id(lora_A) -> (weakref to lora_A, weakref to lora_Bt, their _versions, finite): whether every
+# factor of the pool is finite, recomputed after any in-place write to either tensor
+_FINITE: dict[int, tuple] = {}
+
+
+def factors_finite(view: PoolView) -> bool:
+    """Whether every entry of ``lora_A`` and ``lora_Bt`` is finite: the condition for
+    :func:`dense_add_` (its GEMMs run over every slot's factors, and a slot weight of 0 does not
+    cancel NaN/inf: 0 * NaN = NaN, so one adapter's non-finite factors would reach every row).
+    One pass over the pool per change of its factors (``pool.add`` / ``remove``, an optimizer
+    step: each bumps the tensors' version counters), one dict lookup otherwise. Inference
+    tensors have no version counter: False (the per-run / per-segment strategies, which read
+    only each row's own adapter, are used)."""
+    A, Bt = view.lora_A, view.lora_Bt
+    versions = (version(A), version(Bt))
+    if None in versions:
+        return False
+    hit = _FINITE.get(id(A))
+    if hit is not None and hit[0]() is A and hit[1]() is Bt and hit[2] == versions:
+        return hit[3]
+    with torch.no_grad():
+        ok = bool(torch.isfinite(A).all()) and bool(torch.isfinite(Bt).all())
+    key = id(A)
+    _FINITE[key] = (weakref.ref(A, lambda _: _FINITE.pop(key, None)), weakref.ref(Bt), versions,
+                    ok)
+    return ok
 
 
 # id(scalings) -> (weakref, scalings._version, ranks._version, acc dtype, tables): the per-slot
@@ -223,6 +252,7 @@ def gather_add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) ->
     maxa = P.shape[0]
     rb = max(1, min(view.rank_bound, P.shape[1]))
     ids = plan.ids.long()
+    keep = None
     if x.device.type == "cpu" and _all_adapted(view, plan):
         a, sc, xs = ids, view.scalings.index_select(0, ids), x
     else:
@@ -231,6 +261,7 @@ def gather_add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) ->
         ok = ok & (view.ranks.index_select(0, a) > 0)
         sc = torch.where(ok, view.scalings.index_select(0, a), 0.0)
         xs = torch.where(ok[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        keep = ok
     acc = _acc(y.dtype)
     Pr, Qr = P[:, :rb], Q[:, :rb]
     ch = max(1, _CHUNK_ELEMS // (rb * max(x.shape[1], y.shape[1])))
@@ -240,10 +271,16 @@ def gather_add_(y, x, view: PoolView, plan: BatchPlan, *, swap: bool = False) ->
         v = torch.bmm(Pr.index_select(0, asl).to(acc), xs[sl].to(acc).unsqueeze(2))  # (t, rb, 1)
         v = (v * sc[sl, None, None].to(acc)).transpose(1, 2)                         # (t, 1, rb)
         q = Qr.index_select(0, asl).to(acc)                                          # (t, rb, N)
-        if y.dtype == acc:
-            y[sl].unsqueeze(1).baddbmm_(v, q)
+        if keep is None:
+            if y.dtype == acc:
+                y[sl].unsqueeze(1).baddbmm_(v, q)
+            else:
+                y[sl] = (y[sl].to(acc) + torch.bmm(v, q).squeeze(1)).to(y.dtype)
         else:
-            y[sl] = (y[sl].to(acc) + torch.bmm(v, q).squeeze(1)).to(y.dtype)
+            # tokens without an adapter read slot 0's factors with x and scale 0: a non-finite
+            # entry there gives 0 * inf = NaN, so their delta is selected away (not scaled)
+            d = torch.where(keep[sl, None], torch.bmm(v, q).squeeze(1), 0.0)
+            y[sl] = (y[sl].to(acc) + d).to(y.dtype) if y.dtype != acc else y[sl] + d
 
 
 def segment_grads(dy, x, view: PoolView, plan: BatchPlan, need_dA: bool, need_dBt: bool):

@@ -1,0 +1,253 @@
+"""Hostile but fair input and concurrency (issue 21): one tenant's non-finite adapter stays in its
+own rows on every strategy and backend, id checks are never skipped on a stale cache, refused
+calls change nothing (bitwise), concurrent server calls are correct."""
+
+import numpy as np
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import AdapterPool
+from lora_kernels.ops.multi_lora import plan_for
+from lora_kernels.ops.multi_lora import torch_backend as MT
+from lora_kernels.reference import serving as ref
+from lora_kernels.store import AdapterStore
+
+from helpers import assert_refused, snapshot, spy_cpu_strategies
+
+IN, OUT, MAXA, MAXR = 24, 20, 4, 4       # MAXA * MAXR = 16 rank rows: the dense strategy's range
+
+
+def _pool(bad_slot, bad, where="A", dtype=torch.float32):
+    """Four adapters (ranks 1-4); slot ``bad_slot``'s ``where`` factor holds ``bad`` (NaN/inf)
+    in one entry. Returns the pool and the float64 factors per slot."""
+    g = torch.Generator().manual_seed(7)
+    pool = AdapterPool(IN, OUT, MAXA, MAXR, dtype=dtype)
+    ads = {}
+    for j in range(MAXA):
+        r = j + 1
+        A = torch.randn(r, IN, generator=g, dtype=torch.float64) / IN ** 0.5
+        B = torch.randn(OUT, r, generator=g, dtype=torch.float64) / r ** 0.5
+        if j == bad_slot:
+            (A if where == "A" else B)[0, 0] = bad
+        pool.add(f"a{j}", A, B, 0.5 + j)
+        ads[j] = (A, B, 0.5 + j)
+    return pool, ads
+
+
+def _ids(kind, T, bad_slot):
+    g = torch.Generator().manual_seed(T)
+    if kind == "runs":                 # long runs in token order (runs / dense)
+        k = torch.tensor([-1, bad_slot, (bad_slot + 1) % MAXA, (bad_slot + 2) % MAXA])
+        return k.repeat_interleave(T // 4)
+    return torch.randint(-1, MAXA, (T,), generator=g)      # fragmented (sorted / dense)
+
+
+def _check_isolated(y, x, w, b, ads, ids, bad_slot, what):
+    y64 = ref.multi_lora_linear(x.double(), w.double() if w is not None else None,
+                                b.double() if b is not None else None, ads, ids)
+    other = ids != bad_slot
+    assert other.any()
+    assert torch.isfinite(y[other]).all(), f"{what}: NaN/inf leaked into other tenants' rows"
+    torch.testing.assert_close(y[other].double(), y64[other], rtol=1e-4, atol=1e-4,
+                               msg=lambda m: f"{what}: {m}")
+
+
+BADS = [("A", float("nan")), ("B", float("nan")), ("A", float("inf")), ("B", float("-inf"))]
+
+
+@pytest.mark.parametrize("bad_slot", [0, 2])
+@pytest.mark.parametrize("where,bad", BADS)
+@pytest.mark.parametrize("kind,T", [("decode", 6), ("runs", 64), ("frag", 64), ("frag", 5)])
+def test_nonfinite_adapter_stays_in_its_rows_cpu(monkeypatch, bad_slot, where, bad, kind, T):
+    """The public op (whatever strategy its cost model picks) and every CPU strategy run
+    directly: rows of other adapters and of base-only tokens (-1) match float64; the dense
+    strategy (every slot's factors in one GEMM: 0 * NaN = NaN) is not picked for such a pool."""
+    pool, ads = _pool(bad_slot, bad, where)
+    ids = _ids(kind, T, bad_slot)
+    ids[0] = -1
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, IN, generator=g)
+    w, b = torch.randn(OUT, IN, generator=g), torch.randn(OUT, generator=g)
+    seen = spy_cpu_strategies(monkeypatch)
+    y = lk.multi_lora_linear(x, w, b, pool, ids, backend="torch")
+    assert "dense_add_" not in seen
+    _check_isolated(y, x, w, b, ads, ids, bad_slot, f"auto ({seen})")
+    plan = plan_for(pool, ids, backend="torch")
+    runs = plan.runs()
+    for name, fn in [("sorted", lambda y_: MT.sorted_add_(y_, x, pool.view(), plan)),
+                     ("gather", lambda y_: MT.gather_add_(y_, x, pool.view(), plan))] + (
+            [("runs", lambda y_: MT.runs_add_(y_, x, pool.view(), runs))] if runs else []):
+        y = torch.zeros(T, OUT)
+        fn(y)
+        _check_isolated(y, x, None, None, ads, ids, bad_slot, name)
+
+
+@pytest.mark.parametrize("bad_slot", [0, 2])
+def test_nonfinite_adapter_gradients_isolated(bad_slot):
+    """Training through a pool with one NaN adapter: dx of other rows, and the factor gradients
+    of other slots, match float64 (CPU segments and the GPU-style gather)."""
+    pool, ads = _pool(bad_slot, float("nan"), "B")
+    pool.requires_grad_()
+    T = 32
+    ids = _ids("frag", T, bad_slot)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, IN, generator=g, requires_grad=True)
+    w = torch.randn(OUT, IN, generator=g)
+    dy = torch.randn(T, OUT, generator=g)
+    y = lk.multi_lora_linear(x, w, None, pool, ids, backend="torch")
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    A64 = [a.clone().requires_grad_() for a, _, _ in ads.values()]
+    y64 = ref.multi_lora_linear(x64, w.double(), None,
+                                {j: (A64[j], ads[j][1], ads[j][2]) for j in ads}, ids)
+    (y64 * dy.double()).sum().backward()
+    other = ids != bad_slot
+    torch.testing.assert_close(x.grad[other].double(), x64.grad[other], rtol=1e-4, atol=1e-4)
+    for j in range(MAXA):
+        if j != bad_slot:
+            torch.testing.assert_close(pool.lora_A.grad[j, :j + 1].double(), A64[j].grad,
+                                       rtol=1e-4, atol=1e-4)
+    view = pool.view()
+    plan = plan_for(pool, ids, backend="torch")
+    dx, dA, _ = MT.bwd(dy, x.detach(), w, view, plan, (True, True, False), gather=True)
+    torch.testing.assert_close(dx[other].double(), x64.grad[other], rtol=1e-4, atol=1e-4)
+    for j in range(MAXA):
+        if j != bad_slot:
+            assert torch.isfinite(dA[j]).all()
+
+
+def test_nonfinite_adapter_isolated_triton():
+    pytest.importorskip("triton")
+    from lora_kernels._backend import triton_interpret
+
+    if not triton_interpret():
+        pytest.skip("Triton kernels run here through TRITON_INTERPRET=1 only")
+    pool, ads = _pool(0, float("nan"), "A")
+    for kind, T in (("decode", 6), ("runs", 32)):
+        ids = _ids(kind, T, 0)
+        ids[0] = -1
+        x = torch.randn(T, IN)
+        w, b = torch.randn(OUT, IN), torch.randn(OUT)
+        y = lk.multi_lora_linear(x, w, b, pool, ids, backend="triton")
+        _check_isolated(y, x, w, b, ads, ids, 0, f"triton {kind}")
+
+
+def test_finite_pool_still_uses_dense(monkeypatch):
+    """The guard costs nothing for a healthy pool: the dense strategy is still picked."""
+    pool, ads = _pool(-1, 0.0)
+    ids = torch.tensor([0, 1, 2, 3, -1, 1])
+    x = torch.randn(6, IN)
+    seen = spy_cpu_strategies(monkeypatch)
+    y = lk.multi_lora_linear(x, None, None, pool, ids, backend="torch")
+    assert seen == ["dense_add_"]
+    _check_isolated(y, x, None, None, ads, ids, -1, "dense")
+
+
+# ------------------------------------------------------------------ stale caches (item 2)
+def _small_pool():
+    pool = AdapterPool(8, 6, 4, 2)
+    pool.add("a", torch.randn(2, 8), torch.randn(6, 2), 0.5)
+    pool.add("b", torch.randn(1, 8), torch.randn(6, 1), 2.0)
+    return pool
+
+
+def _ref_of(pool):
+    return {pool.slot(n): pool.get(n) for n in pool.names()}
+
+
+def test_ids_rewritten_behind_version_counter_numpy():
+    """``torch.from_numpy(buf)`` ids rewritten through ``buf`` (no version bump): the next call
+    checks the new ids (an id of 1000 refused) and uses a plan of the new ids."""
+    pool = _small_pool()
+    buf = np.array([0, 0, 1, -1, 1, 0], dtype=np.int64)
+    ids = torch.from_numpy(buf)
+    x = torch.randn(6, 8)
+    y = lk.multi_lora_linear(x, None, None, pool, ids, backend="torch")
+    torch.testing.assert_close(y, ref.multi_lora_linear(x, None, None, _ref_of(pool), ids))
+    buf[:] = [1, 1, 0, 0, -1, 1]
+    y = lk.multi_lora_linear(x, None, None, pool, ids, backend="torch")
+    torch.testing.assert_close(y, ref.multi_lora_linear(x, None, None, _ref_of(pool), ids))
+    buf[2] = 1000
+    with pytest.raises(ValueError, match="adapter_ids"):
+        lk.multi_lora_linear(x, None, None, pool, ids, backend="torch")
+    with pytest.raises(ValueError, match="adapter_ids"):
+        pool.check_ids(ids, 6)
+
+
+def test_ids_rewritten_through_data_freed_slot():
+    """A write through ``.data`` (no version bump) naming a freed slot is refused."""
+    pool = _small_pool()
+    pool.add("c", torch.randn(2, 8), torch.randn(6, 2))
+    pool.remove("c")                                   # slot 2 freed
+    ids = torch.tensor([0, 1, 1, 0], dtype=torch.int32)
+    x = torch.randn(4, 8)
+    lk.multi_lora_linear(x, None, None, pool, ids, backend="torch")
+    ids.data[1] = 2
+    with pytest.raises(ValueError, match="adapter_ids"):
+        lk.multi_lora_linear(x, None, None, pool, ids, backend="torch")
+    ids.data[1] = 1
+    y = lk.multi_lora_linear(x, None, None, pool, ids, backend="torch")
+    torch.testing.assert_close(y, ref.multi_lora_linear(x, None, None, _ref_of(pool), ids))
+
+
+def test_cur_indices_rewritten_through_data():
+    """CURLoRA's index check is not skipped after a ``.data`` write (CPU: content key)."""
+    from lora_kernels.layers.cur import CURLoRALinear
+
+    lin = torch.nn.Linear(12, 10)
+    m = CURLoRALinear.from_linear(lin, rank=3, generator=torch.Generator().manual_seed(0))
+    m(torch.randn(2, 12))
+    m.col_idx.data[0] = 10_000
+    with pytest.raises(ValueError):
+        m(torch.randn(2, 12))
+
+
+# ------------------------------------------------------------------ pool refusals (items 4, 8)
+@pytest.mark.parametrize("scaling", [1e39, -1e39, float("inf"), float("nan")])
+def test_pool_add_scaling_not_finite_in_float32(scaling):
+    pool = _small_pool()
+    assert_refused(lambda: pool.add("c", torch.randn(2, 8), torch.randn(6, 2), scaling),
+                   ValueError, pool, match="scaling")
+
+
+def test_store_add_scaling_not_finite_in_float32():
+    pools = {"m": AdapterPool(8, 6, 2, 2)}
+    store = AdapterStore(pools)
+    store.add("ok", {"m": (torch.randn(2, 8), torch.randn(6, 2), 1.0)})
+    assert_refused(lambda: store.add("bad", {"m": (torch.randn(2, 8), torch.randn(6, 2), 1e39)}),
+                   ValueError, store, match="scaling")
+    assert "bad" not in store
+    store.add("bad", {"m": (torch.randn(2, 8), torch.randn(6, 2), 1.0)})   # the name is free
+
+
+def test_pool_cuda_device_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    with pytest.raises(ValueError, match="device"):
+        AdapterPool(8, 6, 2, 2, device="cuda")
+
+
+def test_pool_add_behind_the_stores_back():
+    pool = AdapterPool(8, 6, 2, 2)
+    store = AdapterStore(pool)
+    store.add("a", (torch.randn(2, 8), torch.randn(6, 2), 1.0))
+    assert_refused(lambda: pool.add("x", torch.randn(2, 8), torch.randn(6, 2)), ValueError,
+                   pool, store, match="store")
+    assert_refused(lambda: pool.remove("a"), ValueError, pool, store, match="store")
+    store.remove("a")                       # the store itself still writes
+    assert len(pool) == 0
+    with pytest.raises(ValueError, match="owned"):
+        AdapterStore(pool)
+
+
+def test_snapshot_sees_one_bit():
+    """The refusal helper is not vacuous: a one-bit change (a NaN payload, -0.0) is seen."""
+    pool = _small_pool()
+    s = snapshot(pool)
+    pool.lora_A.data[0, 0, 0] = -pool.lora_A[0, 0, 0]
+    assert snapshot(pool) != s
+    pool = _small_pool()
+    s = snapshot(pool)
+    pool._rank_at[3] = 0 if pool._rank_at[3] else 1
+    assert snapshot(pool) != s
