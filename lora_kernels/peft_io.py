@@ -171,9 +171,7 @@ def validate_config(cfg) -> dict:
     r = cfg.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"{CONFIG_NAME}: r must be a positive int, got {r!r}")
-    alpha = cfg.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"{CONFIG_NAME}: lora_alpha must be a finite number, got {alpha!r}")
+    _finite_number("lora_alpha", cfg.get("lora_alpha", 8))
     if not isinstance(cfg.get("use_dora", False) or False, bool):
         raise ValueError(f"{CONFIG_NAME}: use_dora must be a bool, got {cfg['use_dora']!r}")
     if cfg.get("fan_in_fan_out") not in (None, True, False):
@@ -186,23 +184,115 @@ def validate_config(cfg) -> dict:
         raise ValueError(f"{CONFIG_NAME}: lora_bias must be a bool, got {cfg['lora_bias']!r}")
     if not isinstance(cfg.get("use_rslora", False), bool):
         raise ValueError(f"{CONFIG_NAME}: use_rslora must be a bool, got {cfg['use_rslora']!r}")
-    for f, num in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+    for f in ("rank_pattern", "alpha_pattern"):
         pat = cfg.get(f) or {}
         if not isinstance(pat, dict):
             raise ValueError(f"{CONFIG_NAME}: {f} must be an object, got {type(pat).__name__}")
         for k, v in pat.items():
-            if isinstance(v, bool) or not isinstance(v, num) or (f == "rank_pattern" and v < 1):
-                raise ValueError(f"{CONFIG_NAME}: {f}[{k!r}] must be a positive number, got {v!r}")
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise ValueError(f"{CONFIG_NAME}: {f} key {k!r} is not a valid regex: "
-                                 f"{e}") from None
+            if f == "rank_pattern" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{CONFIG_NAME}: {f}[{k!r}] must be a positive int, got {v!r}")
+            if f == "alpha_pattern":
+                _finite_number(f"{f}[{k!r}]", v)
+            check_pattern(f, k)
     return cfg
 
 
-def _pattern_value(pattern: dict, module: str, default):
-    """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``(.*\\.)?(p)$`` matching."""
+def _finite_number(name: str, v) -> float:
+    """``v`` as a finite float (a JSON int too large for a float, ``1e400`` (parsed as inf),
+    ``NaN`` / ``Infinity``: ValueError naming the field)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{CONFIG_NAME}: {name} must be a finite number, got {v!r}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise ValueError(f"{CONFIG_NAME}: {name} must be a finite number, got "
+                         f"{v if isinstance(v, float) else str(v)[:20] + '...'}")
+    return f
+
+
+# Bounds on rank_pattern / alpha_pattern keys. Python's ``re`` backtracks without a time limit:
+# ``(a+)+$`` against 40 a's and a mismatch runs for hours. PEFT matches a key ``p`` as
+# ``(.*\.)?(p)$`` (one unbounded ``.*`` of its own). A key is accepted only with no repeated
+# group (``(...)*``, ``(...)+``, ``(...){m,n}``; ``(...)?`` is fine), at most MAX_PATTERN_LOOPS
+# repetitions (``*``, ``+``, ``{m,n}``) and MAX_PATTERN_OPTIONAL optional parts (``?``), and
+# module names are at most MAX_MODULE_NAME characters: backtracking is then polynomial and
+# small. Worst cases measured (2-core CI box, 512-character names): ``.*.*x`` 18 ms, ``.?.?.*.*x``
+# ~0.2 s; one more ``.*`` (refused) 1.4 s, two more (refused) hours. Real keys (module names,
+# ``model.layers.0.self_attn.q_proj``, ``.*\.layers\.\d+\.mlp``, ``(q|k|v)_proj``) pass and
+# keep PEFT's matching.
+MAX_PATTERN_LEN = 512
+MAX_PATTERN_LOOPS = 2
+MAX_PATTERN_OPTIONAL = 2
+MAX_MODULE_NAME = 512
+
+
+def check_pattern(field: str, key) -> None:
+    """Refuse a ``rank_pattern`` / ``alpha_pattern`` key that is not a string, not a valid
+    regex, longer than MAX_PATTERN_LEN, or shaped for catastrophic backtracking (see above)."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{CONFIG_NAME}: {field} keys must be non-empty strings, got {key!r}")
+    if len(key) > MAX_PATTERN_LEN:
+        raise ValueError(f"{CONFIG_NAME}: {field} key of {len(key)} characters (at most "
+                         f"{MAX_PATTERN_LEN})")
+    try:
+        re.compile(key)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"{CONFIG_NAME}: {field} key {key!r} is not a valid regex: {e}") from None
+    bare = _strip_classes(key)
+    if "(?" in bare.replace("(?:", "") or "\x01" in bare:
+        raise ValueError(f"{CONFIG_NAME}: {field} key {key!r}: lookarounds, backreferences and "
+                         "inline flags are not supported in pattern keys")
+    if re.search(r"\)(?:[*+]|\{)", bare):
+        raise ValueError(f"{CONFIG_NAME}: {field} key {key!r} repeats a group ((...)*, (...)+, "
+                         "(...){m,n}): refused, such patterns can backtrack for hours; list the "
+                         "modules instead")
+    loops = optional = 0
+    for i, c in enumerate(bare):
+        if c in "*+{":
+            loops += 1
+        elif c == "?" and i and bare[i - 1] not in "(*+?}":  # not a lazy suffix, not (?:
+            optional += 1
+    if loops > MAX_PATTERN_LOOPS or optional > MAX_PATTERN_OPTIONAL:
+        raise ValueError(f"{CONFIG_NAME}: {field} key {key!r} has {loops} repetitions (*, +, "
+                         f"{{m,n}}; at most {MAX_PATTERN_LOOPS}) and {optional} optional parts "
+                         f"(?; at most {MAX_PATTERN_OPTIONAL}): refused, matching could backtrack "
+                         "for a very long time; list the modules instead")
+
+
+def _strip_classes(key: str) -> str:
+    """``key`` with every escape replaced by one character (``\\x00``; a backreference
+    ``\\1``-``\\9`` by ``\\x01``) and every ``[...]`` class by ``\\x02``, so only real groups,
+    alternations and quantifiers remain as metacharacters."""
+    out, i, n = [], 0, len(key)
+    while i < n:
+        c = key[i]
+        if c == "\\":
+            out.append("\x01" if key[i + 1:i + 2] in tuple("123456789") else "\x00")
+            i += 2
+        elif c == "[":
+            j = i + 1
+            if j < n and key[j] == "^":
+                j += 1
+            if j < n and key[j] == "]":
+                j += 1
+            while j < n and key[j] != "]":
+                j += 2 if key[j] == "\\" else 1
+            out.append("\x02")
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def pattern_value(pattern: dict, module: str, default):
+    """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``(.*\\.)?(p)$`` matching (keys
+    checked by :func:`check_pattern`, names at most MAX_MODULE_NAME characters)."""
+    if len(module) > MAX_MODULE_NAME:
+        raise ValueError(f"module name of {len(module)} characters (at most {MAX_MODULE_NAME}): "
+                         f"{module[:60]!r}...")
     for key, v in pattern.items():
         if re.match(rf"(.*\.)?({key})$", module):
             return v
@@ -219,6 +309,8 @@ def read_config(path) -> dict:
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{fn} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{fn}: JSON nested too deeply") from None
     return validate_config(cfg)
 
 
@@ -257,6 +349,18 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
     base_weights: dict[str, torch.Tensor] = {}
     biases: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "base": {}}
     dora = bool(cfg.get("use_dora", False))
+    origin: dict[tuple[str, str], str] = {}
+
+    def claim(mod_key: str, kind: str, key: str) -> str:
+        """The module name (PEFT's prefix stripped); ValueError if another key of the file
+        already gave this module this tensor (e.g. stored with and without the prefix)."""
+        mod = mod_key[len(PREFIX):] if mod_key.startswith(PREFIX) else mod_key
+        prev = origin.setdefault((mod, kind), key)
+        if prev != key:
+            raise ValueError(f"{wfn}: module {mod!r} is stored twice ({prev!r} and {key!r}): "
+                             "refusing to pick one")
+        return mod
+
     for key, t in tensors.items():
         m = _LORA_BIAS_KEY.match(key) or _BIAS_KEY.match(key)
         if m is not None:
@@ -270,12 +374,12 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
             if t.dim() != 1 or not t.is_floating_point():
                 raise ValueError(f"{wfn}: tensor {key!r} must be a 1-D float bias, got {t.dtype} "
                                  f"{tuple(t.shape)}")
-            mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
+            mod = claim(m["mod"], kind + " bias", key)
             biases[kind][mod] = t.to(device=device, dtype=dtype or t.dtype)
             continue
         m = _EMB_KEY.match(key) or _BASE_KEY.match(key)
         if m is not None:
-            mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
+            mod = claim(m["mod"], m.groupdict().get("which") or "base", key)
             if "which" not in m.groupdict():
                 if t.dim() != 2 or not t.is_floating_point():
                     raise ValueError(f"{wfn}: tensor {key!r} (a saved base weight) must be a "
@@ -290,7 +394,7 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
         m = _KEY.match(key)
         if m is None and dora and _MAG_KEY.match(key):
             m = _MAG_KEY.match(key)
-            mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
+            mod = claim(m["mod"], "m", key)
             factors.setdefault(mod, {})["m"] = t
             continue
         if m is None:
@@ -300,7 +404,7 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
             raise ValueError(f"{wfn}: tensor {key!r} ({what}) is not supported; only "
                              "'<module>.lora_A.weight' / '<module>.lora_B.weight' / "
                              "'<module>.lora_embedding_A|B' are")
-        mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
+        mod = claim(m["mod"], m["which"], key)
         factors.setdefault(mod, {})[m["which"]] = t
     if not factors:
         raise ValueError(f"{wfn} holds no LoRA tensors")
@@ -332,12 +436,14 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
         if not (A.is_floating_point() and B.is_floating_point()):
             raise ValueError(f"{wfn}: module {mod!r} factors must be floating point, got "
                              f"{A.dtype}/{B.dtype}")
-        r = _pattern_value(cfg.get("rank_pattern") or {}, mod, cfg["r"])
+        r = pattern_value(cfg.get("rank_pattern") or {}, mod, cfg["r"])
         if A.shape[0] != r:
             raise ValueError(f"{wfn}: module {mod!r} has rank {A.shape[0]} but the config says "
                              f"r={r}")
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, mod, cfg.get("lora_alpha", 8))
-        scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora", False) else r)
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, mod, cfg.get("lora_alpha", 8))
+        scaling = V.scaling32(f"{wfn}: module {mod!r} scaling (lora_alpha / r)",
+                              _finite_number("lora_alpha", alpha)
+                              / (math.sqrt(r) if cfg.get("use_rslora", False) else r))
         A = A.to(device=device, dtype=dtype or A.dtype)
         B = B.to(device=device, dtype=dtype or B.dtype)
         if mod in embeddings:

@@ -251,3 +251,131 @@ def test_snapshot_sees_one_bit():
     s = snapshot(pool)
     pool._rank_at[3] = 0 if pool._rank_at[3] else 1
     assert snapshot(pool) != s
+
+
+# ------------------------------------------------------------------ adapter files (item 7)
+def _saved(tmp_path, mods=("model.layers.0.q_proj", "model.layers.1.q_proj")):
+    from lora_kernels.peft_io import save_peft_adapter
+
+    path = tmp_path / "ad"
+    save_peft_adapter({m: (torch.randn(2, 8), torch.randn(6, 2), 1.0) for m in mods}, path)
+    return path
+
+
+def _edit(path, **changes):
+    import json
+
+    fn = path / "adapter_config.json"
+    cfg = json.loads(fn.read_text())
+    cfg.update(changes)
+    fn.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("key", ["(a+)+", "(q|k)*_proj", "(.*)*x", ".*.*.*x", "a?a?a?b",
+                                 "(?=q)q_proj", "(q)\\1", "x" * 600, "[a-", ""],
+                         ids=lambda k: k[:14])
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_pattern_keys_that_can_hang_refused(tmp_path, field, key):
+    """Keys shaped for catastrophic backtracking are refused before any match runs (a server
+    loading uploaded adapters must not hang); a clear ValueError naming the field."""
+    from lora_kernels.peft_io import load_peft_adapter
+
+    path = _saved(tmp_path)
+    _edit(path, **{field: {key: 2}})
+    with pytest.raises(ValueError, match=field):
+        load_peft_adapter(path)
+
+
+def test_pattern_keys_keep_peft_semantics(tmp_path):
+    """Real keys still match as PEFT matches them (``(.*\\.)?(p)$``, first match wins)."""
+    from lora_kernels.peft_io import load_peft_adapter
+
+    path = _saved(tmp_path)
+    for pat, want in [({"model.layers.0.q_proj": 4.0}, (2.0, 0.5)),
+                      ({".*\\.layers\\.\\d+\\.q_proj": 6.0}, (3.0, 3.0)),
+                      ({"(q|k|v)_proj": 4.0}, (2.0, 2.0)),
+                      ({"layers.1.q_proj": 8.0, "q_proj": 4.0}, (2.0, 4.0)),
+                      ({"0.q_proj": 4.0}, (2.0, 0.5)),       # a suffix after a "."
+                      ({"ayers.0.q_proj": 4.0}, (0.5, 0.5))]:  # not after a "."
+        _edit(path, alpha_pattern=pat, lora_alpha=1.0)
+        ad = load_peft_adapter(path)
+        got = (ad["model.layers.0.q_proj"][2], ad["model.layers.1.q_proj"][2])
+        assert got == want, (pat, got)
+    pytest.importorskip("peft")
+    from peft.utils.other import get_pattern_key
+
+    from lora_kernels.peft_io import check_pattern, pattern_value
+
+    pats = {".*\\.layers\\.\\d+\\.q_proj": 6, "(q|k|v)_proj": 4, "0.q_proj": 5,
+            "ayers.0.q_proj": 7, "model.layers.[0-9].q_proj": 9, "q_pro?j": 3}
+    for k in pats:
+        check_pattern("rank_pattern", k)
+        for m in ("model.layers.0.q_proj", "model.layers.1.q_proj", "q_proj", "x.k_proj"):
+            pk = get_pattern_key([k], m)
+            assert pattern_value({k: pats[k]}, m, None) == (pats[k] if pk == k else None), (k, m)
+
+
+def test_pattern_worst_allowed_case_terminates():
+    """The most backtracking an accepted key allows (two repetitions, two optional parts, a
+    512-character name built to mismatch) runs to the end (~0.2 s on the CI box)."""
+    import re
+
+    from lora_kernels.peft_io import MAX_MODULE_NAME, check_pattern, pattern_value
+
+    key = ".?.?.*.*x"
+    check_pattern("rank_pattern", key)
+    name = "a." * (MAX_MODULE_NAME // 2)
+    assert pattern_value({key: 3}, name, 1) == 1
+    assert re.match(rf"(.*\.)?({key})$", name) is None
+    with pytest.raises(ValueError, match="module name"):
+        pattern_value({key: 3}, "a" * (MAX_MODULE_NAME + 1), 1)
+
+
+@pytest.mark.parametrize("text,match", [
+    ('"lora_alpha": NaN', "lora_alpha"), ('"lora_alpha": Infinity', "lora_alpha"),
+    ('"lora_alpha": 1e400', "lora_alpha"), ('"lora_alpha": 1' + "0" * 400, "lora_alpha"),
+    ('"alpha_pattern": {"q_proj": NaN}', "alpha_pattern"),
+    ('"alpha_pattern": {"q_proj": -Infinity}', "alpha_pattern"),
+    ('"alpha_pattern": {"q_proj": 1e400}', "alpha_pattern"),
+    ('"lora_alpha": 1e40', "scaling"),                     # finite, but not in float32
+    ('"rank_pattern": {"q_proj": 1' + "0" * 400 + "}", "rank"),
+], ids=lambda v: v[:28])
+def test_config_numbers_refused(tmp_path, text, match):
+    import json
+
+    from lora_kernels.peft_io import load_peft_adapter
+
+    path = _saved(tmp_path)
+    fn = path / "adapter_config.json"
+    cfg = json.loads(fn.read_text())
+    key = text.split('"')[1]
+    cfg.pop(key, None)
+    fn.write_text(json.dumps(cfg)[:-1] + ", " + text + "}")
+    with pytest.raises(ValueError, match=match):
+        load_peft_adapter(path)
+
+
+def test_deeply_nested_config_refused(tmp_path):
+    from lora_kernels.peft_io import load_peft_adapter
+
+    path = _saved(tmp_path)
+    (path / "adapter_config.json").write_text('{"peft_type": "LORA", "x": ' + "[" * 100_000
+                                              + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        load_peft_adapter(path)
+
+
+def test_module_stored_twice_refused(tmp_path):
+    """The same module with and without PEFT's ``base_model.model.`` prefix: refused, not one
+    copy silently picked."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_kernels.peft_io import load_peft_adapter
+
+    path = _saved(tmp_path, mods=("lin",))
+    fn = path / "adapter_model.safetensors"
+    t = load_file(fn)
+    t["lin.lora_A.weight"] = torch.zeros(2, 8)
+    save_file(t, fn)
+    with pytest.raises(ValueError, match="stored twice"):
+        load_peft_adapter(path)
