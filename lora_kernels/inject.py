@@ -145,7 +145,12 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
     the first replacement: a refused call (unknown module, non-linear module, shape mismatch)
     leaves the model unchanged. A DoRA entry (``DoRAFactors`` / a 4-tuple ``(lora_A, lora_B,
     scaling, magnitude)``, from a ``use_dora=True`` PEFT adapter) becomes a
-    :class:`~lora_kernels.DoRALinear` with its magnitude copied in too.
+    :class:`~lora_kernels.DoRALinear` with its magnitude copied in too. An ``nn.Embedding``
+    module becomes a :class:`~lora_kernels.LoRAEmbedding`. A loaded PEFT adapter's biases
+    (``lora_biases``: a trainable ``lora_bias``; ``base_biases``: the trained base biases, copied
+    into the layer or, for a module without a LoRA, into the model's module) and tied pairs
+    (``tied``, PEFT's ``ensure_weight_tying``: the linear's factors alias the embedding's,
+    transposed) are applied too; base tables it carries must equal the model's.
     """
     from .compose import _factors
     from .layers import AdapterLinear, DoRALinear, LoRALinear
@@ -204,6 +209,12 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
                 prm.requires_grad_(trainable)
         new[name] = layer
     copies = _adapter_biases(model, adapter, new, trainable)
+    for lm, emb in (getattr(adapter, "tied", None) or {}).items():
+        # PEFT's ensure_weight_tying: the linear's factors are the embedding's, transposed, in
+        # the same storage (separate parameters, as PEFT: each gets its own gradient)
+        if lm in new and emb in new and hasattr(new[emb], "num_embeddings"):
+            new[lm].lora_A = nn.Parameter(new[emb].lora_B.detach().t(), requires_grad=trainable)
+            new[lm].lora_B = nn.Parameter(new[emb].lora_A.detach().t(), requires_grad=trainable)
     for name, layer in new.items():
         _set(model, name, layer)
     for bias, b in copies:      # bias="all": trained biases of modules without a LoRA

@@ -117,12 +117,17 @@ class PeftAdapter(dict):
     * ``lora_biases`` ``{module: (out,)}``: ``lora_bias=True`` (the bias of PEFT's ``lora_B``;
       the module adds ``scaling * lora_bias``);
     * ``base_biases`` ``{module: (out,)}``: ``bias="lora_only" | "all"``: trained base biases
-      that replace the model's (any module: a LoRA target's or, with ``"all"``, e.g. a norm's).
+      that replace the model's (any module: a LoRA target's or, with ``"all"``, e.g. a norm's);
+
+    * ``tied`` ``{lm_head module: embedding module}``: PEFT's ``ensure_weight_tying`` (the
+      linear's ``lora_A`` / ``lora_B`` are the embedding's ``lora_B^T`` / ``lora_A^T``, one
+      storage); :func:`lora_kernels.inject_adapter` ties them the same way.
     """
 
     base_weights: dict
     lora_biases: dict
     base_biases: dict
+    tied: dict
 
 
 class DoRAFactors(NamedTuple):
@@ -457,6 +462,24 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
                                    mag.to(device=device, dtype=dtype or mag.dtype))
         else:
             out[mod] = (A, B, float(scaling))
+    out.tied = _tied_pairs(out) if cfg.get("ensure_weight_tying", False) else {}
+    return out
+
+
+def _tied_pairs(adapter: dict) -> dict:
+    """``{linear module: embedding module}`` whose factors are each other's transposes (PEFT's
+    ``ensure_weight_tying``: lm_head ``lora_A = lora_embedding_B^T``, ``lora_B =
+    lora_embedding_A^T``)."""
+    embs = {n: e for n, e in adapter.items() if isinstance(e, EmbeddingFactors)}
+    out = {}
+    for name, e in adapter.items():
+        if isinstance(e, EmbeddingFactors) or not isinstance(e, tuple) or len(e) != 3:
+            continue
+        for en, ee in embs.items():
+            if (e[0].shape == ee[1].t().shape and e[1].shape == ee[0].t().shape
+                    and torch.equal(e[0], ee[1].t()) and torch.equal(e[1], ee[0].t())):
+                out[name] = en
+                break
     return out
 
 
@@ -509,6 +532,19 @@ def _biases_to_save(model_or_dict, ad: dict) -> tuple[dict, dict]:
         if isinstance(b, torch.Tensor) and b.requires_grad:
             base_b[name] = b
     return lora_b, base_b
+
+
+def _saves_tied(model_or_dict) -> bool:
+    """Whether to write PEFT's ``ensure_weight_tying``: a model with a LoRA linear whose factors
+    share storage with an embedding LoRA's (as :func:`lora_kernels.inject_adapter` ties them), or
+    a loaded adapter with ``tied`` pairs."""
+    if not isinstance(model_or_dict, nn.Module):
+        return bool(getattr(model_or_dict, "tied", None))
+    from .layers import LoRAEmbedding, LoRALinear
+
+    embs = {m.lora_B.data_ptr() for m in model_or_dict.modules() if isinstance(m, LoRAEmbedding)}
+    return any(isinstance(m, LoRALinear) and m.lora_A.data_ptr() in embs
+               for m in model_or_dict.modules())
 
 
 def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | None = None,
@@ -600,6 +636,7 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
         "rank_pattern": _patterns(ranks, r0), "alpha_pattern": _patterns(alphas, a0),
         "target_modules": sorted(ad), "lora_dropout": 0.0,
         "bias": ("all" if set(base_b) - set(ad) else "lora_only" if base_b else "none"),
+        "ensure_weight_tying": _saves_tied(model_or_dict),
         "lora_bias": bool(lora_b),
         "fan_in_fan_out": bool(fan_in_fan_out), "use_dora": dora, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True,

@@ -192,3 +192,52 @@ def test_adapter_for_another_vocabulary_refused(tmp_path):
         moved.model.embed_tokens.weight[3] += 1
     with pytest.raises(ValueError, match="differs from the model's"):
         lk.inject_adapter(moved, ad)
+
+
+@pytest.mark.parametrize("how", ["inject_adapter", "patch_peft"])
+def test_tied_lm_head_lora_trains_like_peft(how, tmp_path):
+    """PEFT's ensure_weight_tying on a tied model: lm_head's LoRA is the embedding LoRA
+    transposed (one storage, two parameters); ours ties them the same way."""
+    base = _base("llama_tied")
+
+    def make():   # (a PEFT model with tied LoRA parameters cannot be deep-copied: built twice)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+                r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"],
+                ensure_weight_tying=True))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n and "lm_head" not in n:   # lm_head's factors alias these
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        return pm.train()
+
+    pm = make()
+    path = _save(pm.train(), tmp_path / "a")
+    ad = lk.load_peft_adapter(path)
+    assert ad.tied == {"lm_head": "model.embed_tokens"}
+    if how == "patch_peft":
+        ours = make()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lk.patch_peft(ours)
+    else:
+        ours = lk.inject_adapter(copy.deepcopy(base).requires_grad_(False), ad).train()
+        assert ours.lm_head.lora_A.data_ptr() == ours.model.embed_tokens.lora_B.data_ptr()
+    params = [p for p in ours.parameters() if p.requires_grad]
+    ref_params = [p for p in pm.parameters() if p.requires_grad]
+    assert len(params) == len(ref_params) == 8
+    l_ref, l_ours = _train(pm, ref_params), _train(ours, params)
+    assert max(abs(a - b) for a, b in zip(l_ref, l_ours)) < 1e-4, (l_ref, l_ours)
+    if how == "inject_adapter":
+        lk.save_peft_adapter(ours, tmp_path / "b")
+        back = lk.load_peft_adapter(tmp_path / "b")
+        assert back.tied == {"lm_head": "model.embed_tokens"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pb = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "b")).eval()
+        ids = _ids()
+        with torch.no_grad():
+            assert rel_err(pb(ids).logits, ours.eval()(ids).logits) < 1e-5
+            assert rel_err(pb(ids).logits, pm.eval()(ids).logits) < 1e-4
