@@ -130,3 +130,23 @@ def test_registered_op_opcheck():
     slots = torch.tensor([0, -1, 0, 0, -1, 0], device=DEVICE)
     torch.library.opcheck(MULTI_LORA_EMBEDDING_OP.custom_op, (
         ids, slots, W, view.lora_A, view.lora_Bt, view.scalings, view.rank_bound, "torch"))
+
+
+def test_bench_rows_run_and_agree_with_their_reference():
+    """The ``embedding`` bench group end to end on tiny shapes (no timing asserted): every row
+    runs and matches the case's reference."""
+    from lora_kernels.bench.cases_embedding import embedding_case, lm_head_case
+    from lora_kernels.bench.harness import Budget, Peaks, run_cases
+
+    cpu = torch.device("cpu")
+    cases = [embedding_case(64, 97, 16, 4, torch.float32, cpu),
+             lm_head_case(4, 16, 97, 2, torch.float32, cpu)]
+    rows = run_cases(cases, cpu, Peaks(cpu, quick=True),
+                     Budget(warmup_ms=0.0, rep_ms=1.0, min_reps=2, max_reps=3),
+                     show_progress=False)
+    assert {r["impl"] for r in rows} == {"base_lookup", "ours_default", "peft", "eager", "base",
+                                         "loop"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        if r["impl"] in ("ours_default", "peft"):
+            assert r["rel_err_vs_ref"] < 1e-5, r

@@ -55,6 +55,8 @@ GROUPS += ("qlora",)  # bench/cases_quant.py
 EXTRA_CASES += (("cases_quant", "quant_cases"),)
 GROUPS += ("moe",)  # bench/cases_moe.py
 EXTRA_CASES += (("cases_moe", "moe_cases"),)
+GROUPS += ("embedding",)  # bench/cases_embedding.py (issue 23)
+EXTRA_CASES += (("cases_embedding", "embedding_cases"),)
 
 
 # ----------------------------------------------------------------------------- helpers
