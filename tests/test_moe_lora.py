@@ -17,12 +17,14 @@ CASES = [(0, 5, 7, 3, 3), (1, 9, 4, 1, 1), (13, 11, 7, 1, 5), (29, 17, 13, 4, 7)
          (31, 6, 19, 2, 2)]
 
 
-def reference(x, w, b, A, B, ids, s):
-    """float64 per-row definition: y[m] = x W_e^T + b_e + s x A_e^T B_e^T, 0 where ids = -1."""
-    e = ids.clamp_min(0).long()
+def reference(x, w, b, A, B, ids, s, lids=None):
+    """float64 per-row definition: y[m] = x W_e^T + b_e + s x A_l^T B_l^T with e = ids[m] and
+    l = lids[m] (default e; no low-rank term where l = -1), 0 where ids = -1."""
+    lids = ids if lids is None else lids
+    e, lo = ids.clamp_min(0).long(), lids.clamp_min(0).long()
     keep = (ids >= 0).to(x.dtype)[:, None]
-    y = torch.einsum("mi,moi->mo", x, w[e]) + s * torch.einsum(
-        "mr,mor->mo", torch.einsum("mi,mri->mr", x, A[e]), B[e])
+    lr = torch.einsum("mr,mor->mo", torch.einsum("mi,mri->mr", x, A[lo]), B[lo])
+    y = torch.einsum("mi,moi->mo", x, w[e]) + s * lr * (lids >= 0).to(x.dtype)[:, None]
     if b is not None:
         y = y + b[e]
     return y * keep
@@ -173,12 +175,13 @@ def test_opcheck(backend):
     x, w, b = randn(M, i), randn(E, o, i), randn(E, o)
     A, B = randn(E, r, i, requires_grad=True), randn(E, o, r, requires_grad=True)
     opcheck(torch.ops.lora_kernels.moe_lora_fwd.default,
-            (x, w, b, A, B, order, offsets, 0.5, backend))
+            (x, w, b, A, B, order, offsets, None, None, 0.5, backend))
     dy, S = randn(M, o), randn(M, r)
     for needs in [(True, True, True, True, True), (False, False, False, True, False),
                   (True, False, False, False, True)]:
         opcheck(torch.ops.lora_kernels.moe_lora_bwd.default,
-                (dy, x, w, A.detach(), B.detach(), S, order, offsets, 0.5, backend, *needs))
+                (dy, x, w, A.detach(), B.detach(), S, order, offsets, None, None, 0.5, backend,
+                 *needs))
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -306,12 +309,12 @@ def test_quantized_opcheck_and_compile():
     A, B = randn(E, r, i, requires_grad=True), randn(E, o, r, requires_grad=True)
     ts, meta = q.tensors(), q.meta()
     opcheck(torch.ops.lora_kernels.moe_qlora_fwd.default,
-            (x, ts, meta, "nf4", b, A, B, order, offsets, 0.5, "torch"))
+            (x, ts, meta, "nf4", b, A, B, order, offsets, None, None, 0.5, "torch"))
     dy, S = randn(M, o), randn(M, r)
     for needs in [(True, True, True, True), (False, False, True, False)]:
         opcheck(torch.ops.lora_kernels.moe_qlora_bwd.default,
-                (dy, x, ts, meta, "nf4", A.detach(), B.detach(), S, order, offsets, 0.5,
-                 "torch", *needs))
+                (dy, x, ts, meta, "nf4", A.detach(), B.detach(), S, order, offsets, None, None,
+                 0.5, "torch", *needs))
     torch._dynamo.reset()
     f = lambda x, A, B, ids: lk.moe_lora_linear(x, q, b, A, B, ids, 0.5)  # noqa: E731
     y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, A, B, ids)
@@ -357,3 +360,71 @@ def test_tile_table_partitions_rows():
             assert 0 < b - a <= bm and off[e] <= a and b <= off[e + 1], (e, a, b)
             cover[a:b] += 1
         assert bool((cover == 1).all())
+
+
+# ----------------------------------------------------------------------------- lora_ids
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quantized", [False, True])
+def test_lora_ids_match_float64(dtype, quantized):
+    """Factors chosen per row by their own ids (serving: adapter * E + expert, -1 = base only),
+    rows with expert -1 still 0; forward and every gradient against float64."""
+    M, i, o, r, E, n_ad = 31, 64, 9, 3, 5, 3
+    L = n_ad * E
+    x = randn(M, i, dtype=dtype, requires_grad=True)
+    w = randn(E, o, i, dtype=dtype, scale=0.3, requires_grad=not quantized)
+    b = randn(E, o, dtype=dtype, requires_grad=True)
+    A = randn(L, r, i, dtype=dtype, scale=0.3, requires_grad=True)
+    B = randn(L, o, r, dtype=dtype, scale=0.5, requires_grad=True)
+    ids = _ids(M, E)
+    ad = torch.randint(-1, n_ad, (M,), device=DEVICE)
+    lids = torch.where(ad >= 0, ad * E + ids.clamp_min(0), -1)
+    lids[ids < 0] = 2  # a factor id on a skipped row: the row stays 0
+    base = _qexperts(w.detach(), 1).to(dtype) if quantized else w
+    y = lk.moe_lora_linear(noncontig(x), base, b, A, B, ids, 0.8, lora_ids=lids)
+    x64, w64, b64, A64, B64 = to64([x, w, b, A, B])
+    if quantized:
+        w64 = base.double()
+    y64 = reference(x64, w64, b64, A64, B64, ids, 0.8, torch.where(ids < 0, -1, lids))
+    assert_close(y, y64, dtype, "y")
+    assert bool((y[ids < 0] == 0).all())
+    dy = randn(M, o, dtype=dtype)
+    y.backward(dy)
+    y64.backward(dy.double())
+    pairs = [("dx", x, x64), ("db", b, b64), ("dA", A, A64), ("dB", B, B64)]
+    pairs += [] if quantized else [("dW", w, w64)]
+    for name, t, t64 in pairs:
+        assert_close(t.grad, t64.grad, dtype, name)
+
+
+def test_lora_ids_equal_to_expert_ids_is_the_default():
+    M, i, o, r, E = 17, 8, 6, 2, 4
+    x, w, A, B = randn(M, i), randn(E, o, i), randn(E, r, i), randn(E, o, r)
+    ids = _ids(M, E)
+    plan = lk.expert_plan(ids, E)
+    y0 = lk.moe_lora_linear(x, w, None, A, B, plan, 0.5)
+    for lids in (ids, plan):
+        torch.testing.assert_close(lk.moe_lora_linear(x, w, None, A, B, plan, 0.5,
+                                                      lora_ids=lids), y0)
+    with pytest.raises(ValueError, match=r"lora_ids\[\d+\] = 4"):
+        lk.moe_lora_linear(x, w, None, A, B, ids, lora_ids=torch.full((M,), 4, device=DEVICE))
+    with pytest.raises(ValueError, match="lora_ids"):
+        lk.moe_lora_linear(x, w, None, A, B, ids, lora_ids=ids[:3])
+    with pytest.raises(ValueError, match=r"lora_B must have shape \(7, 6, 2\)"):
+        lk.moe_lora_linear(x, w, None, randn(7, r, i), B, ids, lora_ids=ids)
+    if "triton" in backends():
+        with pytest.raises(ValueError, match="lora_ids runs on backend='torch'"):
+            lk.moe_lora_linear(x, w, None, A, B, ids, lora_ids=ids, backend="triton")
+
+
+def test_lora_ids_opcheck():
+    M, i, o, r, E, L = 9, 6, 5, 2, 3, 4
+    ids = torch.tensor([0, 2, -1, 2, 1, 0, -1, 0, 2], device=DEVICE)
+    order, offsets = ML.PLAN_OP(ids, E)
+    lorder, loffsets = ML.PLAN_OP(torch.tensor([3, 0, -1, -1, 1, 3, -1, 2, 2], device=DEVICE), L)
+    x, w, b = randn(M, i), randn(E, o, i), randn(E, o)
+    A, B = randn(L, r, i), randn(L, o, r)
+    opcheck(torch.ops.lora_kernels.moe_lora_fwd.default,
+            (x, w, b, A, B, order, offsets, lorder, loffsets, 0.5, "torch"))
+    opcheck(torch.ops.lora_kernels.moe_lora_bwd.default,
+            (randn(M, o), x, w, A, B, randn(M, r), order, offsets, lorder, loffsets, 0.5,
+             "torch", True, True, True, True, True))

@@ -56,7 +56,7 @@ from .. import _validate as V
 from .._backend import compact_rows_for_cpu_gemm, resolve_backend
 from ..quant.experts import QuantizedExperts
 from . import _triton as TR
-from ._register import define_op
+from ._register import define_op, pick
 
 OP_NAME = "moe_lora_linear"
 
@@ -144,12 +144,25 @@ def _segments(offsets: torch.Tensor) -> list[int]:
     return offsets.tolist()  # E+1 ints: one host read per call
 
 
-def _torch_fwd(x, weight, bias, A, B, order, offsets, scaling):
-    """``weight``: dense (E, out, in) or QuantizedExperts (each routed expert dequantised once)."""
+class Routing(NamedTuple):
+    """The row grouping an op call runs on: the expert plan's ``order`` / ``offsets`` and, when
+    the low-rank factors are indexed by their own ids (``lora_ids``), that plan's
+    ``lora_order`` / ``lora_offsets`` (else None: factors indexed by expert)."""
+
+    order: torch.Tensor
+    offsets: torch.Tensor
+    lora_order: torch.Tensor | None = None
+    lora_offsets: torch.Tensor | None = None
+
+
+def _torch_fwd(x, weight, bias, A, B, rt: Routing, scaling):
+    """``(y, S)``; ``weight``: dense (E, out, in) or QuantizedExperts (each routed expert
+    dequantised once). S (M, r) fp32 in the factors' sorted row order (rows not in a segment 0)."""
     M, E, out_f, r = x.shape[0], weight.shape[0], weight.shape[1], A.shape[1]
-    off = _segments(offsets)
+    fused = rt.lora_order is None          # factors indexed by expert: one loop
+    off = _segments(rt.offsets)
     n = off[E]
-    rows = order[:n]
+    rows = rt.order[:n]
     xs = x.index_select(0, rows)                                       # (n, in) expert-sorted
     ys = TR.empty((n, out_f), x.dtype, x.device)
     S = torch.zeros((M, r), dtype=torch.float32, device=x.device)     # rows >= n stay 0
@@ -158,30 +171,42 @@ def _torch_fwd(x, weight, bias, A, B, order, offsets, scaling):
         if a == b:
             continue
         xe, ye = xs[a:b], ys[a:b]
-        se = xe @ A[e].t()                                             # (T_e, r)
         we = _expert_w(weight, e, x.dtype)
         if bias is not None:
             torch.addmm(bias[e], xe, we.t(), out=ye)
         else:
             torch.mm(xe, we.t(), out=ye)
-        ye.addmm_(se, B[e].t(), alpha=scaling)
-        S[a:b] = se
-    y = torch.zeros((M, out_f), dtype=x.dtype, device=x.device)
-    return y.index_copy_(0, rows, ys), S
+        if fused:
+            se = xe @ A[e].t()                                         # (T_e, r)
+            ye.addmm_(se, B[e].t(), alpha=scaling)
+            S[a:b] = se
+    y = torch.zeros((M, out_f), dtype=x.dtype, device=x.device).index_copy_(0, rows, ys)
+    if not fused:                          # + s (x A_l^T) B_l^T per factor segment l
+        loff = _segments(rt.lora_offsets)
+        lrows = rt.lora_order[:loff[-1]]
+        xl = x.index_select(0, lrows)
+        yl = torch.zeros((xl.shape[0], out_f), dtype=x.dtype, device=x.device)
+        for lo in range(len(loff) - 1):
+            a, b = loff[lo], loff[lo + 1]
+            if a < b:
+                se = xl[a:b] @ A[lo].t()
+                yl[a:b].addmm_(se, B[lo].t(), alpha=scaling)
+                S[a:b] = se
+        y.index_add_(0, lrows, yl)
+    return y, S
 
 
 class Saved(NamedTuple):
-    """What the backward reads: ``x`` (M, in), ``weight`` (E, out, in), ``A`` (E, r, in),
-    ``B`` (E, out, r), ``S`` (M, r) fp32 (sorted row order), the plan's ``order`` / ``offsets``,
-    ``scaling``."""
+    """What the backward reads: ``x`` (M, in), ``weight`` (E, out, in), ``A`` (L, r, in),
+    ``B`` (L, out, r) (L = E unless ``lora_ids``), ``S`` (M, r) fp32 (the factors' sorted row
+    order), the :class:`Routing`, ``scaling``."""
 
     x: torch.Tensor
     weight: torch.Tensor
     A: torch.Tensor
     B: torch.Tensor
     S: torch.Tensor
-    order: torch.Tensor
-    offsets: torch.Tensor
+    rt: Routing
     scaling: float
 
 
@@ -195,47 +220,70 @@ class Needs(NamedTuple):
     dB: bool
 
 
-def _torch_bwd(dy, saved: Saved, need: Needs):
-    x, weight, A, B, S, order, offsets, scaling = saved
-    E = weight.shape[0]
-    off = _segments(offsets)
-    n = off[E]
-    rows = order[:n]
-    dys = dy.index_select(0, rows)                                     # (n, out)
-    xs = x.index_select(0, rows) if (need.dA or need.dW) else None
-    dxs = TR.empty((n, x.shape[1]), x.dtype, x.device) if need.dx else None
-    dW = torch.zeros(weight.shape, dtype=x.dtype, device=x.device) if need.dW else None
-    db = torch.zeros(weight.shape[:2], dtype=x.dtype, device=x.device) if need.db else None
-    dA = torch.zeros(A.shape, dtype=A.dtype, device=x.device) if need.dA else None
-    dB = torch.zeros(B.shape, dtype=B.dtype, device=x.device) if need.dB else None
-    for e in range(E):
-        a, b = off[e], off[e + 1]
+def _lowrank_bwd(dys, xs, S, A, B, segs, scaling, *, need: Needs, out: dict) -> None:
+    """Per factor segment l (rows ``segs[l]:segs[l+1]`` of the sorted ``dys``, ``xs``, ``S``):
+    ``G = s dY_l B_l``, ``dX_l += G A_l`` (into ``out["dxs"]``), ``dA_l = G^T X_l``,
+    ``dB_l = s dY_l^T S_l``."""
+    for lo in range(len(segs) - 1):
+        a, b = segs[lo], segs[lo + 1]
         if a == b:
             continue
         dye = dys[a:b]
         if need.dx or need.dA:
-            gs = (dye @ B[e]).mul_(scaling)                            # s G_e (T_e, r)
+            gs = (dye @ B[lo]).mul_(scaling)                            # s G_l (T_l, r)
         if need.dx:
-            torch.mm(dye, _expert_w(weight, e, dy.dtype), out=dxs[a:b]).addmm_(gs, A[e])
+            out["dxs"][a:b].addmm_(gs, A[lo])
         if need.dA:
-            torch.mm(gs.t(), xs[a:b], out=dA[e])
+            torch.mm(gs.t(), xs[a:b], out=out["dA"][lo])
         if need.dB:
-            torch.mm(dye.t(), (S[a:b] * scaling).to(dy.dtype), out=dB[e])
+            torch.mm(dye.t(), (S[a:b] * scaling).to(dye.dtype), out=out["dB"][lo])
+
+
+def _torch_bwd(dy, saved: Saved, need: Needs):
+    x, weight, A, B, S, rt, scaling = saved
+    E = weight.shape[0]
+    fused = rt.lora_order is None
+    off = _segments(rt.offsets)
+    n = off[E]
+    rows = rt.order[:n]
+    dys = dy.index_select(0, rows)                                     # (n, out)
+    xs = x.index_select(0, rows) if (need.dW or (fused and need.dA)) else None
+    z = lambda shape, dt: torch.zeros(shape, dtype=dt, device=x.device)  # noqa: E731
+    out = {"dxs": TR.empty((n, x.shape[1]), x.dtype, x.device) if need.dx else None,
+           "dA": z(A.shape, A.dtype) if need.dA else None,
+           "dB": z(B.shape, B.dtype) if need.dB else None}
+    dW = z(weight.shape, x.dtype) if need.dW else None
+    db = z(weight.shape[:2], x.dtype) if need.db else None
+    for e in range(E):                    # the base: dX_e = dY_e W_e, dW_e, db_e
+        a, b = off[e], off[e + 1]
+        if a == b:
+            continue
+        dye = dys[a:b]
+        if need.dx:
+            torch.mm(dye, _expert_w(weight, e, dy.dtype), out=out["dxs"][a:b])
         if need.dW:
             torch.mm(dye.t(), xs[a:b], out=dW[e])
         if need.db:
             torch.sum(dye, 0, out=db[e])
+    if fused:
+        _lowrank_bwd(dys, xs, S, A, B, off, scaling, need=need, out=out)
     dx = None
     if need.dx:
-        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device).index_copy_(0, rows, dxs)
-    return dx, dW, db, dA, dB
+        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device).index_copy_(0, rows,
+                                                                             out["dxs"])
+    if not fused:
+        loff = _segments(rt.lora_offsets)
+        lrows = rt.lora_order[:loff[-1]]
+        lout = {**out, "dxs": (torch.zeros((len(lrows), x.shape[1]), dtype=x.dtype,
+                                           device=x.device) if need.dx else None)}
+        _lowrank_bwd(dy.index_select(0, lrows), x.index_select(0, lrows) if need.dA else None,
+                     S, A, B, loff, scaling, need=need, out=lout)
+        if need.dx:
+            dx.index_add_(0, lrows, lout["dxs"])
+    return dx, dW, db, out["dA"], out["dB"]
 
 
 # ----------------------------------------------------------------------------- Triton path
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def tile_table(offsets: torch.Tensor, num_rows: int, block_m: int):
     """``(TILE_EXPERT int32, TILE_START int64, TILE_END int64)`` of length
     ``G = cdiv(M, block_m) + min(E + 1, M)``: every expert's segment of sorted positions (and the
@@ -246,7 +294,7 @@ def tile_table(offsets: torch.Tensor, num_rows: int, block_m: int):
     ends = torch.cat([offsets[1:], offsets.new_full((1,), num_rows)])      # (E+1,)
     ntiles = (ends - offsets + block_m - 1) // block_m
     cum = torch.cumsum(ntiles, 0)
-    G = _cdiv(num_rows, block_m) + min(E + 1, num_rows)
+    G = TR.cdiv(num_rows, block_m) + min(E + 1, num_rows)
     g = torch.arange(G, device=offsets.device)
     seg = torch.searchsorted(cum, g, right=True)                          # (G,) in [0, E+1]
     valid = seg <= E
@@ -310,7 +358,7 @@ def _gemm(x, w, strides_w, out_n: int, rows: _Rows, *, S, bm, strides_bm, scale,
     if bias is not None and bias.stride(1) != 1:
         bias = bias.contiguous()
     R = S.shape[1]
-    grid = (texp.shape[0], _cdiv(out_n, cfg["BLOCK_N"]))
+    grid = (texp.shape[0], TR.cdiv(out_n, cfg["BLOCK_N"]))
     moe_gemm_kernel[grid](
         x, w, bias if bias is not None else y, y, S, bm, rows.order, texp, ts, te,
         K, out_n, R, rows.offsets.shape[0] - 1,
@@ -328,7 +376,7 @@ def _seg_tn(L, Rm, out, strides_o, rows: _Rows, *, scale):
 
     E, R, N = out.shape[0], L.shape[1], Rm.shape[1]
     cfg = _tiles("seg_tn")
-    moe_seg_tn_kernel[(E, _cdiv(N, cfg["BLOCK_N"]))](
+    moe_seg_tn_kernel[(E, TR.cdiv(N, cfg["BLOCK_N"]))](
         L, Rm, out, rows.order, rows.offsets, N, R,
         L.stride(0), L.stride(1), Rm.stride(0), Rm.stride(1), *strides_o, float(scale),
         BLOCK_R=_block_r(R), PRECISION=TR.dot_precision(Rm.dtype), **cfg)
@@ -339,7 +387,11 @@ def _rows(order, offsets, M: int, kind: str) -> _Rows:
     return _Rows(order, offsets, tile_table(offsets, M, _tiles(kind)["BLOCK_M"]))
 
 
-def _triton_fwd(x, weight, bias, A, B, order, offsets, scaling):
+def _triton_fwd(x, weight, bias, A, B, rt: Routing, scaling):
+    if rt.lora_order is not None:
+        raise ValueError("backend='triton' indexes the factors by expert; lora_ids runs on "
+                         "backend='torch'")
+    order, offsets = rt.order, rt.offsets
     M, out_f, R = x.shape[0], weight.shape[1], A.shape[1]
     if M == 0:
         return x.new_empty((0, out_f)), torch.zeros((0, R), dtype=torch.float32,
@@ -351,7 +403,8 @@ def _triton_fwd(x, weight, bias, A, B, order, offsets, scaling):
 
 
 def _triton_bwd(dy, saved: Saved, need: Needs):
-    x, weight, A, B, S, order, offsets, scaling = saved
+    x, weight, A, B, S, rt, scaling = saved
+    order, offsets = rt.order, rt.offsets
     M = x.shape[0]
     dx = dA = dB = None
     dW, db = None, None
@@ -379,42 +432,45 @@ def _triton_bwd(dy, saved: Saved, need: Needs):
     return dx, dW, db, dA, dB
 
 
+BACKENDS = {"torch": (_torch_fwd, _torch_bwd), "triton": (_triton_fwd, _triton_bwd)}
+
+
 def _impl(backend: str):
-    if backend == "torch":
-        return _torch_fwd, _torch_bwd
-    if backend == "triton":
-        return _triton_fwd, _triton_bwd
-    raise ValueError(f"{OP_NAME} has no {backend!r} implementation; use backend='torch' or "
-                     f"'triton'")
+    return pick(BACKENDS, backend, OP_NAME)
 
 
 # ----------------------------------------------------------------------------- registered ops
 def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          lora_A: torch.Tensor, lora_B: torch.Tensor, order: torch.Tensor,
-         offsets: torch.Tensor, scaling: float,
+         offsets: torch.Tensor, lora_order: torch.Tensor | None,
+         lora_offsets: torch.Tensor | None, scaling: float,
          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, in) -> (y (M, out), S (M, r) fp32 in sorted row order)."""
-    return _impl(backend)[0](x, weight, bias, lora_A, lora_B, order, offsets, scaling)
+    """x (M, in) -> (y (M, out), S (M, r) fp32 in the factors' sorted row order)."""
+    rt = Routing(order, offsets, lora_order, lora_offsets)
+    return _impl(backend)[0](x, weight, bias, lora_A, lora_B, rt, scaling)
 
 
-def _fwd_fake(x, weight, bias, lora_A, lora_B, order, offsets, scaling, backend):
+def _fwd_fake(x, weight, bias, lora_A, lora_B, order, offsets, lora_order, lora_offsets,
+              scaling, backend):
     return (x.new_empty((x.shape[0], weight.shape[1])),
             x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32))
 
 
 def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
          lora_B: torch.Tensor, s: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+         lora_order: torch.Tensor | None, lora_offsets: torch.Tensor | None,
          scaling: float, backend: str, need_dx: bool, need_dW: bool, need_db: bool,
          need_dA: bool, need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor, torch.Tensor]:
-    """(dx (M, in), dW (E, out, in), db (E, out), dA (E, r, in), dB (E, out, r)); None (the op:
+    """(dx (M, in), dW (E, out, in), db (E, out), dA (L, r, in), dB (L, out, r)); None (the op:
     empty) where not needed."""
-    return _impl(backend)[1](dy, Saved(x, weight, lora_A, lora_B, s, order, offsets, scaling),
+    rt = Routing(order, offsets, lora_order, lora_offsets)
+    return _impl(backend)[1](dy, Saved(x, weight, lora_A, lora_B, s, rt, scaling),
                              Needs(need_dx, need_dW, need_db, need_dA, need_dB))
 
 
-def _bwd_fake(dy, x, weight, lora_A, lora_B, s, order, offsets, scaling, backend, need_dx,
-              need_dW, need_db, need_dA, need_dB):
+def _bwd_fake(dy, x, weight, lora_A, lora_B, s, order, offsets, lora_order, lora_offsets,
+              scaling, backend, need_dx, need_dW, need_db, need_dA, need_dB):
     return (x.new_empty(x.shape) if need_dx else None,
             weight.new_empty(weight.shape) if need_dW else None,
             weight.new_empty(weight.shape[:2]) if need_db else None,
@@ -423,21 +479,21 @@ def _bwd_fake(dy, x, weight, lora_A, lora_B, s, order, offsets, scaling, backend
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, order, offsets, scaling, backend = inputs
-    ctx.save_for_backward(x, weight, A, B, output[1], order, offsets)
+    x, weight, bias, A, B, order, offsets, lorder, loffsets, scaling, backend = inputs
+    ctx.save_for_backward(x, weight, A, B, output[1], order, offsets, lorder, loffsets)
     ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
 
 
 def _grads(ctx, bwd, dy, _ds=None):
-    x, weight, A, B, s, order, offsets = ctx.saved_tensors
+    x, weight, A, B, s, order, offsets, lorder, loffsets = ctx.saved_tensors
     nx, nw, nb, na, nB = ctx.needs_input_grad[:5]
     nb = nb and ctx.has_bias
     if dy is None:  # y unused by the loss (the eager Function does not materialise zeros)
-        return (None,) * 9
-    dx, dW, db, dA, dB = bwd(dy, x, weight, A, B, s, order, offsets, ctx.scaling, ctx.backend,
-                             nx, nw, nb, na, nB)
+        return (None,) * 11
+    dx, dW, db, dA, dB = bwd(dy, x, weight, A, B, s, order, offsets, lorder, loffsets,
+                             ctx.scaling, ctx.backend, nx, nw, nb, na, nB)
     return (dx if nx else None, dW if nw else None, db if nb else None, dA if na else None,
-            dB if nB else None, None, None, None, None)
+            dB if nB else None) + (None,) * 6
 
 
 MOE_LORA_OP = define_op("lora_kernels::moe_lora_fwd", _fwd, fake=_fwd_fake,
@@ -450,33 +506,38 @@ MOE_LORA_OP = define_op("lora_kernels::moe_lora_fwd", _fwd, fake=_fwd_fake,
 # meta / from_tensors), so torch.compile sees one op per direction; the weight gets no gradient.
 def _qfwd(x: torch.Tensor, qtensors: list[torch.Tensor], qmeta: list[int], fmt: str,
           bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-          order: torch.Tensor, offsets: torch.Tensor, scaling: float,
+          order: torch.Tensor, offsets: torch.Tensor, lora_order: torch.Tensor | None,
+          lora_offsets: torch.Tensor | None, scaling: float,
           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, in) -> (y (M, out), S (M, r) fp32); the experts dequantised in x's dtype."""
     qw = QuantizedExperts.from_tensors(fmt, qtensors, qmeta, x.dtype)
-    return _impl(backend)[0](x, qw, bias, lora_A, lora_B, order, offsets, scaling)
+    rt = Routing(order, offsets, lora_order, lora_offsets)
+    return _impl(backend)[0](x, qw, bias, lora_A, lora_B, rt, scaling)
 
 
-def _qfwd_fake(x, qtensors, qmeta, fmt, bias, lora_A, lora_B, order, offsets, scaling, backend):
+def _qfwd_fake(x, qtensors, qmeta, fmt, bias, lora_A, lora_B, order, offsets, lora_order,
+               lora_offsets, scaling, backend):
     return (x.new_empty((x.shape[0], qmeta[1])),
             x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32))
 
 
 def _qbwd(dy: torch.Tensor, x: torch.Tensor, qtensors: list[torch.Tensor], qmeta: list[int],
           fmt: str, lora_A: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor,
-          order: torch.Tensor, offsets: torch.Tensor, scaling: float, backend: str,
+          order: torch.Tensor, offsets: torch.Tensor, lora_order: torch.Tensor | None,
+          lora_offsets: torch.Tensor | None, scaling: float, backend: str,
           need_dx: bool, need_db: bool, need_dA: bool,
           need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (M, in), db (E, out), dA, dB); None (the op: empty) where not needed."""
     qw = QuantizedExperts.from_tensors(fmt, qtensors, qmeta, x.dtype)
+    rt = Routing(order, offsets, lora_order, lora_offsets)
     dx, _, db, dA, dB = _impl(backend)[1](
-        dy, Saved(x, qw, lora_A, lora_B, s, order, offsets, scaling),
+        dy, Saved(x, qw, lora_A, lora_B, s, rt, scaling),
         Needs(need_dx, False, need_db, need_dA, need_dB))
     return dx, db, dA, dB
 
 
-def _qbwd_fake(dy, x, qtensors, qmeta, fmt, lora_A, lora_B, s, order, offsets, scaling, backend,
-               need_dx, need_db, need_dA, need_dB):
+def _qbwd_fake(dy, x, qtensors, qmeta, fmt, lora_A, lora_B, s, order, offsets, lora_order,
+               lora_offsets, scaling, backend, need_dx, need_db, need_dA, need_dB):
     return (x.new_empty(x.shape) if need_dx else None,
             x.new_empty(qmeta[:2]) if need_db else None,
             lora_A.new_empty(lora_A.shape) if need_dA else None,
@@ -484,24 +545,24 @@ def _qbwd_fake(dy, x, qtensors, qmeta, fmt, lora_A, lora_B, s, order, offsets, s
 
 
 def _qsetup_context(ctx, inputs, output):
-    x, qts, qmeta, fmt, bias, A, B, order, offsets, scaling, backend = inputs
-    ctx.save_for_backward(x, A, B, output[1], order, offsets, *qts)
+    x, qts, qmeta, fmt, bias, A, B, order, offsets, lorder, loffsets, scaling, backend = inputs
+    ctx.save_for_backward(x, A, B, output[1], order, offsets, lorder, loffsets, *qts)
     ctx.qmeta, ctx.fmt, ctx.scaling, ctx.backend = qmeta, fmt, scaling, backend
     ctx.has_bias = bias is not None
 
 
 def _qgrads(ctx, bwd, dy, _ds=None):
-    x, A, B, s, order, offsets, *qts = ctx.saved_tensors
+    x, A, B, s, order, offsets, lorder, loffsets, *qts = ctx.saved_tensors
     nx, _, _, _, nb, na, nB = ctx.needs_input_grad[:7]
     nb = nb and ctx.has_bias
     # the registered op's autograd wants the list input's structure back (one None per tensor)
     dq = None if bwd is _qbwd else [None] * len(qts)
     if dy is None:
-        return (None, dq) + (None,) * 9
-    dx, db, dA, dB = bwd(dy, x, qts, ctx.qmeta, ctx.fmt, A, B, s, order, offsets, ctx.scaling,
-                         ctx.backend, nx, nb, na, nB)
+        return (None, dq) + (None,) * 11
+    dx, db, dA, dB = bwd(dy, x, qts, ctx.qmeta, ctx.fmt, A, B, s, order, offsets, lorder,
+                         loffsets, ctx.scaling, ctx.backend, nx, nb, na, nB)
     return (dx if nx else None, dq, None, None, db if nb else None, dA if na else None,
-            dB if nB else None, None, None, None, None)
+            dB if nB else None) + (None,) * 6
 
 
 MOE_QLORA_OP = define_op("lora_kernels::moe_qlora_fwd", _qfwd, fake=_qfwd_fake,
@@ -511,7 +572,7 @@ MOE_QLORA_OP = define_op("lora_kernels::moe_qlora_fwd", _qfwd, fake=_qfwd_fake,
 
 
 # ----------------------------------------------------------------------------- public API
-def _check_args(x, weight, bias, lora_A, lora_B) -> None:
+def _check_args(x, weight, bias, lora_A, lora_B, per_expert: bool = True) -> None:
     V.float_tensor("x", x, ndim=2)
     if isinstance(weight, QuantizedExperts):
         if weight.device != x.device:
@@ -532,8 +593,10 @@ def _check_args(x, weight, bias, lora_A, lora_B) -> None:
     r = lora_A.shape[1]
     if r < 1:
         raise ValueError(f"lora_A must have rank >= 1 (E, r, in), got {tuple(lora_A.shape)}")
-    V.shape("lora_A", lora_A, (E, r, in_f), "(E, r, in_features)")
-    V.shape("lora_B", lora_B, (E, out_f, r), f"(E, out_features, r) with r={r} from lora_A")
+    L = E if per_expert else lora_A.shape[0]
+    what = "E" if per_expert else "L"
+    V.shape("lora_A", lora_A, (L, r, in_f), f"({what}, r, in_features)")
+    V.shape("lora_B", lora_B, (L, out_f, r), f"({what}, out_features, r) with r={r} from lora_A")
     if bias is not None:
         V.float_tensor("bias", bias, ndim=2)
         V.shape("bias", bias, (E, out_f), "(E, out_features)")
@@ -542,7 +605,34 @@ def _check_args(x, weight, bias, lora_A, lora_B) -> None:
     V.same_device("x", x, weight=w, bias=bias, lora_A=lora_A, lora_B=lora_B)
 
 
-def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *, backend=None):
+def _lora_plan(lora_ids, plan: ExpertPlan, num_factors: int) -> ExpertPlan:
+    """The factors' plan of ``lora_ids`` (rows whose expert id is -1 get no factor term)."""
+    if isinstance(lora_ids, ExpertPlan):
+        lp = lora_ids
+        if lp.num_experts != num_factors:
+            raise ValueError(f"lora_ids is an ExpertPlan over {lp.num_experts} factor sets, but "
+                             f"lora_A has L={num_factors}")
+        if lp.num_rows != plan.num_rows or bool(((plan.expert_ids < 0)
+                                                 & (lp.expert_ids >= 0)).any()):
+            raise ValueError("lora_ids (an ExpertPlan) must have one id per row and -1 on every "
+                             "row whose expert id is -1")
+        return lp
+    if isinstance(lora_ids, (list, tuple)):
+        lora_ids = V.adapter_ids("lora_ids", lora_ids, len(lora_ids))
+    if not isinstance(lora_ids, torch.Tensor) or lora_ids.dtype not in (torch.int32,
+                                                                          torch.int64):
+        raise TypeError(f"lora_ids must be an int32/int64 tensor, an ExpertPlan or None, got "
+                        f"{getattr(lora_ids, 'dtype', type(lora_ids).__name__)}")
+    if tuple(lora_ids.shape) != (plan.num_rows,):
+        raise ValueError(f"lora_ids must have shape ({plan.num_rows},) (one id per row of x), "
+                         f"got {tuple(lora_ids.shape)}")
+    check_expert_ids("lora_ids", lora_ids, num_factors)
+    eff = torch.where(plan.expert_ids.to(lora_ids.device) < 0, -1, lora_ids)
+    return expert_plan(eff, num_factors)
+
+
+def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *, lora_ids=None,
+                    backend=None):
     """MoE-LoRA expert GEMM: ``y[m] = x[m] W_e^T + b_e + scaling * x[m] A_e^T B_e^T``,
     ``e = expert_ids[m]``.
 
@@ -558,6 +648,13 @@ def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *,
             or an expert in ``[0, E)``; or an :class:`ExpertPlan` from
             ``expert_plan(expert_ids, E)``, to sort the rows once for several expert GEMMs.
         scaling: float multiplier of the low-rank branch (PEFT: ``alpha / r``).
+        lora_ids: None (the factors are per expert: ``lora_A[expert_ids[m]]``), or ``(M,)``
+            int ids (or an ExpertPlan over L) choosing row m's factor set among
+            ``lora_A (L, r, in)``, ``lora_B (L, out, r)``; ``-1``: no low-rank term (base
+            only). Serving many adapters on one MoE layer: ``L = adapters * E`` with
+            ``lora_ids = adapter * E + expert`` (-1 for base-only rows); a per-adapter scaling
+            is folded into its ``lora_B`` rows (``scaling=1``). Rows with expert id ``-1`` stay
+            0. Runs on ``backend="torch"``.
         backend: ``None | "torch" | "triton"`` (see ``lora_kernels._backend``; ``None`` picks
             ``"torch"`` until the Triton kernels are verified on a GPU).
     Returns:
@@ -567,7 +664,7 @@ def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *,
         TypeError / ValueError naming the argument; expert ids are bounds-checked before any
         expert weight is read.
     """
-    _check_args(x, weight, bias, lora_A, lora_B)
+    _check_args(x, weight, bias, lora_A, lora_B, per_expert=lora_ids is None)
     E = weight.shape[0]
     if isinstance(expert_ids, ExpertPlan):
         plan = expert_ids
@@ -583,6 +680,13 @@ def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *,
     scaling = V.scalar("scaling", scaling)
     be = resolve_backend(backend, x.device, OP_NAME)
     _impl(be)  # raises for a backend without a MoE implementation
+    lorder = loff = None
+    if lora_ids is not None:
+        if be != "torch":
+            raise ValueError(f"lora_ids runs on backend='torch' only (the Triton MoE kernels "
+                             f"index the factors by expert), got backend={be!r}")
+        lp = _lora_plan(lora_ids, plan, lora_A.shape[0])
+        lorder, loff = lp.order, lp.offsets
     if be == "triton" and x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"x must be float32/float16/bfloat16 for backend='triton', got {x.dtype}")
     x2 = compact_rows_for_cpu_gemm(x)
@@ -591,7 +695,8 @@ def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *,
             raise ValueError(f"quantized experts run on backend='torch' only (the Triton MoE "
                              f"kernels take dense experts), got backend={be!r}")
         y, _ = MOE_QLORA_OP(x2, weight.tensors(), weight.meta(), weight.fmt, bias, lora_A,
-                            lora_B, plan.order, plan.offsets, scaling, be)
+                            lora_B, plan.order, plan.offsets, lorder, loff, scaling, be)
         return y
-    y, _ = MOE_LORA_OP(x2, weight, bias, lora_A, lora_B, plan.order, plan.offsets, scaling, be)
+    y, _ = MOE_LORA_OP(x2, weight, bias, lora_A, lora_B, plan.order, plan.offsets, lorder, loff,
+                       scaling, be)
     return y
