@@ -144,6 +144,15 @@ def _segments(offsets: torch.Tensor) -> list[int]:
     return offsets.tolist()  # E+1 ints: one host read per call
 
 
+def _scatter_rows(src: torch.Tensor, order: torch.Tensor, n: int, num_rows: int) -> torch.Tensor:
+    """``out (num_rows, .)`` with ``out[order[p]] = src[p]`` for the n routed positions and the
+    other rows ``order[n:]`` zero (only those are filled: no pass over the whole output)."""
+    out = TR.empty((num_rows, src.shape[1]), src.dtype, src.device).index_copy_(0, order[:n], src)
+    if n < num_rows:
+        out.index_fill_(0, order[n:], 0)
+    return out
+
+
 class Routing(NamedTuple):
     """The row grouping an op call runs on: the expert plan's ``order`` / ``offsets`` and, when
     the low-rank factors are indexed by their own ids (``lora_ids``), that plan's
@@ -165,7 +174,7 @@ def _torch_fwd(x, weight, bias, A, B, rt: Routing, scaling):
     rows = rt.order[:n]
     xs = x.index_select(0, rows)                                       # (n, in) expert-sorted
     ys = TR.empty((n, out_f), x.dtype, x.device)
-    S = torch.zeros((M, r), dtype=torch.float32, device=x.device)     # rows >= n stay 0
+    S = TR.empty((M, r), torch.float32, x.device)                     # rows >= n: 0 below
     for e in range(E):
         a, b = off[e], off[e + 1]
         if a == b:
@@ -180,8 +189,10 @@ def _torch_fwd(x, weight, bias, A, B, rt: Routing, scaling):
             se = xe @ A[e].t()                                         # (T_e, r)
             ye.addmm_(se, B[e].t(), alpha=scaling)
             S[a:b] = se
-    y = torch.zeros((M, out_f), dtype=x.dtype, device=x.device).index_copy_(0, rows, ys)
-    if not fused:                          # + s (x A_l^T) B_l^T per factor segment l
+    y = _scatter_rows(ys, rt.order, n, M)
+    if fused:
+        S[n:].zero_()
+    else:                                  # + s (x A_l^T) B_l^T per factor segment l
         loff = _segments(rt.lora_offsets)
         lrows = rt.lora_order[:loff[-1]]
         xl = x.index_select(0, lrows)
@@ -192,6 +203,7 @@ def _torch_fwd(x, weight, bias, A, B, rt: Routing, scaling):
                 se = xl[a:b] @ A[lo].t()
                 yl[a:b].addmm_(se, B[lo].t(), alpha=scaling)
                 S[a:b] = se
+        S[loff[-1]:].zero_()
         y.index_add_(0, lrows, yl)
     return y, S
 
@@ -226,7 +238,10 @@ def _lowrank_bwd(dys, xs, S, A, B, segs, scaling, *, need: Needs, out: dict) -> 
     ``dB_l = s dY_l^T S_l``."""
     for lo in range(len(segs) - 1):
         a, b = segs[lo], segs[lo + 1]
-        if a == b:
+        if a == b:                          # a factor set without rows: zero gradients
+            for k in ("dA", "dB"):
+                if out[k] is not None:
+                    out[k][lo].zero_()
             continue
         dye = dys[a:b]
         if need.dx or need.dA:
@@ -248,7 +263,8 @@ def _torch_bwd(dy, saved: Saved, need: Needs):
     rows = rt.order[:n]
     dys = dy.index_select(0, rows)                                     # (n, out)
     xs = x.index_select(0, rows) if (need.dW or (fused and need.dA)) else None
-    z = lambda shape, dt: torch.zeros(shape, dtype=dt, device=x.device)  # noqa: E731
+    # every expert / factor set is written in the loops below (zeros where it has no rows)
+    z = lambda shape, dt: TR.empty(shape, dt, x.device)  # noqa: E731  (NaN-poisoned in tests)
     out = {"dxs": TR.empty((n, x.shape[1]), x.dtype, x.device) if need.dx else None,
            "dA": z(A.shape, A.dtype) if need.dA else None,
            "dB": z(B.shape, B.dtype) if need.dB else None}
@@ -257,6 +273,9 @@ def _torch_bwd(dy, saved: Saved, need: Needs):
     for e in range(E):                    # the base: dX_e = dY_e W_e, dW_e, db_e
         a, b = off[e], off[e + 1]
         if a == b:
+            for t in (dW, db):
+                if t is not None:
+                    t[e].zero_()
             continue
         dye = dys[a:b]
         if need.dx:
@@ -269,8 +288,7 @@ def _torch_bwd(dy, saved: Saved, need: Needs):
         _lowrank_bwd(dys, xs, S, A, B, off, scaling, need=need, out=out)
     dx = None
     if need.dx:
-        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device).index_copy_(0, rows,
-                                                                             out["dxs"])
+        dx = _scatter_rows(out["dxs"], rt.order, n, x.shape[0])
     if not fused:
         loff = _segments(rt.lora_offsets)
         lrows = rt.lora_order[:loff[-1]]
