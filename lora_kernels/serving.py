@@ -11,6 +11,8 @@ from the shared :class:`_ServingState`; each layer only adds its own pool's fact
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -71,14 +73,27 @@ class _ServingState:
     """Per-call adapter selection shared by every :class:`ServingLinear` of one model: the
     per-sequence slot table set by :meth:`MultiAdapterModel.using`, and the batch plans built from
     it -- once per (tokens per sequence, device, backend), i.e. once per forward (a KV-cached
-    ``generate`` reuses its decode-step plan across steps: same ids, same shapes)."""
+    ``generate`` reuses its decode-step plan across steps: same ids, same shapes).
+
+    ``owner``: the thread that set the selection (:func:`threading.get_ident`; None while torch
+    traces). A layer called from any other thread -- a request thread calling ``server.model``
+    directly, or ``server(x)`` without adapters, while another thread is inside ``using`` --
+    does not see it and runs the base linear (see :meth:`applies`)."""
 
     def __init__(self, max_adapters: int):
         self.max_adapters = max_adapters
         self.seq_ids: torch.Tensor | None = None   # (passes, batch) int64 on the model device
         self.count: torch.Tensor | None = None     # CPU int64 (1,): distinct adapters in batch
         self.seq_names: list[str | None] = []      # one stored adapter (or None) per sequence
+        self.owner: int | None = None
         self._plans: dict = {}
+
+    def applies(self) -> bool:
+        """Whether a selection is set for the calling thread."""
+        if self.seq_ids is None:
+            return False
+        return (torch.compiler.is_compiling() or self.owner is None
+                or self.owner == threading.get_ident())
 
     def plans(self, per_seq: int, device: torch.device, backend: str) -> tuple:
         """One :class:`~lora_kernels.ops.multi_lora.BatchPlan` per pass (summed adapters add
@@ -97,6 +112,7 @@ class _ServingState:
         self.seq_ids = None
         self.count = None
         self.seq_names = []
+        self.owner = None
         self._plans = {}
 
 
@@ -130,7 +146,7 @@ class ServingLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._state
-        if st.seq_ids is None or (len(self.pool) == 0 and not self.bias_delta):
+        if not st.applies() or (len(self.pool) == 0 and not self.bias_delta):
             return _qlora.base_linear(x, self.weight, self.bias, self.backend or "torch")
         batch = st.seq_ids.shape[1]
         if x.dim() < 2 or x.shape[0] != batch:
@@ -182,6 +198,15 @@ class ServingLinear(nn.Module):
                 f"bias={self.bias is not None}, adapters={len(self.pool)}")
 
 
+def _serialized(fn):
+    """A :class:`MultiAdapterModel` method run under the server's lock (class doc, "Threads")."""
+    @functools.wraps(fn)
+    def run(self, *args, **kwargs):
+        with self._locked():
+            return fn(self, *args, **kwargs)
+    return run
+
+
 class MultiAdapterModel(nn.Module):
     """Serve many LoRA adapters on one base model, one forward per mixed batch.
 
@@ -201,6 +226,15 @@ class MultiAdapterModel(nn.Module):
     copying any weight (the layer adds one pass per part, each with its own rank and scale);
     ``add(name, compose.sum_loras(...) per module)`` is the copying alternative (one slot of the
     concatenated rank).
+
+    Threads: calls may come from several request threads. Each ``server(x, adapters)`` /
+    ``generate`` / ``using`` block holds the server's lock for its duration, as do ``add``,
+    ``add_sum``, ``remove``, ``prefetch`` and ``unload``, so concurrent calls run one after
+    another and each gets exactly its own adapters (the slots a batch reads are never rewritten
+    under it, and the selection is never another thread's). A thread that calls the wrapped model
+    without a selection (``server.model(x)``, ``server(x)``) while another is inside ``using``
+    gets the base model. (Under ``torch.compile`` the lock is not taken: a compiled server is
+    called from one thread at a time by its caller.)
     """
 
     def __init__(self, model: nn.Module, target_modules, max_adapters: int = 8,
@@ -217,6 +251,9 @@ class MultiAdapterModel(nn.Module):
         self.model = model
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._state = _ServingState(max_adapters)
+        # one call at a time (see "Threads" in the class doc); re-entrant so a nested using()
+        # in the same thread reaches its clear "do not nest" error instead of deadlocking
+        self._lock = threading.RLock()
         self.layers: dict[str, ServingLinear | ServingEmbedding] = {}
         # the replaced modules themselves, for unload() (a plain dict: not submodules)
         self._originals: dict[str, nn.Module] | None = {}
@@ -267,6 +304,7 @@ class MultiAdapterModel(nn.Module):
         self._live()
         return name in self.store or name in self._sums
 
+    @_serialized
     def add(self, name: str, adapter: Mapping) -> int | None:
         """Load ``adapter`` ({module name: (lora_A, lora_B, scaling)}, e.g. from
         :func:`lora_kernels.load_peft_adapter`) under ``name``. Any number of adapters may be
@@ -297,6 +335,7 @@ class MultiAdapterModel(nn.Module):
             self.layers[mod].bias_delta[name] = d
         return slot
 
+    @_serialized
     def prefetch(self, adapters: Sequence[str | None]) -> list[str]:
         """Start loading the adapters of a coming batch (copies overlap the current one on a
         GPU); returns the stored names whose loads were started."""
@@ -319,6 +358,7 @@ class MultiAdapterModel(nn.Module):
 
         return self.add(name, load_peft_adapter(path, **kwargs))
 
+    @_serialized
     def add_sum(self, name: str, parts: Sequence[str]) -> None:
         """Serve ``sum(delta_p for p in parts)`` as adapter ``name`` (no weights copied)."""
         self._live()
@@ -343,6 +383,7 @@ class MultiAdapterModel(nn.Module):
                 raise ValueError(f"parts: {p!r} is not loaded (loaded: {self.adapters()})")
         self._sums[name] = flat
 
+    @_serialized
     def remove(self, name: str) -> None:
         """Unload ``name`` (a stored adapter's slot is zeroed and reused by later adds)."""
         if name in self._sums:
@@ -359,6 +400,7 @@ class MultiAdapterModel(nn.Module):
             lay.dora_g.pop(name, None)
             getattr(lay, "bias_delta", {}).pop(name, None)
 
+    @_serialized
     def unload(self) -> nn.Module:
         """Give the plain model back: every served layer is replaced by the very module it
         replaced (the same objects: weights never copied or modified, a GPT-2 ``Conv1D`` stays a
@@ -424,19 +466,31 @@ class MultiAdapterModel(nn.Module):
         if isinstance(adapters, str) or not isinstance(adapters, Sequence):
             raise TypeError(f"adapters must be a list (one name or None per sequence), got "
                             f"{type(adapters).__name__}")
-        dev = next(iter(self.layers.values())).weight.device if self.layers else "cpu"
-        if self._state.seq_ids is not None:
-            raise RuntimeError("MultiAdapterModel calls do not nest")
-        ids, distinct, lease = self._seq_ids(adapters, len(adapters), dev)
-        self._state.seq_ids = ids
-        self._state.count = torch.tensor([distinct], dtype=torch.int64)   # CPU: no sync
-        self._state.seq_names = [a if a is not None and a not in self._sums else None
-                                 for a in adapters]
-        try:
-            yield self
-        finally:
-            self._state.clear()
-            self.store.release(lease)
+        with self._locked():
+            dev = next(iter(self.layers.values())).weight.device if self.layers else "cpu"
+            if self._state.seq_ids is not None:
+                raise RuntimeError("MultiAdapterModel calls do not nest")
+            ids, distinct, lease = self._seq_ids(adapters, len(adapters), dev)
+            self._state.seq_ids = ids
+            self._state.count = torch.tensor([distinct], dtype=torch.int64)   # CPU: no sync
+            self._state.seq_names = [a if a is not None and a not in self._sums else None
+                                     for a in adapters]
+            if not torch.compiler.is_compiling():
+                self._state.owner = threading.get_ident()
+            try:
+                yield self
+            finally:
+                self._state.clear()
+                self.store.release(lease)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The server's lock (class doc, "Threads"); not taken while torch traces."""
+        if torch.compiler.is_compiling():
+            yield
+            return
+        with self._lock:
+            yield
 
     def forward(self, input_ids: torch.Tensor, adapters: Sequence[str | None] | None = None,
                 **kwargs):

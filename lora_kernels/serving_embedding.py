@@ -43,7 +43,7 @@ class ServingEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         st = self._state
-        if st.seq_ids is None or len(self.pool) == 0:
+        if not st.applies() or len(self.pool) == 0:
             return F.embedding(ids, self.weight, self.padding_idx)
         batch = st.seq_ids.shape[1]
         if ids.dim() < 1 or ids.shape[0] != batch:

@@ -379,3 +379,202 @@ def test_module_stored_twice_refused(tmp_path):
     save_file(t, fn)
     with pytest.raises(ValueError, match="stored twice"):
         load_peft_adapter(path)
+
+
+# ------------------------------------------------------------------ threads (item 3)
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.up = torch.nn.Linear(16, 24)
+        self.down = torch.nn.Linear(24, 12)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _tiny_server(n_adapters=5, max_adapters=4):
+    server = lk.MultiAdapterModel(_Tiny(), ["up", "down"], max_adapters=max_adapters,
+                                  max_rank=4)
+    g = torch.Generator().manual_seed(1)
+    for k in range(n_adapters):
+        r = 1 + k % 4
+        server.add(f"t{k}", {m: (torch.randn(r, i, generator=g), torch.randn(o, r, generator=g),
+                                 0.5 + k)
+                             for m, i, o in (("up", 16, 24), ("down", 24, 12))})
+    return server
+
+
+def test_server_threads_mixed_batches():
+    """Four request threads, each serving its own mixes (adapters shared across threads, more
+    adapters than slots: evictions under load): every call returns exactly what the same call
+    returns alone, none raises."""
+    import threading
+
+    server = _tiny_server()
+    names = [f"t{k}" for k in range(5)] + [None]
+    g = torch.Generator().manual_seed(2)
+    calls = []
+    for _ in range(24):
+        mix = [names[int(i)] for i in torch.randint(0, 6, (3,), generator=g)]
+        if len({m for m in mix if m}) > 4:
+            continue
+        calls.append((torch.randn(3, 5, 16, generator=g), mix))
+    with torch.no_grad():
+        want = [server(x, adapters=mix) for x, mix in calls]
+    errors, wrong = [], []
+
+    def worker(tid):
+        order = torch.randperm(len(calls), generator=torch.Generator().manual_seed(tid))
+        for _rep in range(3):
+            for i in order.tolist():
+                x, mix = calls[i]
+                try:
+                    with torch.no_grad():
+                        y = server(x, adapters=mix)
+                except Exception as e:  # noqa: BLE001 -- collected and reported below
+                    errors.append(repr(e))
+                    continue
+                if not torch.allclose(y, want[i], rtol=1e-5, atol=1e-5):
+                    wrong.append((tid, i, mix))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert not wrong, f"{len(wrong)} of {4 * 3 * len(calls)} calls wrong, e.g. {wrong[:3]}"
+
+
+def test_server_other_thread_sees_base_model():
+    """While one thread is inside ``server.using``, another thread calling the wrapped model
+    directly gets the base model, not the first thread's adapters."""
+    import threading
+
+    server = _tiny_server()
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        base = server(x)
+        adapted = server(x, adapters=["t1", "t2"])
+    inside, done = threading.Event(), threading.Event()
+    got = {}
+
+    def holder():
+        with server.using(["t1", "t2"]), torch.no_grad():
+            inside.set()
+            done.wait(10)
+            got["holder"] = server.model(x)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    inside.wait(10)
+    with torch.no_grad():
+        got["other"] = server.model(x)
+    done.set()
+    t.join()
+    torch.testing.assert_close(got["other"], base)
+    torch.testing.assert_close(got["holder"], adapted)
+    with server.using(["t1", None]), pytest.raises(RuntimeError, match="nest"):
+        with server.using(["t0", None]):
+            pass
+
+
+# ------------------------------------------------------------------ refusals change nothing (4)
+def _ad(r=2, s=1.0, up=(16, 24), down=(24, 12)):
+    return {"up": (torch.randn(r, up[0]), torch.randn(up[1], r), s),
+            "down": (torch.randn(r, down[0]), torch.randn(down[1], r), s)}
+
+
+def test_refusals_change_nothing_pool_and_store():
+    pool = _small_pool()
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    for call, exc in [
+        (lambda: pool.add(3, A, B), TypeError), (lambda: pool.add("a", A, B), ValueError),
+        (lambda: pool.add("c", torch.randn(2, 9), B), ValueError),
+        (lambda: pool.add("c", torch.randn(3, 8), torch.randn(6, 3)), ValueError),
+        (lambda: pool.add("c", A, B, float("nan")), ValueError),
+        (lambda: pool.add("c", A, B, 1e39), ValueError),
+        (lambda: pool.add("c", A, B, slot=0), ValueError),
+        (lambda: pool.add("c", A.int(), B), TypeError),
+        (lambda: pool.remove("zz"), ValueError),
+    ]:
+        assert_refused(call, exc, pool)
+    full = AdapterPool(8, 6, 1, 2)
+    full.add("x", A, B)
+    assert_refused(lambda: full.add("y", A, B), ValueError, full, match="full")
+
+    pools = {"up": AdapterPool(16, 24, 2, 2), "down": AdapterPool(24, 12, 2, 2)}
+    store = AdapterStore(pools)
+    store.add("a", _ad())
+    store.add("b", _ad(r=1))
+    store.add("c", _ad(), load=False)
+    lease = store.acquire(["a"])
+    for call, exc in [
+        (lambda: store.add("d", {"nope": _ad()["up"]}), ValueError),
+        (lambda: store.add("d", {"up": _ad()["up"], "down": (torch.randn(2, 3),) * 2 + (1.,)}),
+         ValueError),
+        (lambda: store.add("d", _ad(s=1e39)), ValueError),
+        (lambda: store.add("d", _ad(r=3)), ValueError),
+        (lambda: store.add("a", _ad()), ValueError),
+        (lambda: store.remove("zz"), ValueError),
+        (lambda: store.remove("a"), ValueError),              # held by a lease
+        (lambda: store.acquire(["a", "zz"]), ValueError),
+        (lambda: store.acquire(["b", "c"]), RuntimeError),    # slot of "a" held: no room
+    ]:
+        assert_refused(call, exc, store, *pools.values())
+    store.release(lease)
+    assert_refused(lambda: store.release(lease), ValueError, store, *pools.values())
+
+
+def test_refusals_change_nothing_server(tmp_path):
+    server = _tiny_server(n_adapters=3)
+    server.add_sum("s", ["t0", "t1"])
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, '
+                                                 '"lora_alpha": 1e40}')
+    for call, exc in [
+        (lambda: server.add("n", _ad(s=1e39)), ValueError),
+        (lambda: server.add("n", {"up": _ad()["up"], "down": (torch.randn(2, 5),
+                                                            torch.randn(12, 2), 1.0)}),
+         ValueError),
+        (lambda: server.add("n", {"up": _ad()["up"] + (torch.randn(3),)}), ValueError),
+        (lambda: server.add("t0", _ad()), ValueError),
+        (lambda: server.add("s", _ad()), ValueError),
+        (lambda: server.add_sum("n", ["t0", "zz"]), ValueError),
+        (lambda: server.add_sum("t1", ["t0"]), ValueError),
+        (lambda: server.remove("zz"), ValueError),
+        (lambda: server.remove("t0"), ValueError),           # part of "s"
+        (lambda: server.prefetch(["zz"]), ValueError),
+        (lambda: server(torch.randn(2, 3, 16), adapters=["t0"]), ValueError),
+        (lambda: server(torch.randn(2, 3, 16), adapters=["t0", "zz"]), ValueError),
+        (lambda: server.load_peft("n", bad_dir), ValueError),
+    ]:
+        assert_refused(call, exc, server)
+
+
+def test_refusals_change_nothing_inject_and_loaders(tmp_path):
+    from lora_kernels.peft_io import load_peft_adapter
+
+    model = _Tiny()
+    for call, exc in [
+        (lambda: lk.inject(model, "nope", ["up"]), ValueError),
+        (lambda: lk.inject(model, "lora", None), ValueError),
+        (lambda: lk.inject(model, "lora", ["up", "down"], r=0), ValueError),
+        (lambda: lk.inject_adapter(model, {"up": _ad()["up"], "down": (torch.randn(2, 5),
+                                                                      torch.randn(12, 2), 1.)}),
+         ValueError),
+        (lambda: lk.inject_adapter(model, {"zz": _ad()["up"]}), ValueError),
+        (lambda: lk.patch_peft(model, backend="nope"), ValueError),
+    ]:
+        assert_refused(call, exc, model)
+    path = _saved(tmp_path)
+    _edit(path, rank_pattern={"(a+)+": 2})
+    files = {p.name: p.read_bytes() for p in path.iterdir()}
+    with pytest.raises(ValueError):
+        load_peft_adapter(path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == files
