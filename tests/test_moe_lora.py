@@ -428,3 +428,32 @@ def test_lora_ids_opcheck():
     opcheck(torch.ops.lora_kernels.moe_lora_bwd.default,
             (randn(M, o), x, w, A, B, randn(M, r), order, offsets, lorder, loffsets, 0.5,
              "torch", True, True, True, True, True))
+
+
+def test_static_moe_profile_is_current():
+    """The committed static profile of the MoE kernels (bench/results/static-moe-sm90.json,
+    ``python -m lora_kernels.bench.static_moe``) has one row per launch the launchers make at the
+    GPU point now (recorded in a subprocess with TRITON_INTERPRET=0; nothing compiled here), and
+    its grouped GEMM rows use tensor cores without spills."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    code = ("import json; from lora_kernels.bench import static as S, static_moe as M; "
+            "print(json.dumps(S.row_keys(M.moe_launches())))")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = json.loads(proc.stdout.strip().splitlines()[-1])
+    doc = json.loads((root / "bench/results/static-moe-sm90.json").read_text())
+    assert [[r["kernel"], r["launch"], r["config"]] for r in doc["rows"]] == want
+    from lora_kernels.bench.static_moe import check_rows
+
+    assert not check_rows(doc["rows"])
+    assert {r["kernel"] for r in doc["rows"]} == {"moe_shrink_kernel", "moe_gemm_kernel",
+                                                  "moe_seg_tn_kernel"}

@@ -405,7 +405,7 @@ def _rows(order, offsets, M: int, kind: str) -> _Rows:
     return _Rows(order, offsets, tile_table(offsets, M, _tiles(kind)["BLOCK_M"]))
 
 
-def _triton_fwd(x, weight, bias, A, B, rt: Routing, scaling):
+def triton_fwd(x, weight, bias, A, B, rt: Routing, scaling):
     if rt.lora_order is not None:
         raise ValueError("backend='triton' indexes the factors by expert; lora_ids runs on "
                          "backend='torch'")
@@ -420,7 +420,7 @@ def _triton_fwd(x, weight, bias, A, B, rt: Routing, scaling):
     return y, S
 
 
-def _triton_bwd(dy, saved: Saved, need: Needs):
+def triton_bwd(dy, saved: Saved, need: Needs):
     x, weight, A, B, S, rt, scaling = saved
     order, offsets = rt.order, rt.offsets
     M = x.shape[0]
@@ -450,7 +450,7 @@ def _triton_bwd(dy, saved: Saved, need: Needs):
     return dx, dW, db, dA, dB
 
 
-BACKENDS = {"torch": (_torch_fwd, _torch_bwd), "triton": (_triton_fwd, _triton_bwd)}
+BACKENDS = {"torch": (_torch_fwd, _torch_bwd), "triton": (triton_fwd, triton_bwd)}
 
 
 def _impl(backend: str):
