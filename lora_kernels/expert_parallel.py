@@ -53,7 +53,9 @@ class Dispatched(NamedTuple):
 
     ``x (n_recv, in)`` (grouped by source rank); ``expert_ids (n_recv,)`` int64 *local* expert
     ids in ``[0, num_local)``; ``rows (n_send,)`` the positions of the sent rows in the
-    caller's ``x``; ``send_splits`` / ``recv_splits`` per-rank row counts; ``num_rows`` M.
+    caller's ``x``; ``send_splits`` / ``recv_splits`` per-rank row counts; ``num_rows`` M;
+    ``aux (n_recv,)`` int64: the ``aux`` ids sent along with the rows (e.g. each row's adapter,
+    for ``moe_lora_linear(..., lora_ids=adapter * num_local + expert_ids)``), or None.
     """
 
     x: torch.Tensor
@@ -62,6 +64,7 @@ class Dispatched(NamedTuple):
     send_splits: list[int]
     recv_splits: list[int]
     num_rows: int
+    aux: torch.Tensor | None = None
 
 
 class ExpertParallel:
@@ -120,9 +123,11 @@ class ExpertParallel:
                              f"(nothing was exchanged)")
 
     # ------------------------------------------------------------------------------ exchange
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor) -> Dispatched:
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, *,
+                 aux: torch.Tensor | None = None) -> Dispatched:
         """Send each row of ``x (M, in)`` to the rank owning ``expert_ids[m]`` (global ids;
-        ``-1`` rows are not sent). Differentiable in x."""
+        ``-1`` rows are not sent), with ``aux[m]`` ((M,) int ids, optional) along. Differentiable
+        in x."""
         V.tensor("x", x, ndim=2)
         if not isinstance(expert_ids, torch.Tensor) or expert_ids.dtype not in (torch.int32,
                                                                                   torch.int64):
@@ -130,6 +135,10 @@ class ExpertParallel:
         if expert_ids.shape != (x.shape[0],):
             raise ValueError(f"expert_ids must have shape ({x.shape[0]},) (one id per row of x),"
                              f" got {tuple(expert_ids.shape)}")
+        if aux is not None and (not isinstance(aux, torch.Tensor) or aux.dtype not in (
+                torch.int32, torch.int64) or aux.shape != expert_ids.shape):
+            raise ValueError(f"aux must be None or an int32/int64 tensor of shape "
+                             f"{tuple(expert_ids.shape)} (one id per row of x)")
         self.check_ids(expert_ids)
         W = self.world
         ids = expert_ids.long()
@@ -145,10 +154,16 @@ class ExpertParallel:
         n_recv = sum(recv_splits)
         ids_recv = torch.empty(n_recv, dtype=torch.int64, device=ids.device)
         dist.all_to_all_single(ids_recv, local_send, recv_splits, send_splits, group=self.group)
+        aux_recv = None
+        if aux is not None:
+            aux_recv = torch.empty(n_recv, dtype=torch.int64, device=ids.device)
+            dist.all_to_all_single(aux_recv, aux.long()[rows].contiguous(), recv_splits,
+                                   send_splits, group=self.group)
         x_send = x.index_select(0, rows).contiguous()
         x_recv = _a2a_autograd(x.new_empty((n_recv, x.shape[1])), x_send, recv_splits,
                                send_splits, group=self.group)
-        return Dispatched(x_recv, ids_recv, rows, send_splits, recv_splits, x.shape[0])
+        return Dispatched(x_recv, ids_recv, rows, send_splits, recv_splits, x.shape[0],
+                          aux_recv)
 
     def combine(self, y: torch.Tensor, d: Dispatched) -> torch.Tensor:
         """Send the rows ``y (n_recv, out)`` computed for ``d`` back: ``(M, out)`` in the

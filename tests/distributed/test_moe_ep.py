@@ -97,6 +97,34 @@ def ep_block_one_dispatch(ctx):
         assert _rel(t.grad, ep.shard(r.grad)) < TOL
 
 
+@scenario(2, 4)
+def ep_serving_adapters_per_row(ctx):
+    """Serving under EP: each row picks an adapter (or none, -1) and an expert; the adapter id
+    travels with the row (``aux``) and each rank applies its experts' factors of every adapter
+    (``lora_ids = adapter * num_local + local expert``); equal to the single-process op."""
+    X, ids, W, b, _, _, _ = _data(ctx.world, seed=5)
+    E, n_ad, r = W.shape[0], 3, 2
+    g = torch.Generator().manual_seed(6)
+    A = torch.randn(n_ad, E, r, X.shape[1], generator=g)     # (adapter, expert, r, in)
+    B = torch.randn(n_ad, E, W.shape[1], r, generator=g)
+    ad = torch.randint(-1, n_ad, (X.shape[0],), generator=g)
+    lids = torch.where(ad >= 0, ad * E + ids.clamp_min(0), -1)
+    y_ref = lk.moe_lora_linear(X, W, b, A.reshape(n_ad * E, r, -1),
+                               B.reshape(n_ad * E, -1, r), ids, 1.0, lora_ids=lids)
+    ep = ExpertParallel(ctx.pg, E)
+    M = X.shape[0] // ctx.world
+    lo = slice(ctx.rank * M, (ctx.rank + 1) * M)
+    with torch.no_grad():
+        d = ep.dispatch(X[lo], ids[lo], aux=ad[lo])
+        nl = ep.num_local
+        local_lids = torch.where(d.aux >= 0, d.aux * nl + d.expert_ids, -1)
+        A_l = A[:, ep.start:ep.stop].reshape(n_ad * nl, r, -1)
+        B_l = B[:, ep.start:ep.stop].reshape(n_ad * nl, -1, r)
+        y = ep.combine(lk.moe_lora_linear(d.x, ep.shard(W), ep.shard(b), A_l, B_l, d.expert_ids,
+                                          1.0, lora_ids=local_lids), d)
+    assert _rel(y, y_ref[lo]) < TOL
+
+
 @scenario(2)
 def ep_quantized_experts(ctx):
     X, ids, W, b, A, B, dY = _data(ctx.world, i=64, seed=4)
