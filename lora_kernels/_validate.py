@@ -79,11 +79,26 @@ def scalar(name: str, v, *, lo: float | None = None, hi: float | None = None,
     return v
 
 
+def positive_int(name: str, v) -> int:
+    """``v`` itself if it is an int >= 1 (not a bool), else TypeError / ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+def adapter_name(name) -> str:
+    """``name`` itself if it is a non-empty str (an adapter's name), else TypeError / ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if not name:
+        raise ValueError("name must be a non-empty string")
+    return name
+
+
 def rank(name: str, r, *, max_rank: int | None = None, what: str = "") -> int:
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"{name} must be an int, got {type(r).__name__}")
-    if r < 1:
-        raise ValueError(f"{name} must be >= 1, got {r}")
+    positive_int(name, r)
     if max_rank is not None and r > max_rank:
         hint = f" ({what})" if what else ""
         raise ValueError(f"{name} must be <= {max_rank}{hint}, got {r}")
@@ -194,20 +209,34 @@ def ids_in_slots(name: str, ids: torch.Tensor, max_adapters: int,
                      f"there{'; loaded: ' + loaded if loaded else ''})")
 
 
-def _check_ids_impl(ids: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-    """``ids`` copied to ``ranks``' device after :func:`ids_in_slots` against the slots with a
-    nonzero rank: the check ``AdapterPool.check_ids`` runs under ``torch.compile`` (as the
-    registered op ``lora_kernels::check_ids``), where a data-dependent ``if`` would break the
-    graph."""
-    ids_in_slots("adapter_ids", ids.to(ranks.device), ranks.shape[0], ranks > 0)
-    return ids.to(ranks.device, copy=True)
+def lora_triple(name: str, ad) -> tuple:
+    """``(lora_A (r, in), lora_B (out, r), scaling float)`` of an adapter given as that tuple
+    (same device, shared rank), else TypeError / ValueError naming ``name``."""
+    if not (isinstance(ad, (tuple, list)) and len(ad) == 3):
+        raise TypeError(f"{name} must be a (lora_A, lora_B, scaling) tuple, got "
+                        f"{type(ad).__name__}")
+    A, B, s = ad
+    float_tensor(f"{name}.lora_A", A, ndim=2)
+    float_tensor(f"{name}.lora_B", B, ndim=2)
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(f"{name}: lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} must share "
+                         "the rank (lora_B (out, r), lora_A (r, in))")
+    same_device(f"{name}.lora_A", A, **{f"{name}.lora_B": B})
+    s = scalar(f"{name}.scaling", s)
+    return A, B, s
 
 
-def _define_check_ids():
-    from .ops._register import define_op
-
-    return define_op("lora_kernels::check_ids", _check_ids_impl,
-                     fake=lambda ids, ranks: torch.empty_like(ids, device=ranks.device))
-
-
-CHECK_IDS_OP = _define_check_ids()
+def slot_factors(lora_A, lora_B, scaling, in_f: int, out_f: int, max_rank: int) -> float:
+    """Check one adapter's factors for a pool slot: ``lora_A (r, in_f)``, ``lora_B (out_f, r)``,
+    ``1 <= r <= max_rank``, a ``scaling`` finite in float32; returns the scaling as a float."""
+    float_tensor("lora_A", lora_A, ndim=2)
+    float_tensor("lora_B", lora_B, ndim=2)
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A must have at least one row (rank >= 1), got "
+                         f"{tuple(lora_A.shape)}")
+    shape("lora_A", lora_A, (r, in_f), "(r, in_features) of the pool")
+    shape("lora_B", lora_B, (out_f, r), f"(out_features, r) with r={r} from lora_A")
+    if r > max_rank:
+        raise ValueError(f"lora_A has rank {r} > the pool's max_rank={max_rank}")
+    return scaling32("scaling", scaling)

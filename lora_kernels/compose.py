@@ -15,21 +15,6 @@ import torch
 from . import _validate as V
 
 
-def _factors(name: str, ad):
-    if not (isinstance(ad, (tuple, list)) and len(ad) == 3):
-        raise TypeError(f"{name} must be a (lora_A, lora_B, scaling) tuple, got "
-                        f"{type(ad).__name__}")
-    A, B, s = ad
-    V.float_tensor(f"{name}.lora_A", A, ndim=2)
-    V.float_tensor(f"{name}.lora_B", B, ndim=2)
-    if B.shape[1] != A.shape[0]:
-        raise ValueError(f"{name}: lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} must share "
-                         "the rank (lora_B (out, r), lora_A (r, in))")
-    V.same_device(f"{name}.lora_A", A, **{f"{name}.lora_B": B})
-    s = V.scalar(f"{name}.scaling", s)
-    return A, B, s
-
-
 def sum_loras(adapters: Sequence) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Exact sum of LoRA deltas as one LoRA: ``(cat_k A_k, cat_k s_k B_k, 1.0)``.
 
@@ -40,7 +25,7 @@ def sum_loras(adapters: Sequence) -> tuple[torch.Tensor, torch.Tensor, float]:
     """
     if isinstance(adapters, (str, bytes)) or not isinstance(adapters, Sequence) or not adapters:
         raise TypeError("adapters must be a non-empty list of (lora_A, lora_B, scaling)")
-    fs = [_factors(f"adapters[{k}]", ad) for k, ad in enumerate(adapters)]
+    fs = [V.lora_triple(f"adapters[{k}]", ad) for k, ad in enumerate(adapters)]
     A0, B0, _ = fs[0]
     dtype = A0.dtype
     for k, (A, B, _) in enumerate(fs):
@@ -61,8 +46,8 @@ def _gram(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 def lora_inner(a, b) -> float:
     """Frobenius inner product ``<s_a B_a A_a, s_b B_b A_b>`` from r x r products:
     ``s_a s_b sum((B_a^T B_b) * (A_a A_b^T))`` (float64; never forms an out x in matrix)."""
-    A1, B1, s1 = _factors("a", a)
-    A2, B2, s2 = _factors("b", b)
+    A1, B1, s1 = V.lora_triple("a", a)
+    A2, B2, s2 = V.lora_triple("b", b)
     if A1.shape[1] != A2.shape[1] or B1.shape[0] != B2.shape[0]:
         raise ValueError(f"a maps {A1.shape[1]} -> {B1.shape[0]} features but b maps "
                          f"{A2.shape[1]} -> {B2.shape[0]}")

@@ -8,13 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-
-def _count(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
+from . import _validate as V
 
 
 def expansion(model, kwargs: dict) -> tuple[int, int, int]:
@@ -24,7 +18,7 @@ def expansion(model, kwargs: dict) -> tuple[int, int, int]:
     gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     beams = kwargs.get("num_beams", getattr(gc, "num_beams", None) or 1)
     nrs = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", None) or 1)
-    beams, nrs = _count("num_beams", beams), _count("num_return_sequences", nrs)
+    beams, nrs = V.positive_int("num_beams", beams), V.positive_int("num_return_sequences", nrs)
     if beams > 1 and nrs > beams:
         raise ValueError(f"num_return_sequences={nrs} must be <= num_beams={beams} for beam "
                          "search (each input returns its best beams)")

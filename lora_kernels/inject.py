@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from . import _validate as V
 from ._conv1d import is_conv1d, is_linear_like, to_conv1d
 
 
@@ -90,7 +91,8 @@ def check_base_weights(model: nn.Module, adapter) -> None:
                 "first")
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (its parent must exist)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -127,7 +129,7 @@ def inject(model: nn.Module, method: str = "lora", target_modules=None, **method
         new[name] = (LoRAEmbedding.from_embedding(mod, **method_kwargs)
                      if isinstance(mod, nn.Embedding) else cls.from_linear(mod, **method_kwargs))
     for name, layer in new.items():
-        _set(model, name, layer)
+        set_submodule(model, name, layer)
     return model
 
 
@@ -152,7 +154,6 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
     (``tied``, PEFT's ``ensure_weight_tying``: the linear's factors alias the embedding's,
     transposed) are applied too; base tables it carries must equal the model's.
     """
-    from .compose import _factors
     from .layers import AdapterLinear, DoRALinear, LoRALinear
 
     if not isinstance(model, nn.Module):
@@ -169,7 +170,7 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
         mag = None
         if isinstance(entry, (tuple, list)) and len(entry) == 4:      # DoRA
             entry, mag = tuple(entry[:3]), entry[3]
-        A, B, s = _factors(f"adapter[{name!r}]", entry)
+        A, B, s = V.lora_triple(f"adapter[{name!r}]", entry)
         if name not in mods or not name:
             some = [n for n, m in mods.items() if is_linear_like(m)][:8]
             raise ValueError(f"adapter names module {name!r}, which the model does not have "
@@ -216,7 +217,7 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
             new[lm].lora_A = nn.Parameter(new[emb].lora_B.detach().t(), requires_grad=trainable)
             new[lm].lora_B = nn.Parameter(new[emb].lora_A.detach().t(), requires_grad=trainable)
     for name, layer in new.items():
-        _set(model, name, layer)
+        set_submodule(model, name, layer)
     for bias, b in copies:      # bias="all": trained biases of modules without a LoRA
         with torch.no_grad():
             bias.copy_(b.to(bias.dtype))
@@ -318,5 +319,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         new[name].requires_grad_(False)
         new[name].train(layer.training)
     for name, m in new.items():
-        _set(model, name, m)
+        set_submodule(model, name, m)
     return model

@@ -594,7 +594,6 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if dtype is not None and dtype not in V.FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"dtype must be a float dtype or None, got {dtype}")
-    from .compose import _factors
 
     tensors, ranks, alphas = {}, {}, {}
     is_dora = {n: isinstance(e, (tuple, list)) and len(e) == 4 for n, e in ad.items()}
@@ -608,7 +607,7 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
             raise TypeError(f"model_or_dict keys must be module names, got {name!r}")
         if dora:
             entry, mag = tuple(entry[:3]), entry[3]
-        A, B, s = _factors(f"model_or_dict[{name!r}]", entry)
+        A, B, s = V.lora_triple(f"model_or_dict[{name!r}]", entry)
         if dora:
             V.float_tensor(f"model_or_dict[{name!r}].magnitude", mag, ndim=1)
             V.shape(f"model_or_dict[{name!r}].magnitude", mag, (B.shape[0],), "(out_features,)")

@@ -23,24 +23,22 @@ import torch
 
 from . import _validate as V
 from ._cache import content, version
+from .ops._register import define_op
 
 _POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _pos_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
+def _check_ids_impl(ids: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """``ids`` copied to ``ranks``' device after ``_validate.ids_in_slots`` against the slots
+    with a nonzero rank: the check :meth:`AdapterPool.check_ids` runs under ``torch.compile`` (as
+    the registered op ``lora_kernels::check_ids``), where a data-dependent ``if`` would break the
+    graph."""
+    V.ids_in_slots("adapter_ids", ids.to(ranks.device), ranks.shape[0], ranks > 0)
+    return ids.to(ranks.device, copy=True)
 
 
-def _adapter_name(name) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if not name:
-        raise ValueError("name must be a non-empty string")
-    return name
+CHECK_IDS_OP = define_op("lora_kernels::check_ids", _check_ids_impl,
+                         fake=lambda ids, ranks: torch.empty_like(ids, device=ranks.device))
 
 
 class PoolView(NamedTuple):
@@ -85,10 +83,10 @@ class AdapterPool:
 
     def __init__(self, in_features: int, out_features: int, max_adapters: int, max_rank: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        self.in_features = _pos_int("in_features", in_features)
-        self.out_features = _pos_int("out_features", out_features)
-        self.max_adapters = _pos_int("max_adapters", max_adapters)
-        self.max_rank = _pos_int("max_rank", max_rank)
+        self.in_features = V.positive_int("in_features", in_features)
+        self.out_features = V.positive_int("out_features", out_features)
+        self.max_adapters = V.positive_int("max_adapters", max_adapters)
+        self.max_rank = V.positive_int("max_rank", max_rank)
         if dtype not in _POOL_DTYPES:
             raise TypeError(f"dtype must be one of {_POOL_DTYPES}, got {dtype}")
         self.dtype = dtype
@@ -128,7 +126,7 @@ class AdapterPool:
 
     def slot(self, name: str) -> int:
         """The slot (adapter id) of ``name``; ``ValueError`` if it is not loaded."""
-        _adapter_name(name)
+        V.adapter_name(name)
         if name not in self._slot_of:
             raise ValueError(f"name {name!r} is not in the pool (loaded: {self.names()})")
         return self._slot_of[name]
@@ -179,7 +177,7 @@ class AdapterPool:
         """
         ids = V.adapter_ids(name, adapter_ids, num_tokens)
         if torch.compiler.is_compiling():  # data-dependent: checked inside one opaque op
-            return V.CHECK_IDS_OP(ids, self.ranks)
+            return CHECK_IDS_OP(ids, self.ranks)
         if ids.device.type == "cpu":
             key = content(ids)
             if not self._checked_before(key):
@@ -232,22 +230,13 @@ class AdapterPool:
     def _prepare(self, name, lora_A, lora_B, scaling, slot):
         """Validate an ``add`` and convert the factors; touches nothing in the pool."""
         self._check_owner("add")
-        _adapter_name(name)
+        V.adapter_name(name)
         if name in self._slot_of:
             raise ValueError(f"name {name!r} is already in the pool (slot {self._slot_of[name]}); "
                              "remove it first")
-        V.float_tensor("lora_A", lora_A, ndim=2)
-        V.float_tensor("lora_B", lora_B, ndim=2)
+        s = V.slot_factors(lora_A, lora_B, scaling, self.in_features, self.out_features,
+                           self.max_rank)
         r = lora_A.shape[0]
-        if r < 1:
-            raise ValueError(f"lora_A must have at least one row (rank >= 1), got "
-                             f"{tuple(lora_A.shape)}")
-        V.shape("lora_A", lora_A, (r, self.in_features), "(r, in_features) of the pool")
-        V.shape("lora_B", lora_B, (self.out_features, r),
-                f"(out_features, r) with r={r} from lora_A")
-        if r > self.max_rank:
-            raise ValueError(f"lora_A has rank {r} > the pool's max_rank={self.max_rank}")
-        s = V.scaling32("scaling", scaling)
         if slot is None:
             if len(self._slot_of) >= self.max_adapters:
                 raise ValueError(f"the pool is full (max_adapters={self.max_adapters}): remove an "

@@ -24,7 +24,7 @@ from .ops import qlora as _qlora
 from .ops.multi_lora import plan as _plan
 from .ops.multi_lora.registered import add_ as _add_
 from .ops.multi_lora.registered import apply as _apply
-from .pool import AdapterPool, PoolView, _adapter_name, _pos_int
+from .pool import AdapterPool, PoolView
 from .serving_bias import add_bias_rows, bias_deltas
 from .serving_embedding import ServingEmbedding
 
@@ -241,12 +241,12 @@ class MultiAdapterModel(nn.Module):
                  max_rank: int = 64, backend: str | None = None):
         super().__init__()
         from ._conv1d import as_linear
-        from .inject import _set, find_linears
+        from .inject import find_linears, set_submodule
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        _pos_int("max_adapters", max_adapters)
-        _pos_int("max_rank", max_rank)
+        V.positive_int("max_adapters", max_adapters)
+        V.positive_int("max_rank", max_rank)
         names = find_linears(model, target_modules, embeddings=True)
         self.model = model
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
@@ -264,7 +264,7 @@ class MultiAdapterModel(nn.Module):
                 pool = AdapterPool(emb.num_embeddings, emb.embedding_dim, max_adapters, max_rank,
                                    dtype=emb.weight.dtype, device=emb.weight.device)
                 layer = ServingEmbedding(emb, pool, self._state, backend)
-                _set(model, name, layer)
+                set_submodule(model, name, layer)
                 self.layers[name] = layer
                 continue
             # a transformers Conv1D is served through its (out, in) weight view (same storage)
@@ -272,7 +272,7 @@ class MultiAdapterModel(nn.Module):
             pool = AdapterPool(lin.in_features, lin.out_features, max_adapters, max_rank,
                                dtype=_qlora.serving_base(lin)[1], device=lin.weight.device)
             layer = ServingLinear(lin, pool, self._state, backend)
-            _set(model, name, layer)
+            set_submodule(model, name, layer)
             self.layers[name] = layer
         from .store import AdapterStore
 
@@ -319,7 +319,7 @@ class MultiAdapterModel(nn.Module):
         from .inject import check_base_weights
 
         self._live()
-        _adapter_name(name)
+        V.adapter_name(name)
         if name in self._sums:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
         check_base_weights(self.model, adapter)
@@ -362,7 +362,7 @@ class MultiAdapterModel(nn.Module):
     def add_sum(self, name: str, parts: Sequence[str]) -> None:
         """Serve ``sum(delta_p for p in parts)`` as adapter ``name`` (no weights copied)."""
         self._live()
-        _adapter_name(name)
+        V.adapter_name(name)
         if name in self:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
         if isinstance(parts, str) or not isinstance(parts, Sequence) or not parts:
@@ -406,12 +406,12 @@ class MultiAdapterModel(nn.Module):
         replaced (the same objects: weights never copied or modified, a GPT-2 ``Conv1D`` stays a
         ``Conv1D``), every adapter is dropped and the device slots are freed; returns the model.
         The server is empty afterwards: any later call raises ``ValueError``."""
-        from .inject import _set
+        from .inject import set_submodule
 
         self._live()
         model = self.model
         for name, mod in self._originals.items():
-            _set(model, name, mod)
+            set_submodule(model, name, mod)
         self._originals = None
         self.layers = {}
         self._sums = {}

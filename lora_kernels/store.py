@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _validate as V
+from .pool import AdapterPool
 
 # ============================================================================ events / engines
 
@@ -302,8 +303,6 @@ def _factor_sizes(pool) -> tuple[int, int]:
 
 
 def _check_pools(pools) -> dict:
-    from . import AdapterPool  # (wherever the package defines it)
-
     if isinstance(pools, AdapterPool):
         pools = {"": pools}
     if not isinstance(pools, Mapping) or not pools:
@@ -326,12 +325,6 @@ def _check_pools(pools) -> dict:
     return dict(pools)
 
 
-def _plain_prepare():
-    from . import AdapterPool
-
-    return AdapterPool._prepare
-
-
 @torch.no_grad()
 def _swap_slot(pool, s: int, old: str | None, new: str | None, entry) -> None:
     """Slot ``s`` of ``pool``: ``old`` (if it is there) leaves, ``new`` enters with ``entry =
@@ -348,7 +341,7 @@ def _swap_slot(pool, s: int, old: str | None, new: str | None, entry) -> None:
     r_old = pool._rank_at[s] if here else 0
     if entry is None and not here:
         return
-    if type(pool)._prepare is not _plain_prepare():
+    if type(pool)._prepare is not AdapterPool._prepare:
         # a pool with its own add (e.g. parallel.ShardedAdapterPool: slices the unsharded
         # factors, agrees with the other ranks) is written through its public API
         pool._owner_writes += 1
@@ -475,18 +468,7 @@ class AdapterStore:
             in_f, out_f = _factor_sizes(p)
             A, B, s = entry
             try:
-                V.float_tensor("lora_A", A, ndim=2)
-                V.float_tensor("lora_B", B, ndim=2)
-                r = A.shape[0]
-                if r < 1:
-                    raise ValueError(f"lora_A must have at least one row (rank >= 1), got "
-                                     f"{tuple(A.shape)}")
-                V.shape("lora_A", A, (r, in_f), "(r, in_features) of the pool")
-                V.shape("lora_B", B, (out_f, r),
-                        f"(out_features, r) with r={r} from lora_A")
-                if r > p.max_rank:
-                    raise ValueError(f"lora_A has rank {r} > the pool's max_rank={p.max_rank}")
-                s = V.scaling32("scaling", s)
+                s = V.slot_factors(A, B, s, in_f, out_f, p.max_rank)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"adapter[{mod!r}]: {e}") from None
             checked[mod] = (A, B, s, p)

@@ -61,7 +61,7 @@ EXTRA_CASES += (("cases_embedding", "embedding_cases"),)
 
 # ----------------------------------------------------------------------------- helpers
 
-def _linear_of(d: dict, device) -> nn.Linear:
+def linear_of(d: dict, device) -> nn.Linear:
     """An ``nn.Linear`` holding a case's base weight ``d["W"]`` and bias ``d["b"]``."""
     N, K = d["W"].shape
     lin = nn.Linear(K, N, device=device, dtype=d["W"].dtype)
@@ -70,18 +70,18 @@ def _linear_of(d: dict, device) -> nn.Linear:
         lin.bias.copy_(d["b"])
     return lin
 
-def _gen(device: torch.device, seed: int) -> torch.Generator:
+def gen(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
 
 
-def _randn(shape, dtype, device, g, scale=1.0, requires_grad=False) -> torch.Tensor:
+def randn(shape, dtype, device, g, scale=1.0, requires_grad=False) -> torch.Tensor:
     t = (torch.randn(shape, generator=g, device=device) * scale).to(dtype)
     return t.requires_grad_(requires_grad)
 
 
-def _esize(dtype: torch.dtype) -> int:
+def esize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -105,20 +105,20 @@ def base_gemm_counts(T, K, N, e) -> tuple[float, float]:
     return 2.0 * T * N * K, e * (N * K + N + T * K + T * N)
 
 
-def _dt(dtype) -> str:
+def dt(dtype) -> str:
     return DTYPE_NAMES[dtype]
 
 
 def train_key(T, K, N, r, dtype) -> str:
-    return f"T{T}-{K}x{N}-r{r}-{_dt(dtype)}"
+    return f"T{T}-{K}x{N}-r{r}-{dt(dtype)}"
 
 
 def decode_key(T, K, N, r, n_pool, popularity, dtype) -> str:
-    return f"T{T}-{K}x{N}-r{r}-{n_pool}ad-{popularity}-{_dt(dtype)}"
+    return f"T{T}-{K}x{N}-r{r}-{n_pool}ad-{popularity}-{dt(dtype)}"
 
 
 def prefill_key(n_seg, seg_len, K, N, r, dtype) -> str:
-    return f"{n_seg}x{seg_len}-{K}x{N}-r{r}-{_dt(dtype)}"
+    return f"{n_seg}x{seg_len}-{K}x{N}-r{r}-{dt(dtype)}"
 
 
 def _peft_linear(W, b, adapters, names):
@@ -164,20 +164,20 @@ def _ours_backends(device: torch.device) -> list[tuple[str, str | None, str | No
 
 
 # ----------------------------------------------------------------------------- training
-def _train_inputs(T, K, N, r, dtype, scaling):
+def train_inputs(T, K, N, r, dtype, scaling):
     def make(device, k):
-        g = _gen(device, 1000 + k)
-        return dict(x=_randn((T, K), dtype, device, g, requires_grad=True),
-                    dy=_randn((T, N), dtype, device, g),
-                    W=_randn((N, K), dtype, device, g, 1 / math.sqrt(K)),
-                    b=_randn((N,), dtype, device, g, 0.1),
-                    A=_randn((r, K), dtype, device, g, 1 / math.sqrt(K), requires_grad=True),
-                    B=_randn((N, r), dtype, device, g, 1 / math.sqrt(r), requires_grad=True),
+        g = gen(device, 1000 + k)
+        return dict(x=randn((T, K), dtype, device, g, requires_grad=True),
+                    dy=randn((T, N), dtype, device, g),
+                    W=randn((N, K), dtype, device, g, 1 / math.sqrt(K)),
+                    b=randn((N,), dtype, device, g, 0.1),
+                    A=randn((r, K), dtype, device, g, 1 / math.sqrt(K), requires_grad=True),
+                    B=randn((N, r), dtype, device, g, 1 / math.sqrt(r), requires_grad=True),
                     s=scaling)
     return make
 
 
-def _grads(y, wrt, dy):
+def grads(y, wrt, dy):
     return (y, *torch.autograd.grad(y, wrt, dy))
 
 
@@ -203,7 +203,7 @@ def _impl_lora_op(name, backend) -> Impl:
         def step(i):
             d = sets[i]
             y = lora_linear(d["x"], d["W"], d["b"], d["A"], d["B"], d["s"], backend=backend)
-            return _grads(y, (d["x"], d["A"], d["B"]), d["dy"])
+            return grads(y, (d["x"], d["A"], d["B"]), d["dy"])
         return step
     return Impl(name, prepare, note=f"lora_kernels.lora_linear(backend={backend!r})")
 
@@ -238,7 +238,7 @@ def lora_layers(sets, device, backend, *, base=None, **kwargs) -> list:
     layers = []
     for d in sets:
         r = d["A"].shape[0]
-        layer = LoRALinear.from_linear((base or _linear_of)(d, device), r, alpha=d["s"] * r,
+        layer = LoRALinear.from_linear((base or linear_of)(d, device), r, alpha=d["s"] * r,
                                        backend=backend, **kwargs)
         with torch.no_grad():
             layer.lora_A.copy_(d["A"])
@@ -251,7 +251,7 @@ def layer_train_step(sets, layers):
     """``step(i)``: forward + backward of ``layers[i]`` on input set ``i`` (grads of x, A, B)."""
     def step(i):
         d, m = sets[i], layers[i]
-        return _grads(m(d["x"]), (d["x"], m.lora_A, m.lora_B), d["dy"])
+        return grads(m(d["x"]), (d["x"], m.lora_A, m.lora_B), d["dy"])
     return step
 
 
@@ -268,7 +268,7 @@ def _impl_peft_train() -> Impl:
 
         def step(i):
             d, m = sets[i], mods[i]
-            return _grads(m(d["x"]), (d["x"], m.lora_A["default"].weight,
+            return grads(m(d["x"]), (d["x"], m.lora_A["default"].weight,
                                       m.lora_B["default"].weight), d["dy"])
         return step
     return Impl("peft", prepare, note="peft.tuners.lora.Linear (eager)")
@@ -279,7 +279,7 @@ def _impl_eager_train() -> Impl:
         def step(i):
             d = sets[i]
             y = _eager_formula(d["x"], d["W"], d["b"], d["A"], d["B"], d["s"])
-            return _grads(y, (d["x"], d["A"], d["B"]), d["dy"])
+            return grads(y, (d["x"], d["A"], d["B"]), d["dy"])
         return step
     return Impl("eager", prepare, note="x W^T + b + s (x A^T) B^T with torch autograd")
 
@@ -291,14 +291,14 @@ def _impl_compile_train(skip: str | None) -> Impl:
         def step(i):
             d = sets[i]
             y = fn(d["x"], d["W"], d["b"], d["A"], d["B"], d["s"])
-            return _grads(y, (d["x"], d["A"], d["B"]), d["dy"])
+            return grads(y, (d["x"], d["A"], d["B"]), d["dy"])
         return step
     return Impl("compile", prepare, skip=skip, note="torch.compile of the eager formula")
 
 
 def train_case(T, K, N, r, dtype, device, *, compile_skip: str | None = None,
                group: str = "train") -> Case:
-    e = _esize(dtype)
+    e = esize(dtype)
     flops, nbytes = lora_train_counts(T, K, N, r, e)
     bpf, bpb = base_pair_counts(T, K, N, e)
     scaling = 2.0
@@ -317,7 +317,7 @@ def train_case(T, K, N, r, dtype, device, *, compile_skip: str | None = None,
     impls[0].flops, impls[0].bytes = bpf, bpb
     return Case(group, "lora_fwd_bwd", train_key(T, K, N, r, dtype),
                 dict(T=T, in_features=K, out_features=N, r=r), dtype, flops, nbytes,
-                _train_inputs(T, K, N, r, dtype, scaling), impls, ref="eager", baseline=baseline,
+                train_inputs(T, K, N, r, dtype, scaling), impls, ref="eager", baseline=baseline,
                 grad=True, set_bytes=nbytes)
 
 
@@ -341,27 +341,27 @@ def _impl_method(method: str, backend: str | None, flops=None, nbytes=None) -> I
         layers = []
         for k, d in enumerate(sets):
             r = d["A"].shape[0]
-            lin = _linear_of(d, device)
+            lin = linear_of(d, device)
             layer = cls.from_linear(lin, **kw(r))
             layer.backend = backend
-            g = _gen(device, 77 + k)
+            g = gen(device, 77 + k)
             with torch.no_grad():   # never time zeros: zero-initialised factors get random values
                 for p in layer.parameters():
                     if p.requires_grad and p.is_floating_point():
-                        p.copy_(_randn(p.shape, p.dtype, device, g, 0.02))
+                        p.copy_(randn(p.shape, p.dtype, device, g, 0.02))
             layers.append(layer)
 
         def step(i):
             d, m = sets[i], layers[i]
             wrt = [d["x"]] + [p for p in m.parameters() if p.requires_grad]
-            return _grads(m(d["x"]), wrt, d["dy"])
+            return grads(m(d["x"]), wrt, d["dy"])
         return step
     return Impl(method, prepare, flops=flops, bytes=nbytes,
                 note=f"{cls_name}.from_linear(**{kw('r')}), backend={backend!r}")
 
 
 def methods_case(T, K, N, r, dtype, device) -> Case:
-    e = _esize(dtype)
+    e = esize(dtype)
     flops, nbytes = lora_train_counts(T, K, N, r, e)
     # GLoRA's W*A term needs dW_eff = dy^T x (one more T x N x K GEMM, W and x and dy read again)
     g_flops = flops + 2.0 * T * N * K
@@ -373,7 +373,7 @@ def methods_case(T, K, N, r, dtype, device) -> Case:
     impls.append(_impl_method("glora", backend, g_flops, g_bytes))
     return Case("methods", "method_fwd_bwd", train_key(T, K, N, r, dtype),
                 dict(T=T, in_features=K, out_features=N, r=r), dtype, flops, nbytes,
-                _train_inputs(T, K, N, r, dtype, 2.0), impls, ref=None, baseline="lora",
+                train_inputs(T, K, N, r, dtype, 2.0), impls, ref=None, baseline="lora",
                 grad=True, set_bytes=nbytes,
                 note="effective rank r: NoRA inner r (outer 2r), CURLoRA r, Deep LoRA r (depth 3), "
                      "GLoRA low-rank A/B at r; counts are LoRA's at rank r (GLoRA: + dW GEMM)")
@@ -398,13 +398,13 @@ def _ids(T, n_pool, popularity, seed) -> torch.Tensor:
 
 def _multi_inputs(T, K, N, r, n_pool, dtype, ids_fn):
     def make(device, k):
-        g = _gen(device, 5000 + k)
+        g = gen(device, 5000 + k)
         ids = ids_fn(k)
-        return dict(x=_randn((T, K), dtype, device, g),
-                    W=_randn((N, K), dtype, device, g, 1 / math.sqrt(K)),
-                    b=_randn((N,), dtype, device, g, 0.1),
-                    As=_randn((n_pool, r, K), dtype, device, g, 1 / math.sqrt(K)),
-                    Bs=_randn((n_pool, N, r), dtype, device, g, 1 / math.sqrt(r)),
+        return dict(x=randn((T, K), dtype, device, g),
+                    W=randn((N, K), dtype, device, g, 1 / math.sqrt(K)),
+                    b=randn((N,), dtype, device, g, 0.1),
+                    As=randn((n_pool, r, K), dtype, device, g, 1 / math.sqrt(K)),
+                    Bs=randn((n_pool, N, r), dtype, device, g, 1 / math.sqrt(r)),
                     sc=0.5 + 1.5 * torch.rand(n_pool, generator=g, device=device),
                     ids=ids.to(device), ids_list=ids.tolist())
     return make
@@ -501,7 +501,7 @@ def _impl_base_gemm(flops, nbytes) -> Impl:
 
 
 def decode_case(T, K, N, r, n_pool, popularity, dtype, device) -> Case:
-    e = _esize(dtype)
+    e = esize(dtype)
     ids0 = _ids(T, n_pool, popularity, 0)
     n_used = int(ids0.unique().numel())
     flops, nbytes = multi_counts(T, K, N, r, n_used, e)
@@ -542,7 +542,7 @@ def _impl_segment_loop(seg_len: int) -> Impl:
 
 
 def prefill_case(n_seg, seg_len, K, N, r, dtype, device) -> Case:
-    e = _esize(dtype)
+    e = esize(dtype)
     T = n_seg * seg_len
     flops, nbytes = multi_counts(T, K, N, r, n_seg, e)
     bf, bb = base_gemm_counts(T, K, N, e)
@@ -569,8 +569,8 @@ class _LinearStack(nn.Module):
                                     for _ in range(n))
         with torch.no_grad():
             for lin in self.layers:     # seeded: every implementation builds the same stack
-                lin.weight.copy_(_randn(lin.weight.shape, dtype, device, g, hidden ** -0.5))
-                lin.bias.copy_(_randn(lin.bias.shape, dtype, device, g, 0.1))
+                lin.weight.copy_(randn(lin.weight.shape, dtype, device, g, hidden ** -0.5))
+                lin.bias.copy_(randn(lin.bias.shape, dtype, device, g, 0.1))
 
     def forward(self, x):
         for lin in self.layers:
@@ -603,7 +603,7 @@ def served_case(n_layers, batch, seq, hidden, r, n_adapters, *, dtype, device,
     sequences of ``seq`` tokens with their adapters in unsorted order: the batch plan is built
     once per forward (``plan_builds_per_forward``, counted while preparing) and shared by every
     layer, against every layer building its own (``per_layer_plan``) and the base model."""
-    e = _esize(dtype)
+    e = esize(dtype)
     T = batch * seq
     flops, nbytes = multi_counts(T, hidden, hidden, r, n_adapters, e)
     flops, nbytes = n_layers * flops, n_layers * nbytes
@@ -612,18 +612,18 @@ def served_case(n_layers, batch, seq, hidden, r, n_adapters, *, dtype, device,
     extra: dict = {"adapters_per_sequence": names}
 
     def make(dev, k):
-        return dict(x=_randn((batch, seq, hidden), dtype, dev, _gen(dev, 7000 + k)))
+        return dict(x=randn((batch, seq, hidden), dtype, dev, gen(dev, 7000 + k)))
 
     def build(dev):
         from lora_kernels import MultiAdapterModel
 
-        g = _gen(dev, 77)
+        g = gen(dev, 77)
         model = _LinearStack(n_layers, hidden, dtype, dev, g)
         server = MultiAdapterModel(model, [f"layers.{i}" for i in range(n_layers)],
                                    max_adapters=n_adapters, max_rank=r)
         for j in range(n_adapters):
-            server.add(f"a{j}", {f"layers.{i}": (_randn((r, hidden), dtype, dev, g, hidden ** -.5),
-                                                 _randn((hidden, r), dtype, dev, g, r ** -.5), 0.5)
+            server.add(f"a{j}", {f"layers.{i}": (randn((r, hidden), dtype, dev, g, hidden ** -.5),
+                                                 randn((hidden, r), dtype, dev, g, r ** -.5), 0.5)
                                  for i in range(n_layers)})
         return server
 
@@ -659,7 +659,7 @@ def served_case(n_layers, batch, seq, hidden, r, n_adapters, *, dtype, device,
              Impl("base", prepare_base, flops=n_layers * bf, bytes=n_layers * bb, check=False,
                   graph=False, note="the same stack without adapters")]
     return Case(group, "served_model",
-                f"served-{n_layers}L-{batch}x{seq}-{hidden}-r{r}-{n_adapters}ad-{_dt(dtype)}",
+                f"served-{n_layers}L-{batch}x{seq}-{hidden}-r{r}-{n_adapters}ad-{dt(dtype)}",
                 dict(layers=n_layers, batch=batch, seq=seq, hidden=hidden, r=r,
                      n_adapters=n_adapters), dtype, flops, nbytes, make, impls,
                 ref="per_layer_plan", baseline="per_layer_plan", grad=False, graph=False,

@@ -29,14 +29,14 @@ from torch import nn
 
 from .cases import (
     HEAD_TRAIN,
-    _esize,
-    _gen,
-    _grads,
-    _linear_of,
-    _randn,
+    esize,
+    gen,
+    grads,
     layer_train_step,
+    linear_of,
     lora_layers,
     lora_train_counts,
+    randn,
     train_key,
 )
 from .harness import Case, Impl
@@ -44,15 +44,15 @@ from .harness import Case, Impl
 GROUP = "dora"
 
 
-def _train_inputs(T, K, N, r, dtype, scaling):
+def train_inputs(T, K, N, r, dtype, scaling):
     def make(device, k):
-        g = _gen(device, 3000 + k)
-        W = _randn((N, K), dtype, device, g, 1 / math.sqrt(K))
-        return dict(x=_randn((T, K), dtype, device, g, requires_grad=True),
-                    dy=_randn((T, N), dtype, device, g),
-                    W=W, b=_randn((N,), dtype, device, g, 0.1),
-                    A=_randn((r, K), dtype, device, g, 1 / math.sqrt(K), requires_grad=True),
-                    B=_randn((N, r), dtype, device, g, 0.1 / math.sqrt(r), requires_grad=True),
+        g = gen(device, 3000 + k)
+        W = randn((N, K), dtype, device, g, 1 / math.sqrt(K))
+        return dict(x=randn((T, K), dtype, device, g, requires_grad=True),
+                    dy=randn((T, N), dtype, device, g),
+                    W=W, b=randn((N,), dtype, device, g, 0.1),
+                    A=randn((r, K), dtype, device, g, 1 / math.sqrt(K), requires_grad=True),
+                    B=randn((N, r), dtype, device, g, 0.1 / math.sqrt(r), requires_grad=True),
                     m=(torch.linalg.vector_norm(W.float(), dim=1)
                        * (1 + 0.1 * torch.rand(N, generator=g, device=device))).to(dtype),
                     s=scaling)
@@ -88,7 +88,7 @@ def _peft_dora(d):
     N, K = d["W"].shape
     r = d["A"].shape[0]
     holder = nn.Module()
-    holder.lin = _linear_of(d, d["W"].device)
+    holder.lin = linear_of(d, d["W"].device)
     cfg = LoraConfig(r=r, lora_alpha=float(d["s"]) * r, lora_dropout=0.0, target_modules=["lin"],
                      use_dora=True)
     with warnings.catch_warnings():
@@ -112,7 +112,7 @@ def _impl_peft_dora() -> Impl:
             d, m = sets[i], mods[i]
             wrt = (d["x"], m.lora_A["default"].weight, m.lora_B["default"].weight,
                    m.lora_magnitude_vector["default"].weight)
-            return _grads(m(d["x"]), wrt, d["dy"])
+            return grads(m(d["x"]), wrt, d["dy"])
         return _measured(step, device)
     return Impl("peft_dora", prepare, note="peft lora.Linear(use_dora=True), eager")
 
@@ -124,7 +124,7 @@ def _impl_ours(name, backend) -> Impl:
         layers = []
         for d in sets:
             r = d["A"].shape[0]
-            layer = DoRALinear.from_linear(_linear_of(d, device), r, alpha=d["s"] * r,
+            layer = DoRALinear.from_linear(linear_of(d, device), r, alpha=d["s"] * r,
                                            backend=backend)
             with torch.no_grad():
                 layer.lora_A.copy_(d["A"])
@@ -134,7 +134,7 @@ def _impl_ours(name, backend) -> Impl:
 
         def step(i):
             d, m = sets[i], layers[i]
-            return _grads(m(d["x"]), (d["x"], m.lora_A, m.lora_B, m.magnitude), d["dy"])
+            return grads(m(d["x"]), (d["x"], m.lora_A, m.lora_B, m.magnitude), d["dy"])
         return _measured(step, device)
     return Impl(name, prepare, note=f"DoRALinear module, backend={backend!r}")
 
@@ -152,7 +152,7 @@ def dora_counts(T, K, N, r, e) -> tuple[float, float]:
 
 
 def dora_case(T, K, N, r, dtype, device) -> Case:
-    e = _esize(dtype)
+    e = esize(dtype)
     flops, nbytes = dora_counts(T, K, N, r, e)
     lf, lb = lora_train_counts(T, K, N, r, e)
     impls = [_impl_peft_dora()]
@@ -168,7 +168,7 @@ def dora_case(T, K, N, r, dtype, device) -> Case:
         impls += [_impl_ours("ours_default", None), _impl_lora("lora_default", None, lf, lb)]
     return Case(GROUP, "dora_fwd_bwd", train_key(T, K, N, r, dtype),
                 dict(T=T, in_features=K, out_features=N, r=r), dtype, flops, nbytes,
-                _train_inputs(T, K, N, r, dtype, 2.0), impls, ref="peft_dora",
+                train_inputs(T, K, N, r, dtype, 2.0), impls, ref="peft_dora",
                 baseline="peft_dora", grad=True, set_bytes=nbytes)
 
 

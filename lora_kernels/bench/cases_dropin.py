@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from .cases import (
-    _esize,
-    _grads,
-    _train_inputs,
+    esize,
+    grads,
     layer_train_step,
     lora_layers,
     lora_train_counts,
+    train_inputs,
     train_key,
 )
 from .harness import Case, Impl
@@ -82,7 +82,7 @@ def _impl_peft_conv(name: str, patched: bool) -> Impl:
 
         def step(i):
             d, m = sets[i], mods[i]
-            return _grads(m(d["x"]), (d["x"], m.lora_A["default"].weight,
+            return grads(m(d["x"]), (d["x"], m.lora_A["default"].weight,
                                       m.lora_B["default"].weight), d["dy"])
         return step
     return Impl(name, prepare, note="peft lora.Linear over transformers Conv1D"
@@ -97,13 +97,13 @@ def _impl_eager() -> Impl:
             d = sets[i]
             y = F.linear(d["x"], d["W"], d["b"]) + d["s"] * F.linear(F.linear(d["x"], d["A"]),
                                                                      d["B"])
-            return _grads(y, (d["x"], d["A"], d["B"]), d["dy"])
+            return grads(y, (d["x"], d["A"], d["B"]), d["dy"])
         return step
     return Impl("eager", prepare, note="x W^T + b + s (x A^T) B^T with torch autograd")
 
 
 def conv1d_case(T, K, N, r, dtype, device) -> Case:
-    flops, nbytes = lora_train_counts(T, K, N, r, _esize(dtype))
+    flops, nbytes = lora_train_counts(T, K, N, r, esize(dtype))
     impls = [_impl_layer("ours_linear", False, None), _impl_layer("ours_conv1d", True, None)]
     if device.type == "cuda":
         impls += [_impl_layer("ours_linear_triton", False, "triton"),
@@ -112,7 +112,7 @@ def conv1d_case(T, K, N, r, dtype, device) -> Case:
               _impl_eager()]
     return Case("layer", "lora_fwd_bwd_conv1d", "conv1d-" + train_key(T, K, N, r, dtype),
                 dict(T=T, in_features=K, out_features=N, r=r, base="Conv1D"), dtype, flops,
-                nbytes, _train_inputs(T, K, N, r, dtype, 2.0), impls, ref="eager",
+                nbytes, train_inputs(T, K, N, r, dtype, 2.0), impls, ref="eager",
                 baseline="ours_linear", grad=True, set_bytes=nbytes)
 
 

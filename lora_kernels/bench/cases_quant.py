@@ -35,12 +35,12 @@ import torch
 from torch import nn
 
 from .cases import (
-    _esize,
-    _grads,
-    _train_inputs,
+    esize,
+    grads,
     layer_train_step,
     lora_layers,
     lora_train_counts,
+    train_inputs,
     train_key,
 )
 from .cases_dora import cpu_peak_mb
@@ -112,7 +112,7 @@ def _impl_peft_bnb(train: bool) -> Impl:
             if not train:
                 with torch.no_grad():
                     return m(d["x"].detach())
-            return _grads(m(d["x"]), (d["x"], m.lora_A["default"].weight,
+            return grads(m(d["x"]), (d["x"], m.lora_A["default"].weight,
                                       m.lora_B["default"].weight), d["dy"])
         return _measured(step, device)
     skip = None if importlib.util.find_spec("bitsandbytes") else "bitsandbytes not installed"
@@ -131,7 +131,7 @@ def _impl_eager_deq(train: bool) -> Impl:
             x = d["x"] if train else d["x"].detach()
             with torch.set_grad_enabled(train):
                 y = F.linear(x, deq[i], d["b"]) + d["s"] * F.linear(F.linear(x, d["A"]), d["B"])
-                return _grads(y, (d["x"], d["A"], d["B"]), d["dy"]) if train else y
+                return grads(y, (d["x"], d["A"], d["B"]), d["dy"]) if train else y
         return step
     return Impl("eager_deq", prepare, note="x deq(W)^T + b + s (x A^T) B^T, torch autograd")
 
@@ -146,20 +146,20 @@ def _impls(device, train: bool) -> list[Impl]:
 
 
 def qlora_train_case(T, K, N, r, dtype, device) -> Case:
-    flops, nbytes = lora_train_counts(T, K, N, r, _esize(dtype))
+    flops, nbytes = lora_train_counts(T, K, N, r, esize(dtype))
     return Case(GROUP, "qlora_fwd_bwd", "train-" + train_key(T, K, N, r, dtype),
                 dict(T=T, in_features=K, out_features=N, r=r, base="nf4"), dtype, flops, nbytes,
-                _train_inputs(T, K, N, r, dtype, 2.0), _impls(device, True), ref="eager_deq",
+                train_inputs(T, K, N, r, dtype, 2.0), _impls(device, True), ref="eager_deq",
                 baseline="dense", grad=True, set_bytes=nbytes)
 
 
 def qlora_decode_case(T, K, N, r, dtype, device) -> Case:
-    e = _esize(dtype)
+    e = esize(dtype)
     flops = 2.0 * T * N * K + 2.0 * T * r * (K + N)
     nbytes = e * (N * K + T * (K + N) + r * (K + N))   # the dense row's bytes (W read once)
     return Case(GROUP, "nf4_decode", "decode-" + train_key(T, K, N, r, dtype),
                 dict(T=T, in_features=K, out_features=N, r=r, base="nf4"), dtype, flops, nbytes,
-                _train_inputs(T, K, N, r, dtype, 2.0), _impls(device, False), ref="eager_deq",
+                train_inputs(T, K, N, r, dtype, 2.0), _impls(device, False), ref="eager_deq",
                 baseline="dense", grad=False, graph=False, set_bytes=nbytes)
 
 

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .cases import _dt, _esize, _gen, _randn
+from .cases import dt, esize, gen, randn
 from .harness import Case, Impl
 
 HIT_RATES = (0.9, 0.5)
@@ -40,7 +40,7 @@ COLD = 64
 
 
 def store_key(T, K, N, r, layers, slots, dtype) -> str:
-    return f"T{T}-{K}x{N}-r{r}-L{layers}-{slots}slots-{_dt(dtype)}"
+    return f"T{T}-{K}x{N}-r{r}-L{layers}-{slots}slots-{dt(dtype)}"
 
 
 def store_schedule(hit_rate: float, slots: int, steps: int, cold: int = COLD) -> list[list[str]]:
@@ -68,17 +68,17 @@ def _inputs(T, K, N, r, layers, dtype):
 
     def make(device, k):
         if "W" not in shared:      # one model for every input set (its weights are the floor)
-            g = _gen(device, 777)
-            shared["W"] = [_randn((N, K), dtype, device, g, 1 / math.sqrt(K))
+            g = gen(device, 777)
+            shared["W"] = [randn((N, K), dtype, device, g, 1 / math.sqrt(K))
                            for _ in range(layers)]
-            shared["b"] = [_randn((N,), dtype, device, g, 0.1) for _ in range(layers)]
+            shared["b"] = [randn((N,), dtype, device, g, 0.1) for _ in range(layers)]
             names = [f"hot{j}" for j in range(32)] + [f"cold{j}" for j in range(COLD)]
             gh = torch.Generator().manual_seed(778)
             shared["ads"] = {n: [((torch.randn(r, K, generator=gh) / math.sqrt(K)).to(dtype),
                                   (torch.randn(N, r, generator=gh) / math.sqrt(r)).to(dtype),
                                   0.5) for _ in range(layers)] for n in names}
-        g = _gen(device, 9000 + k)
-        return dict(x=_randn((T, K), dtype, device, g), W=shared["W"], b=shared["b"],
+        g = gen(device, 9000 + k)
+        return dict(x=randn((T, K), dtype, device, g), W=shared["W"], b=shared["b"],
                     ads=shared["ads"])
     return make
 
@@ -145,7 +145,7 @@ def _impl(name: str, hit_rate: float | None, slots: int, prefetch: bool, steps: 
 
 
 def store_case(T, K, N, r, layers, slots, dtype, device, *, steps: int = 90) -> Case:
-    e = _esize(dtype)
+    e = esize(dtype)
     flops = layers * (2.0 * T * N * K + 2.0 * T * r * (K + N))
     n_used = min(T, slots)
     nbytes = layers * (e * (N * K + N + T * K + T * N) + e * n_used * r * (K + N) + 8.0 * T)

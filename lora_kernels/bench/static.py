@@ -8,8 +8,9 @@ load (``LDG.E.128`` / ``LDGSTS...128`` = cp.async 16 B / ``UTMALDG`` = TMA) and 
 
 How (what makes it the code that runs):
 
-1. **Launches.** The real launchers (``ops.lora._triton_fwd`` / ``_triton_bwd``,
-   ``ops.glora._triton_fwd``, ``ops.multi_lora`` decode / prefill / fused prefill / backward) run
+1. **Launches.** The real launchers (the engine's ``ops.lowrank.triton_fwd`` / ``triton_bwd``,
+   ``ops.glora.BACKENDS["triton"]``, ``ops.multi_lora`` decode / prefill / fused prefill /
+   backward) run
    on CPU tensors of the headline shapes with ``TRITON_INTERPRET=0`` while
    ``JITFunction.run`` / ``Autotuner.run`` are replaced by recorders (:func:`dry_run_launches`):
    nothing executes, every argument, tile choice and autotune candidate (after the autotuner's
@@ -192,9 +193,10 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
 
         g = torch.ones(N)
         label[0] = f"dora fwd T{T} {K}x{N} r{r}"
-        _, s, _ = D._triton_fwd(x, w, None, A, B, 2.0, 0.0, None, g=g)
+        _, s, _ = D.BACKENDS["triton"][0](x, w, None, A, B, 2.0, 0.0, None, g=g)
         label[0] = f"dora bwd T{T} {K}x{N} r{r}"
-        D._triton_bwd(dy, L.Saved(x, w, A, B, s, 2.0, 0.0, None), L.Needs(True, True, True), g=g)
+        D.BACKENDS["triton"][1](dy, L.Saved(x, w, A, B, s, 2.0, 0.0, None),
+                                L.Needs(True, True, True), g=g)
         qw = quantize(torch.randn(N, K).to(dtype), "nf4")
         label[0] = f"qlora-nf4 fwd T{T} {K}x{N} r{r}"
         _, s = L.triton_fwd(x, qw, None, A, B, 2.0, 0.0, None)
@@ -214,9 +216,9 @@ def headline_launches(dtype=torch.bfloat16) -> list[dict]:
         finally:
             Q.decode_splits = real_splits
         label[0] = f"glora fwd T{T} {K}x{N} r{r} (A, B low-rank)"
-        a1, a2 = G._parse("A", (e(N, r), e(r, K)), x, K, N)
-        b1, b2 = G._parse("B", (e(N, r), e(r, K)), x, K, N)
-        G._triton_fwd(x, w, None, G.Supports(a1, a2, b1, b2, None, None, None, None))
+        a1, a2 = G.parse_support("A", (e(N, r), e(r, K)), x, K, N)
+        b1, b2 = G.parse_support("B", (e(N, r), e(r, K)), x, K, N)
+        G.BACKENDS["triton"](x, w, None, G.Supports(a1, a2, b1, b2, None, None, None, None))
 
         from ..ops.multi_lora import plan as MP
         from ..ops.multi_lora import triton_backend as MT

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .common import grouped_tile, mma
-from .lora import GEMM_CONFIGS, _prune
+from .lora import GEMM_CONFIGS, prune_configs
 
 
 @triton.jit
@@ -146,7 +146,7 @@ GLORA_CONFIGS = [c for c in GEMM_CONFIGS
 glora_gemm_autotuned = triton.autotune(
     configs=GLORA_CONFIGS,
     key=["M_BUCKET", "N", "K", "RA", "RB", "A_MODE", "B_MODE", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": prune_configs},
 )(glora_gemm_kernel)
 
 # GPU tile configs compiled ahead of time by tests/test_glora.py (largest shared-memory footprint

@@ -135,7 +135,7 @@ def tn_kernel(
              acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _prune(configs, named_args, **kwargs):
+def prune_configs(configs, named_args, **kwargs):
     """Drop tiles far larger than the problem (a skinny rank-r N, a decode-sized M), and the
     tiles that spill when the launch also draws a dropout mask (DROP_X_SPILLS, DROP_EPI_SPILLS)."""
     M, N = named_args["M"], named_args["N"]
@@ -176,7 +176,7 @@ GEMM_CONFIGS = [
 # of the x tile, DROP_X: the forward shrink; of the output tile, DROP_EPI: the dX epilogue), read
 # off bench/results/static-sm90.json (Triton 3.6, sm_90): 64x16x256 679 STL, 128x16x128 12 STL with
 # DROP_X; 128x128 at 8 warps 269 STL, 64x128 / 128x64 at 4 warps 201 / 155 STL with DROP_EPI.
-# _prune leaves them out of those launches only.
+# prune_configs leaves them out of those launches only.
 DROP_X_SPILLS = [_cfg(128, 16, 128, 4, 4), _cfg(64, 16, 256, 4, 3)]
 DROP_EPI_SPILLS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4),
                    _cfg(128, 64, 64, 4, 4)]
@@ -184,7 +184,7 @@ DROP_EPI_SPILLS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 
 gemm_lowrank_autotuned = triton.autotune(
     configs=GEMM_CONFIGS,
     key=["M_BUCKET", "N", "K", "R", "HAS_LOWRANK", "DROP_X", "DROP_EPI", "ROW_SCALE", "X_SCALE"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": prune_configs},
 )(gemm_lowrank_kernel)
 
 # GPU tile configs that tests/cuda/test_triton_aot.py compiles ahead of time for sm_80/sm_90 (the

@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from .common import mma
+from .multi_lora_tiles import GPU, KERNELS
 
 
 @triton.jit
@@ -259,10 +260,9 @@ def seg_tn_kernel(
 
 
 # GPU tile configs that the ahead-of-time compile check (tests/cuda/aot_tools.py) builds: the
-# sizes the launchers use on a GPU, from the one table in ops.multi_lora.tiles (decode: RB <= 16).
+# sizes the launchers use on a GPU, from the one table in kernels.multi_lora_tiles (decode:
+# RB <= 16).
 def _aot_configs() -> dict:
-    from ..ops.multi_lora.tiles import GPU, KERNELS
-
     out = {}
     for kind, cfg in GPU.items():
         meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}

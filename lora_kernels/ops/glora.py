@@ -69,7 +69,7 @@ def _ct(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- validation
-def _parse(name: str, v, x, in_f: int, out_f: int, ref: str = "x"):
+def parse_support(name: str, v, x, in_f: int, out_f: int, ref: str = "x"):
     """Normalise one support to ``(t1, t2)``: (None, None) | (tensor, None) | (down, up);
     dtype and device must match ``x`` (called ``ref`` in messages)."""
     if v is None:
@@ -213,7 +213,7 @@ def _wc_triton(weight, c1, c2):
 
 # ----------------------------------------------------------------------------- implementations
 class Supports(NamedTuple):
-    """The normalised supports of one call (each as :func:`_parse` returns it): A = (a1, a2),
+    """The normalised supports of one call (each as :func:`parse_support` returns it): A = (a1, a2),
     B = (b1, b2), C = (c1, c2) with the second item None unless a low-rank pair; D = d, E = e."""
 
     a1: torch.Tensor | None
@@ -333,7 +333,7 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          a1: torch.Tensor | None, a2: torch.Tensor | None, b1: torch.Tensor | None,
          b2: torch.Tensor | None, c1: torch.Tensor | None, c2: torch.Tensor | None,
          d: torch.Tensor | None, e: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """x (T, in) -> y (T, out); supports as normalised by :func:`_parse`."""
+    """x (T, in) -> y (T, out); supports as normalised by :func:`parse_support`."""
     return pick(BACKENDS, backend, "glora_linear")(x, weight, bias,
                                                    Supports(a1, a2, b1, b2, c1, c2, d, e))
 
@@ -398,11 +398,11 @@ def glora_linear(x, weight, bias, A=None, B=None, C=None, D=None, E=None, *, bac
     """
     weight = dense_weight(weight, x)  # a quantized base: deq(W) per call (ops.weights)
     in_f, out_f = V.linear_args(x, weight, bias)
-    a1, a2 = _parse("A", A, x, in_f, out_f)
-    b1, b2 = _parse("B", B, x, in_f, out_f)
-    c1, c2 = _parse("C", C, x, in_f, out_f)
-    d, _ = _parse("D", D, x, in_f, out_f)
-    e, _ = _parse("E", E, x, in_f, out_f)
+    a1, a2 = parse_support("A", A, x, in_f, out_f)
+    b1, b2 = parse_support("B", B, x, in_f, out_f)
+    c1, c2 = parse_support("C", C, x, in_f, out_f)
+    d, _ = parse_support("D", D, x, in_f, out_f)
+    e, _ = parse_support("E", E, x, in_f, out_f)
     be = resolve_backend(backend, x.device, "glora_linear")
     if be != "torch" and x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"x must be float32/float16/bfloat16 for backend={be!r}, got {x.dtype}")
@@ -418,11 +418,11 @@ def glora_delta(weight, bias, A=None, B=None, C=None, D=None, E=None):
     weight = dense_weight(weight)  # a quantized base: deq(W)
     V.float_tensor("weight", weight, ndim=2)
     out_f, in_f = weight.shape
-    a1, a2 = _parse("A", A, weight, in_f, out_f, "weight")
-    b1, b2 = _parse("B", B, weight, in_f, out_f, "weight")
-    c1, c2 = _parse("C", C, weight, in_f, out_f, "weight")
-    d, _ = _parse("D", D, weight, in_f, out_f, "weight")
-    e, _ = _parse("E", E, weight, in_f, out_f, "weight")
+    a1, a2 = parse_support("A", A, weight, in_f, out_f, "weight")
+    b1, b2 = parse_support("B", B, weight, in_f, out_f, "weight")
+    c1, c2 = parse_support("C", C, weight, in_f, out_f, "weight")
+    d, _ = parse_support("D", D, weight, in_f, out_f, "weight")
+    e, _ = parse_support("E", E, weight, in_f, out_f, "weight")
     ct = _ct(weight.dtype)
     w = weight.to(ct)
     dw = torch.zeros_like(w)

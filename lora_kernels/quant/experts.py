@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import FORMATS, NF4_BLOCKSIZES, QuantizedWeight, check_fp8_device
+from .formats import FORMATS, NF4_BLOCKSIZES, QuantizedWeight, check_fp8_device
 
 FMTS = ("nf4", "int8", "fp8")
 

@@ -29,7 +29,7 @@ def _check_plan(plan, pool: AdapterPool, T: int, backend: str, path) -> P.BatchP
     if plan.ids.device != pool.device:
         raise ValueError(f"adapter_ids: the plan is on {plan.ids.device}, the pool on "
                          f"{pool.device}")
-    if P._needs_tiles(backend) and plan.tiles is None:
+    if P.needs_tiles(backend) and plan.tiles is None:
         raise ValueError(f"adapter_ids: the plan was built without the tile tables that "
                          f"backend={backend!r} needs (build it with that backend)")
     if path is not None and path != plan.path:

@@ -181,7 +181,7 @@ class BatchPlan(NamedTuple):
         return [so[a + 1] - so[a] for a in range(len(so) - 1)]
 
 
-def _needs_tiles(backend: str) -> bool:
+def needs_tiles(backend: str) -> bool:
     # the CUDA backend's backward runs the Triton kernels when triton is installed
     return backend == "triton" or (backend == "cuda" and triton_available())
 
@@ -196,7 +196,7 @@ def build_eager(ids: torch.Tensor, max_adapters: int, num_adapters: int, *, back
     _BUILDS[0] += 1
     T = ids.shape[0]
     resolved = path if path != "auto" else choose_path(T, num_adapters)
-    tiles = _needs_tiles(backend) if tiles is None else tiles
+    tiles = needs_tiles(backend) if tiles is None else tiles
     if ids.device.type == "cpu":
         perm, seg_off, host = _host_build(ids, max_adapters)
     else:
@@ -274,7 +274,7 @@ def build(ids: torch.Tensor, max_adapters: int, num_adapters, *, backend: str,
     if isinstance(num_adapters, int):
         num_adapters = torch.tensor([num_adapters], dtype=torch.int64)
     perm, seg_off, tt, ft, host = PLAN_OP(ids, num_adapters, max_adapters, backend, path)
-    tiles = _needs_tiles(backend)
+    tiles = needs_tiles(backend)
     return BatchPlan(ids, path, perm, seg_off, tt if tiles else None,
                      ft if tiles and path == "prefill_fused" else None, host)
 
