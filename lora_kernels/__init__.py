@@ -32,27 +32,13 @@ from .serving import AdapterPool, MultiAdapterModel
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS",
-    "METHODS",
-    "AdapterLinear",
-    "LoRALinear",
-    "cuda_available",
-    "lora_linear",
-    "resolve_backend",
-    "triton_available",
+    "BACKENDS", "METHODS", "AdapterLinear", "AdapterPool", "CURLoRALinear", "DeepLoRALinear",
+    "DoRALinear", "ExpertPlan", "FP8Weight", "GLoRALinear", "Int8Weight", "LoRAEmbedding",
+    "LoRALinear", "MultiAdapterModel", "NF4Weight", "NoRALinear", "count_trainable",
+    "cuda_available", "cur_linear", "deep_lora_linear", "dora_linear", "expert_plan",
+    "glora_linear", "inject", "inject_adapter", "load_peft_adapter", "lora_cosine",
+    "lora_embedding", "lora_linear", "merge_and_unload", "moe_lora_linear", "multi_lora_add_",
+    "multi_lora_embedding", "multi_lora_linear", "nora_linear", "param_table", "patch_peft",
+    "print_param_table", "resolve_backend", "rms_cosine", "save_peft_adapter", "sum_adapters",
+    "sum_loras", "trainable_params", "triton_available", "unpatch_peft",
 ]
-__all__ += [
-    "CURLoRALinear", "DeepLoRALinear", "GLoRALinear", "NoRALinear", "count_trainable",
-    "cur_linear", "deep_lora_linear", "glora_linear", "nora_linear", "param_table",
-    "print_param_table", "trainable_params",
-]
-__all__ += [
-    "AdapterPool", "MultiAdapterModel", "inject", "load_peft_adapter", "lora_cosine",
-    "multi_lora_add_", "multi_lora_linear", "rms_cosine", "save_peft_adapter", "sum_adapters",
-    "sum_loras",
-]
-__all__ += ["DoRALinear", "dora_linear"]
-__all__ += ["inject_adapter", "merge_and_unload", "patch_peft", "unpatch_peft"]
-__all__ += ["FP8Weight", "Int8Weight", "NF4Weight"]
-__all__ += ["ExpertPlan", "expert_plan", "moe_lora_linear"]
-__all__ += ["LoRAEmbedding", "lora_embedding", "multi_lora_embedding"]

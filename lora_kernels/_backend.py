@@ -25,7 +25,8 @@ ENV_VAR = "LORA_KERNELS_BACKEND"
 # the GPU benchmark chose (op -> backend to prefer when both kernels are verified; the multi-LoRA
 # prefill path). Written only by ``python -m lora_kernels.check --apply RESULTS_DIR`` from a
 # committed GPU run's results (lora_kernels.check.apply_results). Empty: no GPU run has been made
-# yet (see README "Status"). Explicit backend="triton" / "cuda" still runs those kernels.
+# yet (see README "What is verified where"). Explicit backend="triton" / "cuda" still runs those
+# kernels.
 # BEGIN measured
 VERIFIED_ON_GPU: frozenset[tuple[str, str]] = frozenset()
 MEASURED_DEFAULTS: dict[str, str] = {}
@@ -61,28 +62,6 @@ def cuda_available() -> bool:
     from . import _cuda
 
     return _cuda.module_error() is None and torch.cuda.is_available()
-
-
-def compact_rows_for_cpu_gemm(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (rows, K), or a compact copy when it is a row-padded bf16/fp16 CPU tensor.
-
-    Why (issue 10): on Intel CPUs with AMX, torch's bf16 GEMM (oneDNN brgemm) reads a row-strided
-    operand (row stride ld > K, unit column stride) in whole K tiles, the ``ld - K`` padding
-    elements after each row included, and multiplies them by zero: NaN or inf there (memory the
-    caller never passed, e.g. other columns of a fused projection's output) turns the result NaN,
-    while finite padding gives the exact product. Our ops' outputs must be a function of the
-    logical inputs, so the public entry points (``lora_linear``, ``glora_linear``,
-    ``multi_lora_linear``, ``multi_lora_add_``) hand such an x to the CPU GEMMs compact. Cost:
-    one copy of x (T*K elements) against the 2*T*K*out FLOPs of the base GEMM, i.e. O(1/out) of
-    the work; it is taken on every CPU, since the GEMM's kernel choice is not visible from
-    Python. CUDA tensors are left alone (cuBLAS honours lda), as are
-    fp32 (not seen affected) and already-compact tensors (returned as they are, no copy).
-    """
-    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
-            and x.shape[0] > 1 and x.shape[1] > 0 and x.stride(1) == 1
-            and x.stride(0) > x.shape[1]):
-        return x.contiguous()
-    return x
 
 
 def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:

@@ -36,12 +36,6 @@ def is_linear_like(module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def linear_weight(module) -> torch.Tensor:
-    """The ``(out, in)`` weight of an ``nn.Linear`` (itself) or a ``Conv1D`` (the view
-    ``weight.t()``, sharing storage and autograd with the Conv1D's parameter)."""
-    return module.weight.t() if is_conv1d(module) else module.weight
-
-
 def as_linear(module) -> nn.Linear:
     """An ``nn.Linear`` whose ``weight`` is the ``(out, in)`` transposed view of a ``Conv1D``'s
     ``(in, out)`` weight (same storage, detached: adapter layers copy the frozen base anyway)

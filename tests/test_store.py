@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels.store import AdapterStore, LRUPolicy, ManualEngine, SyncEngine
+from lora_kernels.store import AdapterStore, LRUPolicy, SyncEngine
 
 from conftest import DEVICE, TOL, backends
 from helpers import assert_close
+from manual_engine import ManualEngine
 
 IN = OUT = 16
 

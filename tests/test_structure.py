@@ -83,7 +83,7 @@ def test_no_long_positional_signatures():
 FLOORS: dict[str, tuple[str, ...]] = {
     # plain helpers every floor reads: validation, backend choice, the _C loader, caches, the
     # float64 references
-    "foundation": ("_validate", "_backend", "_cuda", "_cache", "_conv1d", "reference"),
+    "foundation": ("_validate", "_backend", "_cpu_gemm", "_cuda", "_cache", "_conv1d", "reference"),
     "kernels": ("kernels",),                                 # Triton @jit code only
     # quantized weight formats (what the engine's weight interface reads)
     "weights": ("quant",),
@@ -250,3 +250,17 @@ def test_floor_checks_see_local_and_private_imports():
     assert _floor("lora_kernels") == "api" and _floor("lora_kernels.bench.cases") == "tools"
     assert (_FLOOR_ORDER.index(_floor("lora_kernels.ops.multi_lora.tiles"))
             > _FLOOR_ORDER.index(_floor("lora_kernels.kernels.multi_lora")))
+
+
+def test_one_all_per_module():
+    """A module's ``__all__`` is written once, as one list (no ``__all__ +=`` extensions)."""
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        writes = [n for n in tree.body
+                  if isinstance(n, ast.AugAssign) and ast.unparse(n.target) == "__all__"
+                  or isinstance(n, ast.Assign) and any(ast.unparse(t) == "__all__"
+                                                       for t in n.targets)]
+        if len(writes) > 1 or any(isinstance(n, ast.AugAssign) for n in writes):
+            bad.append(f"{path.relative_to(PKG.parent)}: __all__ written {len(writes)} times")
+    assert not bad, "\n".join(bad)

@@ -209,7 +209,7 @@ def _impl_lora_op(name, backend) -> Impl:
 
 
 def _impl_lora_tma() -> Impl:
-    """Candidate (issue 10): the LoRA op with both base GEMMs on the persistent TMA-descriptor
+    """Benchmark candidate: the LoRA op with both base GEMMs on the persistent TMA-descriptor
     kernel (ops.lora_tma), called directly (no autograd node: ~10 us less than the backend rows
     at T=8192, noise against a ~1 ms step)."""
     def prepare(sets, device):

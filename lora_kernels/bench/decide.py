@@ -1,4 +1,4 @@
-"""Which candidate wins at each headline point, from one GPU benchmark file (issue 10).
+"""Which candidate wins at each headline point, from one GPU benchmark file.
 
 ``python -m lora_kernels.bench.decide BENCH_JSON [--out decisions.json]`` reads a
 ``python -m lora_kernels.bench --quick`` result (rows of one run, so ratios compare like with

@@ -1,4 +1,5 @@
-"""Candidate (issue 10): a persistent, TMA-descriptor Triton GEMM with the fused low-rank epilogue.
+"""Benchmark candidate (not a backend): a persistent TMA-descriptor Triton GEMM with the fused
+low-rank epilogue.
 
 ``gemm_lowrank_tma_kernel``
     Y[M, N] = X[M, K] @ op(W)^T (+ bias[N]) (+ scale * mask?(S[M, R] @ Bm[N, R]^T))

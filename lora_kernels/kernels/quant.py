@@ -165,7 +165,7 @@ def _prune(configs, named_args, **kwargs):
 # scales and gathered code values of each stage, so 128x128x64 at 3 stages needs 224 KiB of shared
 # memory (over sm_80's 164 KiB; the AOT compile reports the footprint), 2 stages fit.
 # 128x128 and 64x128 at 4 warps were removed: they spill at sm_90 (Triton 3.6, 3 stages: 243 / 146
-# STL in the forward; bench/results/static-sm90.json, issue 10).
+# STL in the forward; bench/results/static-sm90.json).
 QGEMM_CONFIGS = [
     _cfg(128, 128, 64, 8, 2),
     _cfg(128, 64, 64, 4, 2), _cfg(64, 64, 64, 4, 2), _cfg(32, 64, 64, 4, 2),

@@ -10,12 +10,11 @@ from .glora import GLoRALinear
 from .lora import LoRALinear
 from .nora import NoRALinear
 
-METHODS: dict[str, type[AdapterLinear]] = {"lora": LoRALinear}
-METHODS.update({"nora": NoRALinear, "curlora": CURLoRALinear, "deep_lora": DeepLoRALinear,
-                "glora": GLoRALinear})
-METHODS["dora"] = DoRALinear
+METHODS: dict[str, type[AdapterLinear]] = {
+    "lora": LoRALinear, "nora": NoRALinear, "curlora": CURLoRALinear, "deep_lora": DeepLoRALinear,
+    "glora": GLoRALinear, "dora": DoRALinear}
 
-__all__ = ["METHODS", "AdapterLinear", "LoRALinear"]
-__all__ += ["CURLoRALinear", "DeepLoRALinear", "GLoRALinear", "NoRALinear"]
-__all__ += ["DoRALinear"]
-__all__ += ["LoRAEmbedding"]
+__all__ = [
+    "METHODS", "AdapterLinear", "CURLoRALinear", "DeepLoRALinear", "DoRALinear", "GLoRALinear",
+    "LoRAEmbedding", "LoRALinear", "NoRALinear",
+]

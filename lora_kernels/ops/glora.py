@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
-from .._backend import compact_rows_for_cpu_gemm, resolve_backend
+from .._backend import resolve_backend
+from .._cpu_gemm import compact_rows_for_cpu_gemm
 from . import _triton as TR
 from ._register import define_op, pick
 from .lowrank import gemm_lowrank, tn

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from .._backend import compact_rows_for_cpu_gemm, resolve_backend
+from .._backend import resolve_backend
+from .._cpu_gemm import compact_rows_for_cpu_gemm
 from ..quant import QuantizedWeight
 from . import _triton as TR
 from . import lowrank as E

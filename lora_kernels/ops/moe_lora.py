@@ -53,7 +53,8 @@ from typing import NamedTuple
 import torch
 
 from .. import _validate as V
-from .._backend import compact_rows_for_cpu_gemm, resolve_backend
+from .._backend import resolve_backend
+from .._cpu_gemm import compact_rows_for_cpu_gemm
 from ..quant.experts import QuantizedExperts
 from . import _triton as TR
 from ._register import define_op, pick

@@ -34,9 +34,3 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling=1.0, *, keep
         xd = x * keep.to(x.dtype) / (1.0 - dropout_p)
         y = x @ weight.t() + (g - 1) * (xd @ weight.t()) + g * lowrank
     return y if bias is None else y + bias
-
-
-def dora_merged_weight(weight, lora_A, lora_B, magnitude, scaling=1.0):
-    """The merged ``(out, in)`` weight ``g[:, None] * (W + s B A)`` (bias unchanged)."""
-    w = weight + scaling * (lora_B @ lora_A)
-    return (magnitude / torch.linalg.vector_norm(w, dim=1))[:, None] * w

@@ -11,7 +11,7 @@ NaN/inf padding makes the output NaN (``NaN * 0 = NaN``)::
 :func:`padding_reading_linear` / :func:`padding_reading_mm` reproduce that: they widen a row-strided
 low-precision operand to its full row stride (the padding read as data) and the other operand with
 zeros, then call the real GEMM. Used by the tests to show that the emulation's stand-in GEMM and the
-torch backend's guard (``lora_kernels._backend.compact_rows_for_cpu_gemm``) keep padding out.
+torch backend's guard (``lora_kernels._cpu_gemm.compact_rows_for_cpu_gemm``) keep padding out.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Decision: guard. On AMX, torch's bf16 GEMM reads the padding after each row of a
 operand and multiplies it by zero, so NaN/inf in memory the caller never passed (other columns of
 a larger buffer) makes ``lora_linear`` / ``glora_linear`` return NaN. A copy of x costs O(1/out)
 of the base GEMM, so the public entry points hand such an x to the GEMMs compact
-(``lora_kernels._backend.compact_rows_for_cpu_gemm``). This machine may not have AMX, so the
+(``lora_kernels._cpu_gemm.compact_rows_for_cpu_gemm``). This machine may not have AMX, so the
 behaviour is simulated: tests/cuda/amx_sim.py replaces ``F.linear`` / ``torch.mm`` with versions
 that read the padding exactly as described; the unguarded internal path shows the simulation bites.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from amx_sim import padding_reading_linear, padding_reading_mm
 
 import lora_kernels as lk
-from lora_kernels._backend import compact_rows_for_cpu_gemm
+from lora_kernels._cpu_gemm import compact_rows_for_cpu_gemm
 from lora_kernels.ops import lowrank
 from lora_kernels.reference.lora import lora_linear as ref_lora_linear
 

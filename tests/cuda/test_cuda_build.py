@@ -221,7 +221,8 @@ def test_cuda_backend_refused_on_cpu():
 
 
 def test_cuda_wrappers_refuse_cpu_tensors():
-    from lora_kernels.ops import lora_cuda, multi_lora_cuda
+    from lora_kernels.ops import lora_cuda
+    from lora_kernels.ops.multi_lora import cuda_backend as multi_lora_cuda
 
     x = torch.randn(3, 8)
     w, b = torch.randn(5, 8), torch.randn(5)
@@ -508,7 +509,7 @@ MULTI_SHAPES = [(1, 97, 75), (5, 64, 128), (70, 97, 75), (200, 256, 264), (9, 40
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
 def test_multi_lora_vs_float64(kdev, dtype, shape, mode, id_dtype):
-    from lora_kernels.ops import multi_lora_cuda
+    from lora_kernels.ops.multi_lora import cuda_backend as multi_lora_cuda
 
     dev = kdev
     T, in_f, out_f = shape
@@ -533,7 +534,7 @@ def test_multi_lora_vs_float64(kdev, dtype, shape, mode, id_dtype):
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 def test_multi_lora_large_ranks(kdev, mode):
     """Ranks up to 256 in one pool (decode's rank-r shared buffer, prefill's rank tiles)."""
-    from lora_kernels.ops import multi_lora_cuda
+    from lora_kernels.ops.multi_lora import cuda_backend as multi_lora_cuda
 
     dev = kdev
     T, in_f, out_f = 11, 48, 40
@@ -547,7 +548,7 @@ def test_multi_lora_large_ranks(kdev, mode):
 
 
 def test_multi_lora_bad_ids_rejected(kdev):
-    from lora_kernels.ops import multi_lora_cuda
+    from lora_kernels.ops.multi_lora import cuda_backend as multi_lora_cuda
 
     dev = kdev
     A, Bt, rk, sc = make_pool(2, 4, 16, 8, [4, 2], torch.float32, dev)
@@ -565,7 +566,7 @@ def test_multi_lora_y_is_x(kdev, mode):
     """In place on x itself (in == out). 2 tokens on the emulated 4 SMs (or a GPU's) make the
     decode kernel split each token's 512 columns over several blocks, each re-reading x[t]: the
     wrapper must give it a copy of x, or one slice's writes reach another slice's shrink."""
-    from lora_kernels.ops import multi_lora_cuda
+    from lora_kernels.ops.multi_lora import cuda_backend as multi_lora_cuda
 
     dev = kdev
     T, n = 2, 512
@@ -585,7 +586,7 @@ def test_multi_lora_cuda_graph_replay(mode):
     with an adapter of another rank swapped into a slot between replays (the kernels read ranks
     and factors from the pool tensors, so the captured graph serves whatever the slots hold;
     tests/test_store.py does the same through the AdapterStore's side-stream copies)."""
-    from lora_kernels.ops import multi_lora_cuda
+    from lora_kernels.ops.multi_lora import cuda_backend as multi_lora_cuda
 
     dev = torch.device("cuda")
     dtype = torch.bfloat16

@@ -12,8 +12,9 @@ import threading
 import torch
 
 from ... import _validate as V
-from ..._backend import compact_rows_for_cpu_gemm, resolve_backend
+from ..._backend import resolve_backend
 from ..._cache import content
+from ..._cpu_gemm import compact_rows_for_cpu_gemm
 from ...pool import AdapterPool
 from . import plan as P
 from .registered import add_, apply
@@ -61,7 +62,7 @@ def _check_common(x, pool, adapter_ids, backend, path):
         ids = pool.check_ids(adapter_ids, T)
         plan = _plan_cached(ids, pool, be, path or "auto")
     # a row-padded bf16/fp16 CPU x goes to torch's GEMMs compact (AMX reads row padding:
-    # lora_kernels._backend.compact_rows_for_cpu_gemm); the saved x for backward is that copy
+    # lora_kernels._cpu_gemm.compact_rows_for_cpu_gemm); the saved x for backward is that copy
     return compact_rows_for_cpu_gemm(x.reshape(T, in_f)), plan, be
 
 
