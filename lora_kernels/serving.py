@@ -22,8 +22,7 @@ from . import _validate as V
 from ._backend import resolve_backend
 from .ops import qlora as _qlora
 from .ops.multi_lora import plan as _plan
-from .ops.multi_lora.registered import add_ as _add_
-from .ops.multi_lora.registered import apply as _apply
+from .ops.multi_lora.api import apply_plans
 from .pool import AdapterPool, PoolView
 from .serving_bias import add_bias_rows, bias_deltas
 from .serving_embedding import ServingEmbedding
@@ -32,6 +31,12 @@ __all__ = ["AdapterPool", "MultiAdapterModel", "PoolView", "ServingEmbedding", "
 
 
 # ============================================================================ model level
+def _adapter_list(adapters, what: str = "a list (one name or None per sequence)") -> None:
+    """``adapters`` must be a sequence (not a str): else TypeError saying ``what`` it must be."""
+    if isinstance(adapters, str) or not isinstance(adapters, Sequence):
+        raise TypeError(f"adapters must be {what}, got {type(adapters).__name__}")
+
+
 def _split_dora(adapter: Mapping, layers: dict) -> tuple[dict, dict]:
     """``({module: (lora_A, lora_B, scaling)}, {module: g (out,) fp32})``: DoRA entries (4-tuples
     ``(lora_A, lora_B, scaling, magnitude)``) split into their LoRA factors and the row scale
@@ -157,19 +162,9 @@ class ServingLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         be = resolve_backend(self.backend, x.device, "multi_lora_linear")
         plans = st.plans(x2.shape[0] // batch, x.device, be)
-        view: PoolView = self.pool.view()
         # the plans' ids come from the server's own name -> slot map (always in range); a slot
         # this module's pool leaves empty has rank 0, which every backend treats as "no adapter"
-        if isinstance(self.weight, torch.Tensor):
-            y = _apply(x2, self.weight, self.bias, view, plans[0], be)
-        else:  # a quantized base: its GEMM (ops.qlora) plus the adapters' delta
-            y = (_qlora.base_linear(x2, self.weight, self.bias, be)
-                 + _apply(x2, None, None, view, plans[0], be))
-        for plan in plans[1:]:      # summed adapters: one more pass per extra part
-            if torch.is_grad_enabled() and (y.requires_grad or view.lora_A.requires_grad):
-                y = y + _apply(x2, None, None, view, plan, be)
-            else:
-                _add_(y, x2, view, plan, be)
+        y = apply_plans(x2, self.weight, self.bias, self.pool, plans, be)
         if self.dora_g:
             y = self._dora_rows(y, batch)
         if self.bias_delta:
@@ -339,9 +334,7 @@ class MultiAdapterModel(nn.Module):
     def prefetch(self, adapters: Sequence[str | None]) -> list[str]:
         """Start loading the adapters of a coming batch (copies overlap the current one on a
         GPU); returns the stored names whose loads were started."""
-        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
-            raise TypeError(f"adapters must be a list of names or None, got "
-                            f"{type(adapters).__name__}")
+        _adapter_list(adapters, "a list of names or None")
         names = []
         for a in adapters:
             if a is not None and a not in self:
@@ -428,9 +421,7 @@ class MultiAdapterModel(nn.Module):
     def _seq_ids(self, adapters, batch: int, device):
         """``(ids (passes, batch) int64 on device, distinct adapters, lease)``: the stored
         adapters the batch names are made resident and held until the lease is released."""
-        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
-            raise TypeError(f"adapters must be a list (one name or None per sequence), got "
-                            f"{type(adapters).__name__}")
+        _adapter_list(adapters)
         if len(adapters) != batch:
             raise ValueError(f"adapters must have one entry per sequence: batch is {batch}, got "
                              f"{len(adapters)}")
@@ -463,9 +454,7 @@ class MultiAdapterModel(nn.Module):
         """Select one adapter per sequence (batch dim of every served linear's input) for the
         calls made inside the ``with`` block."""
         self._live()
-        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
-            raise TypeError(f"adapters must be a list (one name or None per sequence), got "
-                            f"{type(adapters).__name__}")
+        _adapter_list(adapters)
         with self._locked():
             dev = next(iter(self.layers.values())).weight.device if self.layers else "cpu"
             if self._state.seq_ids is not None:
@@ -499,9 +488,7 @@ class MultiAdapterModel(nn.Module):
         if adapters is None:
             return self.model(input_ids, **kwargs)
         V.tensor("input_ids", input_ids, min_ndim=1)
-        if not isinstance(adapters, Sequence) or isinstance(adapters, str):
-            raise TypeError(f"adapters must be a list (one name or None per sequence), got "
-                            f"{type(adapters).__name__}")
+        _adapter_list(adapters)
         if len(adapters) != input_ids.shape[0]:
             raise ValueError(f"adapters must have one entry per sequence: input_ids has batch "
                              f"{input_ids.shape[0]}, got {len(adapters)} adapters")

@@ -39,6 +39,18 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def gemm_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The prologue of every tiled GEMM kernel: the output tile of program ``pid`` (grouped
+    order, :func:`grouped_tile`) as ``(rm, rn, mask_m, mask_n, rm64, rn64)``: its row indices
+    (BLOCK_M,) and column indices (BLOCK_N,), their bounds masks (``rm < M``, ``rn < N``) and the
+    indices widened to int64 for pointer offsets (``row * stride`` may pass 2**31)."""
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, rm < M, rn < N, rm.to(tl.int64), rn.to(tl.int64)
+
+
+@triton.jit
 def lowrank_epilogue(acc, S, BM, BIAS, SEED, rm, rn, rm64, rn64, mask_m, mask_n, N, R,
                      stride_sm, stride_sr, stride_bn, stride_br, scale, p,
                      HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, DROP_EPI: tl.constexpr,

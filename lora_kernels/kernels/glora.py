@@ -28,7 +28,7 @@ mode (tests/cuda/test_triton_aot.py); GPU timings, where any, are in the benchma
 import triton
 import triton.language as tl
 
-from .common import grouped_tile, mma
+from .common import gemm_tile, mma
 from .lora import GEMM_CONFIGS, prune_configs
 
 
@@ -92,15 +92,9 @@ def glora_gemm_kernel(
     BLOCK_RA: tl.constexpr, BLOCK_RB: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, mask_m, mask_n, rm64, rn64 = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N,
+                                                   GROUP_M)
     rk = tl.arange(0, BLOCK_K)
-    mask_m = rm < M
-    mask_n = rn < N
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
 
     # K-independent supports, loaded once
     a_n = _hoisted(A1, rn64, mask_n, sa1_0, A_MODE, BLOCK_N)

@@ -40,7 +40,7 @@ same counter, so they see the same mask.
 import triton
 import triton.language as tl
 
-from .common import grouped_tile, keep_mask, lowrank_epilogue, mma
+from .common import gemm_tile, keep_mask, lowrank_epilogue, mma
 
 
 @triton.jit
@@ -56,15 +56,9 @@ def gemm_lowrank_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, ROW_SCALE: tl.constexpr = False, X_SCALE: tl.constexpr = False,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, mask_m, mask_n, rm64, rn64 = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N,
+                                                   GROUP_M)
     rk = tl.arange(0, BLOCK_K)
-    mask_m = rm < M
-    mask_n = rn < N
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

@@ -32,7 +32,7 @@ K tail of any format is masked.
 import triton
 import triton.language as tl
 
-from .common import grouped_tile, lowrank_epilogue, mma
+from .common import gemm_tile, lowrank_epilogue, mma
 
 FMT_NF4, FMT_INT8, FMT_FP8 = 0, 1, 2
 
@@ -84,15 +84,10 @@ def qgemm_lowrank_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm, rn, mask_m, mask_n, rm64, rn64 = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N,
+                                                   GROUP_M)
     pid_s = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    mask_m = rm < M
-    mask_n = rn < N
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
 
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)

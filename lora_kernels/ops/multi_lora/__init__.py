@@ -3,13 +3,14 @@
 From API to kernel, one module per job:
 
   :mod:`.api`         :func:`multi_lora_linear`, :func:`multi_lora_add_`, :func:`plan_for`:
-                      validate, build the batch plan (or take one), call the op
+                      validate, build the batch plan (or take one), call the op;
+                      :func:`apply_plans`: the served layers' entry (their own plans)
   :mod:`.plan`        :class:`BatchPlan`, the one builder, the one decode/prefill threshold
                       (:func:`choose_path`), the aliasing rule; built once per forward by
                       ``MultiAdapterModel`` and shared by every served layer and backend
   :mod:`.registered`  the ``torch.library`` ops ``lora_kernels::multi_lora_fwd`` / ``_bwd`` /
                       ``_add_`` (plain tensors: the :class:`~lora_kernels.pool.PoolView` and the
-                      plan are unpacked only here) and the eager autograd Function
+                      plan are flattened and read back only here) and the eager autograd Function
   :mod:`.torch_backend`, :mod:`.triton_backend`, :mod:`.cuda_backend`: the implementations
   :mod:`.tiles`       the Triton tile sizes (launchers, plan, ahead-of-time compile)
 
@@ -20,7 +21,7 @@ rows >= rank), accumulated into ``pool.lora_A.grad`` / ``pool.lora_Bt.grad`` whe
 made trainable with ``pool.requires_grad_()``. ``scalings`` and ``ranks`` get no gradient.
 """
 
-from .api import multi_lora_add_, multi_lora_linear, plan_for
+from .api import apply_plans, multi_lora_add_, multi_lora_linear, plan_for
 from .plan import (
     DECODE_MAX_TOKENS,
     DECODE_TOKENS_PER_ADAPTER,
@@ -33,6 +34,6 @@ from .registered import MultiLoRAFunction, multi_lora_add_op, multi_lora_bwd, mu
 
 __all__ = [
     "DECODE_MAX_TOKENS", "DECODE_TOKENS_PER_ADAPTER", "PATHS", "BatchPlan", "MultiLoRAFunction",
-    "choose_path", "multi_lora_add_", "multi_lora_add_op", "multi_lora_bwd", "multi_lora_fwd",
-    "multi_lora_linear", "plan_for", "segments",
+    "apply_plans", "choose_path", "multi_lora_add_", "multi_lora_add_op", "multi_lora_bwd",
+    "multi_lora_fwd", "multi_lora_linear", "plan_for", "segments",
 ]

@@ -16,6 +16,7 @@ from ..._backend import resolve_backend
 from ..._cache import content
 from ..._cpu_gemm import compact_rows_for_cpu_gemm
 from ...pool import AdapterPool
+from ..qlora import quant_linear
 from . import plan as P
 from .registered import add_, apply
 
@@ -138,8 +139,6 @@ def multi_lora_linear(x, weight, bias, pool, adapter_ids, *, backend=None, path=
     if weight is not None and not isinstance(weight, torch.Tensor):
         # a quantized base (lora_kernels.quant): its GEMM dequantises in the kernel (ops.qlora),
         # the adapters' delta is this op's delta-only form
-        from ..qlora import quant_linear
-
         delta = multi_lora_linear(x, None, None, pool, adapter_ids, backend=backend, path=path)
         be = resolve_backend(backend, x.device, "multi_lora_linear")
         return quant_linear(x, weight, bias, backend=be) + delta
@@ -212,6 +211,28 @@ def multi_lora_add_(y, x, pool, adapter_ids, *, backend=None, path=None):
             raise ValueError(f"y must be viewable as (T, out_features) to be updated in place "
                              f"(got strides {y.stride()}): {e}") from None
     add_(y2, P.separate_input(x2, y2), pool.view(), plan, be)
+    return y
+
+
+def apply_plans(x2, weight, bias, pool: AdapterPool, plans, backend: str) -> torch.Tensor:
+    """``y (T, out) = x2 W^T + b + sum over plans of the per-token adapter delta`` for callers
+    that built the plans themselves from ids they own (``MultiAdapterModel``: one plan per
+    summed-adapter part, each a :class:`~.plan.BatchPlan` for these T tokens over ``pool``'s
+    slots) and checked ``x2`` (T, in) (pool's dtype and device) and ``backend`` (resolved).
+    Nothing is validated again here (:func:`multi_lora_linear` would check every argument per
+    call, ~10 us, once per served layer). ``weight``: dense, quantized (its own GEMM plus the
+    delta, as in :func:`multi_lora_linear`) or None (the delta alone, ``bias`` None)."""
+    view = pool.view()
+    if weight is None or isinstance(weight, torch.Tensor):
+        y = apply(x2, weight, bias, view, plans[0], backend)
+    else:
+        y = quant_linear(x2, weight, bias, backend=backend) + apply(x2, None, None, view,
+                                                                    plans[0], backend)
+    for plan in plans[1:]:      # summed adapters: one more pass per extra part
+        if torch.is_grad_enabled() and (y.requires_grad or view.lora_A.requires_grad):
+            y = y + apply(x2, None, None, view, plan, backend)
+        else:
+            add_(y, x2, view, plan, backend)
     return y
 
 

@@ -59,12 +59,24 @@ def bwd(dy, x, weight, view: PoolView, plan: P.BatchPlan, backend: str, need):
     return pick(BACKENDS, backend, "multi_lora_linear")[1](dy, x, weight, view, plan, need)
 
 
-def _unpack(pool_args, plan_args, path, backend):
-    """(PoolView, BatchPlan) from an op's arguments: ``pool_args = (lora_A, lora_Bt, ranks,
-    scalings, adapter_ids, rank_bound)``, ``plan_args = (perm, seg_off, tiles, fused, host)``."""
+# ----------------------------------------------------------------------------- the op schema
+# The pool view and the batch plan reach the ops as plain arguments, made by _flatten and read
+# back by _unpack (nowhere else):
+#   pool_args = (lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound)  after (x, w, b)
+#   plan_args = (path, perm, seg_off, tiles, fused_tiles, host)              after ``backend``
+# (the backward op has no ``path``: its plan_args start at perm). A raw op call may leave the plan
+# tensors None: the op then builds its plan itself.
+def _flatten(view: PoolView, plan: P.BatchPlan) -> tuple[tuple, tuple]:
+    """``(pool_args, plan_args)`` of ``view`` and ``plan`` (see above)."""
+    return (*view[:4], plan.ids, view.rank_bound), (plan.path, *plan.tensors())
+
+
+def _unpack(pool_args, plan_args, backend):
+    """``(PoolView, BatchPlan)`` from the arguments :func:`_flatten` made."""
     A, Bt, ranks, scalings, ids, rank_bound = pool_args
+    path, *tensors = plan_args
     view = PoolView(A, Bt, ranks, scalings, rank_bound)
-    plan = P.from_op_args(ids, path, plan_args, max_adapters=A.shape[0], backend=backend)
+    plan = P.from_op_args(ids, path, tensors, max_adapters=A.shape[0], backend=backend)
     return view, plan
 
 
@@ -79,7 +91,7 @@ def _fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
             host: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, in) -> y (T, out) = base (or 0 when weight is None) + per-token adapter delta."""
     view, plan = _unpack((lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound),
-                         (perm, seg_off, tiles, fused_tiles, host), path, backend)
+                         (path, perm, seg_off, tiles, fused_tiles, host), backend)
     return fwd(x, weight, bias, view, plan, backend)
 
 
@@ -97,7 +109,7 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (T, in), dA (MAXA, MAXR, in), dBt (MAXA, MAXR, out)); None where not needed."""
     view, plan = _unpack((lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound),
-                         (perm, seg_off, tiles, fused_tiles, host), "auto", backend)
+                         ("auto", perm, seg_off, tiles, fused_tiles, host), backend)
     return bwd(dy, x, weight, view, plan, backend, (need_dx, need_dA, need_dBt))
 
 
@@ -121,13 +133,13 @@ def _setup_context(ctx, inputs, output):
 
 def _grads(ctx, bwd_fn, dy):
     """One gradient per forward input; ``bwd_fn`` is the backward op or :func:`_bwd_op`."""
-    x, weight, A, Bt, ranks, scalings, ids, *plan_args = ctx.saved_tensors
+    x, weight, A, Bt, ranks, scalings, ids, *plan_tensors = ctx.saved_tensors
     nx, nw, nb, na, nB = ctx.needs_input_grad[:5]
     dy = dy.contiguous() if dy.stride(-1) != 1 else dy
     dx = dA = dBt = None
     if nx or na or nB:
         dx, dA, dBt = bwd_fn(dy, x, weight, A, Bt, ranks, scalings, ids, ctx.rank_bound,
-                             ctx.backend, nx, na, nB, *plan_args)
+                             ctx.backend, nx, na, nB, *plan_tensors)
     dW = dy.t() @ x if nw else None
     db = dy.sum(0) if (nb and ctx.has_bias) else None
     return (dx if nx else None, dW, db, dA if na else None, dBt if nB else None,
@@ -152,7 +164,7 @@ def _add_op(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_Bt: tor
     """In place: ``y[t] += s_i x[t] A_i^T B_i^T`` (inference; no autograd)."""
     if rank_bound > 0 and x.shape[0] > 0:
         view, plan = _unpack((lora_A, lora_Bt, ranks, scalings, adapter_ids, rank_bound),
-                             (perm, seg_off, tiles, fused_tiles, host), path, backend)
+                             (path, perm, seg_off, tiles, fused_tiles, host), backend)
         pick(BACKENDS, backend, "multi_lora_linear")[0](y, x, view, plan)
 
 
@@ -166,11 +178,11 @@ def apply(x2, weight, bias, view: PoolView, plan: P.BatchPlan, backend: str) -> 
     """``y (T, out)`` on validated arguments (x2 (T, in), a plan for these tokens, a resolved
     backend), through :data:`MULTI_LORA_OP` (the registered op under torch.compile, the eager
     Function when autograd records, the implementation alone for inference)."""
-    return MULTI_LORA_OP(x2, weight, bias, *view[:4], plan.ids, view.rank_bound, backend,
-                         plan.path, *plan.tensors())
+    pool_args, plan_args = _flatten(view, plan)
+    return MULTI_LORA_OP(x2, weight, bias, *pool_args, backend, *plan_args)
 
 
 def add_(y2, x2, view: PoolView, plan: P.BatchPlan, backend: str) -> None:
     """In place ``y2 += delta`` on validated arguments (inference)."""
-    MULTI_LORA_ADD_OP(y2, x2, *view[:4], plan.ids, view.rank_bound, backend, plan.path,
-                      *plan.tensors())
+    pool_args, plan_args = _flatten(view, plan)
+    MULTI_LORA_ADD_OP(y2, x2, *pool_args, backend, *plan_args)
