@@ -87,23 +87,6 @@ def decode(v):
     return v
 
 
-def spec_class(v):
-    """What Triton's specialiser distinguishes in an encoded argument (see jit_specialization):
-    pointers by dtype and 16-byte alignment, integers as 1 / multiple of 16 / other (and width),
-    floats and bools by type. Two launches with equal classes compile to the same kernel."""
-    if isinstance(v, dict) and "tensor" in v:
-        return ["*" + v["tensor"], v["align16"]]
-    if isinstance(v, dict) and "float" in v:
-        return "fp32"
-    if isinstance(v, dict) and "tdesc" in v:
-        return ["tdesc", v["tdesc"], v["block"]]
-    if isinstance(v, bool) or v is None or isinstance(v, str):
-        return v if not isinstance(v, bool) else "u1"
-    if isinstance(v, int):
-        return 1 if v == 1 else ["i32" if -(2**31) <= v < 2**31 else "i64", v % 16 == 0]
-    return v
-
-
 def _constexpr_names(fn) -> set[str]:
     return {p.name for p in fn.params if p.is_constexpr}
 
@@ -514,24 +497,6 @@ def check_file(path: Path, launches: list[dict], spot: int) -> int:
         print("PROBLEM:", p)
     print(f"checked {path}: {len(doc['rows'])} rows, {len(problems)} problems")
     return 1 if problems else 0
-
-
-def compact_table(rows: list[dict]) -> str:
-    """Markdown table, one line per launch (its autotune candidates summarised)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["kernel"], r["launch"], json.dumps(r.get("MNK"))), []).append(r)
-    lines = ["| kernel | launch (M, N, K) | candidates | regs | spills | MMA | widest load | TMA |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (k, launch, mnk), rs in groups.items():
-        regs = sorted(r["regs"] for r in rs)
-        mma = "/".join(sorted({matrix_instruction(r) for r in rs}))
-        loads = "/".join(sorted({r["widest_global_load"] for r in rs}))
-        spills = sum(r["spill_stores"] + r["spill_loads"] for r in rs)
-        dims = ", ".join("-" if v is None else str(v) for v in json.loads(mnk) or [])
-        lines.append(f"| {k} | {launch} ({dims}) | {len(rs)} | {regs[0]}-{regs[-1]} | {spills} | "
-                     f"{mma} | {loads} | {'yes' if any(r['tma'] for r in rs) else 'no'} |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
