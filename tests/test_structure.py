@@ -96,6 +96,7 @@ FLOORS: dict[str, tuple[str, ...]] = {
     "layers/store": ("layers", "store", "compose", "fused", "generate"),
     # whole models: injection, PEFT files and patching, serving, parallelism, search
     "model-level": ("inject", "peft_io", "peft_patch", "serving", "serving_embedding",
+                    "serving_bias",
                     "parallel", "expert_parallel", "glora_search", "params"),
     "api": ("",),                                            # the package itself (lora_kernels)
     "tools": ("bench", "check", "demo", "examples"),

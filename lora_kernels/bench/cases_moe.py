@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .cases import _dt, _esize, _gen, _grads, _randn
+from .cases import dt, esize, gen, grads, randn
 from .harness import Case, Impl
 
 GROUP = "moe"
@@ -63,19 +63,19 @@ def qwen3_moe_point_counts(T=8192, k=8, E=128, H=2048, inter=768, r=16, e=2) -> 
 
 
 def moe_key(T, k, E, K, N, r, dtype) -> str:
-    return f"T{T}-top{k}-E{E}-{K}x{N}-r{r}-{_dt(dtype)}"
+    return f"T{T}-top{k}-E{E}-{K}x{N}-r{r}-{dt(dtype)}"
 
 
 def _inputs(T, k, E, K, N, r, dtype, scaling):
     def make(device, i):
-        g = _gen(device, 5000 + i)
+        g = gen(device, 5000 + i)
         M = T * k
         ids = torch.stack([torch.randperm(E, generator=g, device=device)[:k] for _ in range(T)])
-        return dict(x=_randn((M, K), dtype, device, g, requires_grad=True),
-                    ids=ids.reshape(-1), dy=_randn((M, N), dtype, device, g),
-                    W=_randn((E, N, K), dtype, device, g, K ** -0.5),
-                    A=_randn((E, r, K), dtype, device, g, K ** -0.5, requires_grad=True),
-                    B=_randn((E, N, r), dtype, device, g, 0.1 / r ** 0.5, requires_grad=True),
+        return dict(x=randn((M, K), dtype, device, g, requires_grad=True),
+                    ids=ids.reshape(-1), dy=randn((M, N), dtype, device, g),
+                    W=randn((E, N, K), dtype, device, g, K ** -0.5),
+                    A=randn((E, r, K), dtype, device, g, K ** -0.5, requires_grad=True),
+                    B=randn((E, N, r), dtype, device, g, 0.1 / r ** 0.5, requires_grad=True),
                     s=scaling)
     return make
 
@@ -100,7 +100,7 @@ def _impl_loop() -> Impl:
         def step(i):
             d = sets[i]
             y = _loop(d["x"], d["W"], d["ids"], d["A"], d["B"], d["s"])
-            return _grads(y, (d["x"], d["A"], d["B"]), d["dy"])
+            return grads(y, (d["x"], d["A"], d["B"]), d["dy"])
         return step
     return Impl("hf_loop_lora", prepare, note="transformers' per-expert loop + unfused LoRA")
 
@@ -111,7 +111,7 @@ def _impl_peft_dense() -> Impl:
             d = sets[i]
             w_eff = d["W"] + d["s"] * torch.bmm(d["B"], d["A"])     # (E, N, K) every forward
             y = _loop(d["x"], w_eff, d["ids"])
-            return _grads(y, (d["x"], d["A"], d["B"]), d["dy"])
+            return grads(y, (d["x"], d["A"], d["B"]), d["dy"])
         return step
     return Impl("peft_dense", prepare,
                 note="PEFT target_parameters approach: dense W + s B A per expert per forward")
@@ -153,13 +153,13 @@ def _impl_ours(name, backend) -> Impl:
             d = sets[i]
             y = lora_kernels.moe_lora_linear(d["x"], d["W"], None, d["A"], d["B"], d["ids"],
                                              d["s"], backend=backend)
-            return _grads(y, (d["x"], d["A"], d["B"]), d["dy"])
+            return grads(y, (d["x"], d["A"], d["B"]), d["dy"])
         return step
     return Impl(name, prepare, note=f"moe_lora_linear, backend={backend!r}")
 
 
 def moe_case(T, k, E, K, N, r, dtype, device) -> Case:
-    e = _esize(dtype)
+    e = esize(dtype)
     flops, nbytes = moe_counts(T * k, K, N, E, r, e)
     bf = 4.0 * T * k * N * K
     bb = e * (3.0 * T * k * K + 2.0 * T * k * N) + 2.0 * e * E * N * K
