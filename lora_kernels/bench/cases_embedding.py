@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cases import _dt, _esize, _gen, _randn
+from .cases import dt, esize, gen, randn
 from .harness import Case, Impl
 
 
@@ -57,17 +57,17 @@ def lm_head_counts(T, K, N, r, n_adapters, e) -> dict:
 
 
 def embedding_key(T, V, D, r, dtype) -> str:
-    return f"T{T}-V{V}x{D}-r{r}-{_dt(dtype)}"
+    return f"T{T}-V{V}x{D}-r{r}-{dt(dtype)}"
 
 
 def _emb_inputs(T, V, D, r, dtype):
     def make(device, k):
-        g = _gen(device, 4200 + k)
+        g = gen(device, 4200 + k)
         return dict(ids=torch.randint(0, V, (T,), generator=g, device=device),
-                    W=_randn((V, D), dtype, device, g, 0.5),
-                    A=_randn((r, V), dtype, device, g, 0.3, requires_grad=True),
-                    B=_randn((D, r), dtype, device, g, 0.3, requires_grad=True),
-                    dy=_randn((T, D), dtype, device, g), s=2.0)
+                    W=randn((V, D), dtype, device, g, 0.5),
+                    A=randn((r, V), dtype, device, g, 0.3, requires_grad=True),
+                    B=randn((D, r), dtype, device, g, 0.3, requires_grad=True),
+                    dy=randn((T, D), dtype, device, g), s=2.0)
     return make
 
 
@@ -143,7 +143,7 @@ def _impl_base_lookup(T, V, D, e) -> Impl:
 
 
 def embedding_case(T, V, D, r, dtype, device) -> Case:
-    e = _esize(dtype)
+    e = esize(dtype)
     c = embedding_counts(T, V, D, r, e)
     impls = [_impl_base_lookup(T, V, D, e), _impl_emb_ours("ours_default", None)]
     if device.type == "cuda":
@@ -157,17 +157,17 @@ def embedding_case(T, V, D, r, dtype, device) -> Case:
 
 
 def lm_head_key(T, K, N, r, dtype) -> str:
-    return f"T{T}-{K}x{N}-r{r}-{T}ad-{_dt(dtype)}"
+    return f"T{T}-{K}x{N}-r{r}-{T}ad-{dt(dtype)}"
 
 
 def _lm_inputs(T, K, N, r, dtype):
     def make(device, k):
-        g = _gen(device, 5100 + k)
+        g = gen(device, 5100 + k)
         gh = torch.Generator().manual_seed(5200 + k)
         ads = [((torch.randn(r, K, generator=gh) / math.sqrt(K)).to(dtype),
                 (torch.randn(N, r, generator=gh) / math.sqrt(r)).to(dtype), 0.5)
                for _ in range(T)]
-        return dict(x=_randn((T, K), dtype, device, g), W=_randn((N, K), dtype, device, g,
+        return dict(x=randn((T, K), dtype, device, g), W=randn((N, K), dtype, device, g,
                                                                   1 / math.sqrt(K)),
                     b=None, adapters=ads, ids=torch.arange(T, dtype=torch.int32))
     return make
@@ -216,7 +216,7 @@ def _impl_lm_ref() -> Impl:
 
 
 def lm_head_case(T, K, N, r, dtype, device) -> Case:
-    e = _esize(dtype)
+    e = esize(dtype)
     c = lm_head_counts(T, K, N, r, T, e)
     impls = [_impl_lm_base(), _impl_lm_ours("ours_default", None)]
     if device.type == "cuda":
