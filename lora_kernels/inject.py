@@ -98,7 +98,8 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def inject(model: nn.Module, method: str = "lora", target_modules=None, **method_kwargs):
+def inject(model: nn.Module, method: str = "lora", target_modules=None, *,
+           target_parameters=None, **method_kwargs):
     """Replace every ``nn.Linear`` (or transformers ``Conv1D``: the layer reads its weight through
     the transposed view, see :mod:`lora_kernels._conv1d`) of ``model`` matched by
     ``target_modules`` with ``METHODS[method].from_linear(linear, **method_kwargs)``, in place;
@@ -111,19 +112,29 @@ def inject(model: nn.Module, method: str = "lora", target_modules=None, **method
     ``nn.Embedding`` becomes a :class:`~lora_kernels.LoRAEmbedding` (PEFT's embedding LoRA; the
     same ``r`` / ``alpha`` / ``use_rslora``, no dropout). Freezing the rest of the model is
     left to the caller (``model.requires_grad_(False)`` before injecting freezes all but the new
-    adapter parameters).
+    adapter parameters). ``target_parameters`` (``method="lora"``; PEFT's rule): 3-D expert
+    parameters of transformers experts modules (``["gate_up_proj", "down_proj"]``) get a LoRA per
+    expert, the module becoming a :class:`lora_kernels.moe.LoRAExperts` (``r``, ``alpha``,
+    ``use_rslora``); ``target_modules`` may then be None.
     """
     from .layers import METHODS
 
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    if target_modules is None:
+    if target_modules is None and target_parameters is None:
         raise ValueError("target_modules is required (e.g. ['q_proj', 'v_proj'])")
     from .layers import LoRAEmbedding
 
     cls = METHODS[method]
-    names = find_linears(model, target_modules, embeddings=method == "lora")
     new = {}
+    if target_parameters is not None:
+        from .moe import inject_experts
+
+        if method != "lora":
+            raise ValueError(f"target_parameters takes method='lora', got {method!r}")
+        new.update(inject_experts(model, target_parameters, **method_kwargs))
+    names = ([] if target_modules is None else
+             find_linears(model, target_modules, embeddings=method == "lora"))
     for name in names:
         mod = model.get_submodule(name)
         new[name] = (LoRAEmbedding.from_embedding(mod, **method_kwargs)
@@ -164,9 +175,15 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
     if not adapter:
         raise ValueError("adapter is empty")
     check_base_weights(model, adapter)
+    from .moe import ExpertFactors, experts_from_adapter
+
     mods = dict(model.named_modules())
-    new = {}
+    new = experts_from_adapter(model, {k: v for k, v in adapter.items()
+                                       if isinstance(v, ExpertFactors)},
+                               trainable=trainable, backend=backend)
     for name, entry in adapter.items():
+        if isinstance(entry, ExpertFactors):
+            continue
         mag = None
         if isinstance(entry, (tuple, list)) and len(entry) == 4:      # DoRA
             entry, mag = tuple(entry[:3]), entry[3]
@@ -307,9 +324,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, AdapterLinear):
         raise TypeError("model is itself an adapter layer: use its merged() method")
+    from .moe import LoRAExperts, merge_experts
+
     names = [n for n, m in model.named_modules() if n and isinstance(m, AdapterLinear)]
-    if not names:
+    if not names and not any(isinstance(m, LoRAExperts) for m in model.modules()):
         raise ValueError("model has no adapter layer to merge")
+    merge_experts(model)
     new = {}
     for name in names:
         layer = model.get_submodule(name)

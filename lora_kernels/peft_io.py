@@ -54,7 +54,7 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 
 USED_FIELDS = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-               "use_dora", "bias", "lora_bias"}
+               "use_dora", "bias", "lora_bias", "target_parameters"}
 IGNORED_FIELDS = {
     "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
@@ -65,7 +65,6 @@ IGNORED_FIELDS = {
 UNSUPPORTED_FIELDS = {
     "modules_to_save": (None, []),
     "layer_replication": (None, []),
-    "target_parameters": (None, []),
     "trainable_token_indices": (None, [], {}),
     "use_qalora": (False, None),
     "alora_invocation_tokens": (None, []),
@@ -355,6 +354,12 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
     biases: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "base": {}}
     dora = bool(cfg.get("use_dora", False))
     origin: dict[tuple[str, str], str] = {}
+    from . import peft_moe       # target_parameters: PEFT's ParamWrapper tensors, taken out
+
+    tensors, wrapped = peft_moe.split_tensors(cfg, tensors, wfn)
+    if wrapped and dora:
+        raise ValueError(f"{wfn}: use_dora with target_parameters (PEFT refuses DoRA on "
+                         "ParamWrapper)")
 
     def claim(mod_key: str, kind: str, key: str) -> str:
         """The module name (PEFT's prefix stripped); ValueError if another key of the file
@@ -411,9 +416,10 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
                              "'<module>.lora_embedding_A|B' are")
         mod = claim(m["mod"], m["which"], key)
         factors.setdefault(mod, {})[m["which"]] = t
-    if not factors:
+    if not factors and not wrapped:
         raise ValueError(f"{wfn} holds no LoRA tensors")
     out = PeftAdapter()
+    out.update(peft_moe.expert_entries(cfg, wrapped, wfn, device=device, dtype=dtype))
     for mod in base_weights:
         if mod not in factors:
             raise ValueError(f"{wfn}: base weight of {mod!r} saved without a LoRA on that module "
@@ -487,8 +493,9 @@ def adapter_dict(model: nn.Module) -> dict:
     """``{module name: as_lora()}`` of every adapter layer of ``model`` (LoRA-equivalent factors,
     so NoRA/CURLoRA/Deep LoRA export as plain LoRA); ``ValueError`` for a layer without one."""
     from .layers import AdapterLinear, LoRAEmbedding
+    from .moe import expert_entries
 
-    out = {}
+    out = dict(expert_entries(model))
     for name, mod in model.named_modules():
         if isinstance(mod, LoRAEmbedding):
             A, B, s = mod.as_lora()
@@ -594,8 +601,15 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if dtype is not None and dtype not in V.FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"dtype must be a float dtype or None, got {dtype}")
+    from .moe import ExpertFactors
+    from .peft_moe import peft_tensors
 
-    tensors, ranks, alphas = {}, {}, {}
+    experts = {n: e for n, e in ad.items() if isinstance(e, ExpertFactors)}
+    ad = {n: e for n, e in ad.items() if n not in experts}
+    tensors = peft_tensors(experts, dtype=dtype)
+    ranks = {n: e.lora_A.shape[1] for n, e in experts.items()}
+    alphas = {n: V.scalar(f"model_or_dict[{n!r}].scaling", e.scaling) * ranks[n]
+              for n, e in experts.items()}
     is_dora = {n: isinstance(e, (tuple, list)) and len(e) == 4 for n, e in ad.items()}
     dora = any(is_dora.values())
     if dora and not all(is_dora.values()):
@@ -634,6 +648,7 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
         "r": r0, "lora_alpha": a0, "use_rslora": False,
         "rank_pattern": _patterns(ranks, r0), "alpha_pattern": _patterns(alphas, a0),
         "target_modules": sorted(ad), "lora_dropout": 0.0,
+        "target_parameters": sorted(experts) or None,
         "bias": ("all" if set(base_b) - set(ad) else "lora_only" if base_b else "none"),
         "ensure_weight_tying": _saves_tied(model_or_dict),
         "lora_bias": bool(lora_b),

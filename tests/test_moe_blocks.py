@@ -1,0 +1,211 @@
+"""MoE blocks (lora_kernels.moe): LoRA on transformers 5 expert parameters against PEFT 0.21's
+target_parameters (ParamWrapper) on tiny Qwen3-MoE, Mixtral and gpt-oss models, float64."""
+
+import copy
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from helpers import rel_err
+from lora_kernels import moe, peft_moe
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+ARCHS = ("qwen3_moe", "mixtral", "gpt_oss")
+TARGETS = ["gate_up_proj", "down_proj"]
+
+
+def tiny_moe(arch: str, seed: int = 0):
+    """A randomly initialised 1-layer MoE causal LM (5 experts, top-2, odd sizes), float64, eval;
+    experts and router drawn N(0, 0.3) so routing and expert terms are not trivially small."""
+    common = dict(vocab_size=61, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8, num_experts_per_tok=2)
+    if arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**common, intermediate_size=24, moe_intermediate_size=7,
+                                          num_experts=5, norm_topk_prob=True)
+        cls = transformers.Qwen3MoeForCausalLM
+    elif arch == "mixtral":
+        cfg = transformers.MixtralConfig(**common, intermediate_size=7, num_local_experts=5)
+        cls = transformers.MixtralForCausalLM
+    else:
+        cfg = transformers.GptOssConfig(**common, intermediate_size=7, num_local_experts=5,
+                                        layer_types=["full_attention"])
+        cls = transformers.GptOssForCausalLM
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"     # transformers grouped_mm takes no float64
+    torch.manual_seed(seed)
+    m = cls(cfg).double().eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".mlp." in n:
+                p.normal_(0, 0.3)
+    return m
+
+
+def _experts(model):
+    return [m for m in model.modules() if moe.is_experts(m) or isinstance(m, moe.LoRAExperts)]
+
+
+def _peft(base, **kw):
+    cfg = peft.LoraConfig(target_modules=kw.pop("target_modules", []),
+                          target_parameters=kw.pop("target_parameters", TARGETS), **kw)
+    return peft.get_peft_model(copy.deepcopy(base), cfg)
+
+
+def _perturb_lora(pm, scale=0.3):
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * scale)
+
+
+def _ids(seed=1, shape=(2, 7)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 61, shape, generator=g)
+
+
+def _peft_wrappers(pm):
+    """{(experts module name, param): ParamWrapper} of a PEFT model (names as the base's)."""
+    out = {}
+    for n, m in pm.named_modules():
+        if type(m).__name__ == "ParamWrapper":
+            name = n.replace("base_model.model.", "", 1).replace(".base_layer", "")
+            out[(name, m.parameter_name)] = m
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loaded_peft_adapter_matches_peft_outputs_and_grads(arch, tmp_path):
+    base = tiny_moe(arch)
+    pm = _peft(base, r=3, lora_alpha=5)
+    _perturb_lora(pm)
+    pm.save_pretrained(tmp_path)
+    ad = lk.load_peft_adapter(tmp_path)
+    keys = sorted(k for k, v in ad.items() if isinstance(v, moe.ExpertFactors))
+    assert keys == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    ours = lk.inject_adapter(copy.deepcopy(base), ad)
+    ours.requires_grad_(False)
+    for m in ours.modules():
+        if isinstance(m, moe.LoRAExperts):
+            for p in (*m.lora_A.values(), *m.lora_B.values()):
+                p.requires_grad_(True)
+    ids = _ids()
+    y_ref = pm(ids).logits
+    y = ours(ids).logits
+    assert rel_err(y, y_ref) < 1e-12
+    assert rel_err(y_ref, base(ids).logits) > 1e-3        # the adapter changes the output
+    (y_ref.square().mean()).backward()
+    (y.square().mean()).backward()
+    lx = [m for m in ours.modules() if isinstance(m, moe.LoRAExperts)][0]
+    for (_, p), w in _peft_wrappers(pm).items():
+        gA, gB = peft_moe.to_experts(w.lora_A["default"].weight.grad,
+                                     w.lora_B["default"].weight.grad, 3)
+        assert rel_err(lx.lora_A[p].grad, gA) < 1e-11, p
+        assert rel_err(lx.lora_B[p].grad, gB) < 1e-11, p
+        assert gA.abs().sum() > 0 and gB.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inject_trains_step_for_step_like_peft(arch, tmp_path):
+    base = tiny_moe(arch)
+    pm = _peft(base, r=2, lora_alpha=4, target_modules=["q_proj"])
+    ours = copy.deepcopy(base).requires_grad_(False)
+    lk.inject(ours, "lora", target_modules=["q_proj"], target_parameters=TARGETS, r=2, alpha=4)
+    lx = [m for m in ours.modules() if isinstance(m, moe.LoRAExperts)]
+    assert len(lx) == 1 and sorted(lx[0].lora_A) == sorted(TARGETS)
+    # same start: PEFT's A into ours (B = 0 in both)
+    q = ours.model.layers[0].self_attn.q_proj
+    pq = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_A.copy_(pq.lora_A["default"].weight)
+        for (_, p), w in _peft_wrappers(pm).items():
+            A, _ = peft_moe.to_experts(w.lora_A["default"].weight, w.lora_B["default"].weight, 2)
+            lx[0].lora_A[p].copy_(A)
+    train_p = [p for p in pm.parameters() if p.requires_grad]
+    ours_p = [p for p in ours.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in train_p) == sum(p.numel() for p in ours_p)
+    opt_p = torch.optim.AdamW(train_p, lr=1e-2)
+    opt_o = torch.optim.AdamW(ours_p, lr=1e-2)
+    for step in range(3):
+        ids = _ids(seed=step)
+        lp = pm(ids, labels=ids).loss
+        lo = ours(ids, labels=ids).loss
+        assert abs(lp.item() - lo.item()) < 1e-10 * abs(lp.item()), step
+        for opt, loss in ((opt_p, lp), (opt_o, lo)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (_, p), w in _peft_wrappers(pm).items():
+        A, B = peft_moe.to_experts(w.lora_A["default"].weight, w.lora_B["default"].weight, 2)
+        assert rel_err(lx[0].lora_A[p], A) < 1e-10
+        assert rel_err(lx[0].lora_B[p], B) < 1e-10
+        assert B.abs().sum() > 0
+    # saved by us, loaded by PEFT: the same model
+    lk.save_peft_adapter(ours, tmp_path)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = _ids(seed=9)
+    with torch.no_grad():
+        y = ours(ids).logits
+        assert rel_err(back(ids).logits, y) < 1e-12
+        assert rel_err(pm(ids).logits, y) < 1e-9
+        # and merged: the experts folded in, plain transformers modules again
+        merged = lk.merge_and_unload(ours)
+        assert not any(isinstance(m, moe.LoRAExperts) for m in merged.modules())
+        assert rel_err(merged(ids).logits, y) < 1e-12
+        assert rel_err(pm.merge_and_unload()(ids).logits, y) < 1e-9
+
+
+def test_block_skips_masked_choices_and_poisoned_rows():
+    """Expert index E (transformers' expert-parallel mask) contributes nothing, as in the base
+    module; the experts output equals the base module's loop with LoRA folded in."""
+    base = tiny_moe("qwen3_moe")
+    ex = base.model.layers[0].mlp.experts
+    lx = moe.LoRAExperts(ex, TARGETS, r=2, alpha=3.0)
+    _perturb_lora(lx)
+    h = torch.randn(6, 16, dtype=torch.float64)
+    idx = torch.tensor([[0, 4], [5, 1], [2, 5], [3, 3], [1, 0], [5, 5]])
+    w = torch.rand(6, 2, dtype=torch.float64)
+    y = lx(h, idx, w)
+    ref = copy.deepcopy(lx).merged()(h, idx, w)
+    assert rel_err(y, ref) < 1e-12
+    assert torch.equal(y[5], torch.zeros(16, dtype=torch.float64))
+
+
+def test_bad_adapters_refused_model_unchanged(tmp_path):
+    base = tiny_moe("mixtral")
+    pm = _peft(base, r=2, lora_alpha=4)
+    _perturb_lora(pm)
+    pm.save_pretrained(tmp_path / "ok")
+    ad = lk.load_peft_adapter(tmp_path / "ok")
+    before = copy.deepcopy(base.state_dict())
+
+    def unchanged(m):
+        assert not any(isinstance(x, moe.LoRAExperts) for x in m.modules())
+        after = m.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+    # another expert count
+    other = tiny_moe("mixtral")
+    other.model.layers[0].mlp.experts.gate_up_proj = torch.nn.Parameter(
+        torch.zeros(4, 14, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"gate_up_proj.*4 experts|E=4"):
+        lk.inject_adapter(other, ad)
+    # another layout: a gpt-oss-transposed adapter on Mixtral's (E, out, in)
+    bad = dict(ad)
+    k = "model.layers.0.mlp.experts.down_proj"
+    A, B, s = ad[k]
+    bad[k] = moe.ExpertFactors(B.transpose(1, 2), A.transpose(1, 2), s)
+    with pytest.raises(ValueError, match="down_proj"):
+        lk.inject_adapter(base, bad)
+    unchanged(base)
+    # a file whose target_parameters name nothing in the model
+    lk.save_peft_adapter({"model.layers.3.mlp.experts.down_proj": ad[k]}, tmp_path / "none")
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp\.experts\.down_proj"):
+        lk.inject_adapter(base, lk.load_peft_adapter(tmp_path / "none"))
+    with pytest.raises(ValueError, match="up_proj_x"):
+        lk.inject(base, "lora", target_parameters=["up_proj_x"], r=2)
+    with pytest.raises(ValueError, match="lora_dropout|dropout"):
+        lk.inject(base, "lora", target_parameters=TARGETS, r=2, dropout=0.1)
+    unchanged(base)
