@@ -354,7 +354,7 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
     biases: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "base": {}}
     dora = bool(cfg.get("use_dora", False))
     origin: dict[tuple[str, str], str] = {}
-    from . import peft_moe       # target_parameters: PEFT's ParamWrapper tensors, taken out
+    from . import peft_moe  # target_parameters: PEFT's ParamWrapper tensors, taken out
 
     tensors, wrapped = peft_moe.split_tensors(cfg, tensors, wfn)
     if wrapped and dora:

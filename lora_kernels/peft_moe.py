@@ -2,9 +2,10 @@
 
 PEFT stores LoRA on expert parameter ``W`` (E experts, rank r) of module ``m`` as
 
-    lora_A (r E, in)   rows expert-major:    lora_A[e r + j]  = A_e[j]     -> A = lora_A.view(E, r, in)
-    lora_B (out, r E)  columns rank-major:   lora_B[:, j E + e] = B_e[:, j] -> B = lora_B.view(out, r, E)
-                                                                              .permute(2, 0, 1)
+    lora_A (r E, in)   rows expert-major:   lora_A[e r + j] = A_e[j]
+                       A = lora_A.view(E, r, in)
+    lora_B (out, r E)  columns rank-major:  lora_B[:, j E + e] = B_e[:, j]
+                       B = lora_B.view(out, r, E).permute(2, 0, 1)
 
 with ``in`` / ``out`` the GEMM's (from the module's ``is_transposed``: ``(E, in, out)`` when
 set, ``(E, out, in)`` otherwise); delta ``s B_e A_e``. Keys: ``base_model.model.<m>.lora_A.weight``

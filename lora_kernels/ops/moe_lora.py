@@ -175,7 +175,8 @@ def _torch_fwd(x, weight, bias, A, B, rt: Routing, scaling):
     rows = rt.order[:n]
     xs = x.index_select(0, rows)                                       # (n, in) expert-sorted
     ys = TR.empty((n, out_f), x.dtype, x.device)
-    S = TR.empty((M, r), torch.float32, x.device)                     # rows >= n: 0 below
+    # fp32 (float64 for float64 x: the reference stays exact); rows >= n: 0 below
+    S = TR.empty((M, r), torch.promote_types(x.dtype, torch.float32), x.device)
     for e in range(E):
         a, b = off[e], off[e + 1]
         if a == b:
@@ -472,7 +473,8 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def _fwd_fake(x, weight, bias, lora_A, lora_B, order, offsets, lora_order, lora_offsets,
               scaling, backend):
     return (x.new_empty((x.shape[0], weight.shape[1])),
-            x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32))
+            x.new_empty((x.shape[0], lora_A.shape[1]),
+                        dtype=torch.promote_types(x.dtype, torch.float32)))
 
 
 def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
@@ -537,7 +539,8 @@ def _qfwd(x: torch.Tensor, qtensors: list[torch.Tensor], qmeta: list[int], fmt: 
 def _qfwd_fake(x, qtensors, qmeta, fmt, bias, lora_A, lora_B, order, offsets, lora_order,
                lora_offsets, scaling, backend):
     return (x.new_empty((x.shape[0], qmeta[1])),
-            x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32))
+            x.new_empty((x.shape[0], lora_A.shape[1]),
+                        dtype=torch.promote_types(x.dtype, torch.float32)))
 
 
 def _qbwd(dy: torch.Tensor, x: torch.Tensor, qtensors: list[torch.Tensor], qmeta: list[int],
