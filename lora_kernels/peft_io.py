@@ -356,7 +356,7 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
     origin: dict[tuple[str, str], str] = {}
     from . import peft_moe  # target_parameters: PEFT's ParamWrapper tensors, taken out
 
-    tensors, wrapped = peft_moe.split_tensors(cfg, tensors, wfn)
+    tensors, wrapped = peft_moe.split_tensors(cfg, tensors, wfn, PREFIX)
     if wrapped and dora:
         raise ValueError(f"{wfn}: use_dora with target_parameters (PEFT refuses DoRA on "
                          "ParamWrapper)")
@@ -419,7 +419,8 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
     if not factors and not wrapped:
         raise ValueError(f"{wfn} holds no LoRA tensors")
     out = PeftAdapter()
-    out.update(peft_moe.expert_entries(cfg, wrapped, wfn, device=device, dtype=dtype))
+    out.update(peft_moe.expert_entries(cfg, wrapped, wfn, pattern=pattern_value,
+                                       device=device, dtype=dtype))
     for mod in base_weights:
         if mod not in factors:
             raise ValueError(f"{wfn}: base weight of {mod!r} saved without a LoRA on that module "
@@ -606,7 +607,7 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
 
     experts = {n: e for n, e in ad.items() if isinstance(e, ExpertFactors)}
     ad = {n: e for n, e in ad.items() if n not in experts}
-    tensors = peft_tensors(experts, dtype=dtype)
+    tensors = peft_tensors(experts, PREFIX, dtype=dtype)
     ranks = {n: e.lora_A.shape[1] for n, e in experts.items()}
     alphas = {n: V.scalar(f"model_or_dict[{n!r}].scaling", e.scaling) * ranks[n]
               for n, e in experts.items()}

@@ -24,7 +24,6 @@ import torch
 
 from . import _validate as V
 from .moe import EXPERT_PARAMS, ExpertFactors
-from .peft_io import PREFIX, pattern_value
 
 _WRAP_KEY = re.compile(r"^(?P<mod>.+?)(?P<depth>(\.base_layer)*)\.lora_(?P<which>A|B)\.weight$")
 
@@ -52,9 +51,9 @@ def _params_of(mod: str, targets) -> list[str]:
     return known + sorted(p for p in hit if p not in EXPERT_PARAMS)
 
 
-def split_tensors(cfg: dict, tensors: dict, wfn: str) -> tuple[dict, dict]:
+def split_tensors(cfg: dict, tensors: dict, wfn: str, prefix: str) -> tuple[dict, dict]:
     """``(other tensors, {(module, depth): {"A"|"B": tensor}})``: the file's tensors of modules
-    that ``target_parameters`` match, taken out."""
+    that ``target_parameters`` match, taken out (``prefix``: PEFT's ``base_model.model.``)."""
     targets = list(cfg.get("target_parameters") or [])
     if not targets:
         return tensors, {}
@@ -66,7 +65,7 @@ def split_tensors(cfg: dict, tensors: dict, wfn: str) -> tuple[dict, dict]:
     for key, t in tensors.items():
         m = _WRAP_KEY.match(key)
         mod = m["mod"] if m else ""
-        mod = mod[len(PREFIX):] if mod.startswith(PREFIX) else mod
+        mod = mod[len(prefix):] if mod.startswith(prefix) else mod
         if m is None or not _params_of(mod, targets):
             rest[key] = t
             continue
@@ -75,9 +74,11 @@ def split_tensors(cfg: dict, tensors: dict, wfn: str) -> tuple[dict, dict]:
     return rest, moe
 
 
-def expert_entries(cfg: dict, moe: dict, wfn: str, *, device, dtype) -> dict:
+def expert_entries(cfg: dict, moe: dict, wfn: str, *, pattern, device, dtype) -> dict:
     """``{"<module>.<param>": ExpertFactors}`` of the wrappers :func:`split_tensors` took out;
-    ``ValueError`` naming the module for a file that does not fit PEFT's layout."""
+    ``pattern(pattern dict, key, default)``: PEFT's rank/alpha pattern lookup
+    (:func:`lora_kernels.peft_io.pattern_value`). ``ValueError`` naming the module for a file
+    that does not fit PEFT's layout."""
     targets = list(cfg.get("target_parameters") or [])
     depths: dict[str, list[int]] = {}
     for mod, d in moe:
@@ -98,14 +99,14 @@ def expert_entries(cfg: dict, moe: dict, wfn: str, *, device, dtype) -> dict:
                 raise ValueError(f"{wfn}: expert parameter {key!r} has no "
                                  f"{'lora_A' if 'A' not in ab else 'lora_B'}.weight")
             A2, B2 = ab["A"], ab["B"]
-            r = pattern_value(cfg.get("rank_pattern") or {}, key, cfg["r"])
+            r = pattern(cfg.get("rank_pattern") or {}, key, cfg["r"])
             if (A2.dim() != 2 or B2.dim() != 2 or not A2.is_floating_point()
                     or not B2.is_floating_point() or A2.shape[0] % r or A2.shape[0] == 0
                     or B2.shape[1] != A2.shape[0]):
                 raise ValueError(f"{wfn}: expert parameter {key!r} has lora_A {tuple(A2.shape)} "
                                  f"and lora_B {tuple(B2.shape)}; PEFT's ParamWrapper layout is "
                                  f"float (r*E, in) and (out, r*E) with r={r}")
-            alpha = pattern_value(cfg.get("alpha_pattern") or {}, key, cfg.get("lora_alpha", 8))
+            alpha = pattern(cfg.get("alpha_pattern") or {}, key, cfg.get("lora_alpha", 8))
             alpha = V.scalar(f"{wfn}: lora_alpha of {key!r}", alpha)
             s = alpha / (math.sqrt(r) if cfg.get("use_rslora", False) else r)
             s = V.scaling32(f"{wfn}: expert parameter {key!r} scaling (lora_alpha / r)", s)
@@ -115,7 +116,7 @@ def expert_entries(cfg: dict, moe: dict, wfn: str, *, device, dtype) -> dict:
     return out
 
 
-def peft_tensors(entries: dict, *, dtype=None) -> dict:
+def peft_tensors(entries: dict, prefix: str, *, dtype=None) -> dict:
     """PEFT file tensors (``base_model.model.``-prefixed keys) of ``{"<module>.<param>":
     ExpertFactors}`` (wrappers nested in :data:`lora_kernels.moe.EXPERT_PARAMS` order)."""
     by_mod: dict[str, dict] = {}
@@ -136,7 +137,7 @@ def peft_tensors(entries: dict, *, dtype=None) -> dict:
                 raise ValueError(f"model_or_dict[{mod + '.' + p!r}]: lora_A {tuple(A.shape)} and "
                                  f"lora_B {tuple(B.shape)} must be (E, r, in) and (E, out, r)")
             A2, B2 = to_peft(A.detach(), B.detach())
-            pre = f"{PREFIX}{mod}" + ".base_layer" * (len(params) - 1 - i)
+            pre = f"{prefix}{mod}" + ".base_layer" * (len(params) - 1 - i)
             out[f"{pre}.lora_A.weight"] = A2.to("cpu", dtype or A2.dtype).contiguous()
             out[f"{pre}.lora_B.weight"] = B2.to("cpu", dtype or B2.dtype).contiguous()
     return out

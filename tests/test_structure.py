@@ -95,7 +95,8 @@ FLOORS: dict[str, tuple[str, ...]] = {
     "ops": ("ops", "pool"),
     "layers/store": ("layers", "store", "compose", "fused", "generate"),
     # whole models: injection, PEFT files and patching, serving, parallelism, search
-    "model-level": ("inject", "peft_io", "peft_patch", "serving", "serving_embedding",
+    "model-level": ("inject", "peft_io", "peft_patch", "serving", "serving_embedding", "moe",
+                    "peft_moe",
                     "serving_bias",
                     "parallel", "expert_parallel", "glora_search", "params"),
     "api": ("",),                                            # the package itself (lora_kernels)
