@@ -25,7 +25,7 @@ from .ops.multi_lora import plan as _plan
 from .ops.multi_lora.api import apply_plans
 from .pool import AdapterPool, PoolView
 from .serving_bias import add_bias_rows, bias_deltas
-from .serving_embedding import ServingEmbedding
+from .serving_embedding import ServingEmbedding, check_embedding_entries
 
 __all__ = ["AdapterPool", "MultiAdapterModel", "PoolView", "ServingEmbedding", "ServingLinear"]
 
@@ -318,6 +318,7 @@ class MultiAdapterModel(nn.Module):
         if name in self._sums:
             raise ValueError(f"name {name!r} is already loaded; remove it first")
         check_base_weights(self.model, adapter)
+        check_embedding_entries(adapter, self.layers)
         deltas = bias_deltas(self.model, adapter, self.layers)
         # the store validates the dict (type, modules, every entry) before anything is written;
         # DoRA entries ((lora_A, lora_B, scaling, magnitude), from a use_dora PEFT adapter): the

@@ -27,6 +27,10 @@ class ServingEmbedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding, pool, state, backend: str | None = None):
         super().__init__()
+        if type(embedding).forward is not nn.Embedding.forward:
+            # e.g. Gemma's scaled embedding (forward multiplies by embed_scale)
+            raise ValueError(f"embedding is a {type(embedding).__name__} with its own forward; "
+                             "only plain nn.Embedding lookups are supported")
         for attr in ("max_norm", "scale_grad_by_freq", "sparse"):
             if getattr(embedding, attr):
                 raise ValueError(f"embedding.{attr}={getattr(embedding, attr)!r} is not supported "
@@ -63,3 +67,24 @@ class ServingEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
                 f"adapters={len(self.pool)}")
+
+
+def check_embedding_entries(adapter, layers) -> None:
+    """``ValueError`` naming the module when an entry for a served embedding is for another
+    vocabulary size or dimension (the store checks the rest of every entry)."""
+    if not hasattr(adapter, "items"):
+        return
+    for mod, entry in adapter.items():
+        lay = layers.get(mod)
+        if not isinstance(lay, ServingEmbedding) or not isinstance(entry, (tuple, list)):
+            continue
+        if len(entry) == 4:
+            raise ValueError(f"adapter[{mod!r}]: DoRA on an embedding is not supported")
+        A, B = entry[0], entry[1]
+        if isinstance(A, torch.Tensor) and A.dim() == 2 and A.shape[1] != lay.num_embeddings:
+            raise ValueError(f"adapter[{mod!r}] is an embedding LoRA for a vocabulary of "
+                             f"{A.shape[1]} tokens (lora_embedding_A {tuple(A.shape)}) but the "
+                             f"model's {mod!r} has num_embeddings={lay.num_embeddings}")
+        if isinstance(B, torch.Tensor) and B.dim() == 2 and B.shape[0] != lay.embedding_dim:
+            raise ValueError(f"adapter[{mod!r}] is an embedding LoRA of dim {B.shape[0]} but the "
+                             f"model's {mod!r} has embedding_dim={lay.embedding_dim}")

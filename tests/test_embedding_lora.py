@@ -150,3 +150,18 @@ def test_bench_rows_run_and_agree_with_their_reference():
         assert r["status"] == "ok", r
         if r["impl"] in ("ours_default", "peft"):
             assert r["rel_err_vs_ref"] < 1e-5, r
+
+
+def test_layer_refuses_embeddings_it_would_compute_wrong():
+    class Scaled(torch.nn.Embedding):          # Gemma-style: the lookup times a scale
+        def forward(self, ids):
+            return super().forward(ids) * 3.0
+
+    with pytest.raises(ValueError, match="Scaled with its own forward"):
+        lk.LoRAEmbedding.from_embedding(Scaled(10, 4), r=2)
+    with pytest.raises(ValueError, match="max_norm"):
+        lk.LoRAEmbedding.from_embedding(torch.nn.Embedding(10, 4, max_norm=1.0), r=2)
+    model = torch.nn.Sequential(Scaled(10, 4))
+    with pytest.raises(ValueError, match="Scaled"):
+        lk.inject(model, "lora", target_modules=["0"], r=2)
+    assert type(model[0]) is Scaled

@@ -183,7 +183,7 @@ def test_adapter_for_another_vocabulary_refused(tmp_path):
         lk.inject_adapter(other, dict(ad))
     assert {n: type(m) for n, m in other.named_modules()} == before
     srv = lk.MultiAdapterModel(other, target_modules=["embed_tokens", "q_proj"])
-    with pytest.raises(ValueError, match="model.embed_tokens"):
+    with pytest.raises(ValueError, match="model.embed_tokens.*vocabulary of 64 tokens.*=70"):
         srv.add("a", dict(ad))
     assert srv.adapters() == []
     # the same vocabulary but a different base table (PEFT saved its embed_tokens table)
@@ -241,3 +241,32 @@ def test_tied_lm_head_lora_trains_like_peft(how, tmp_path):
         with torch.no_grad():
             assert rel_err(pb(ids).logits, ours.eval()(ids).logits) < 1e-5
             assert rel_err(pb(ids).logits, pm.eval()(ids).logits) < 1e-4
+
+
+def test_served_embedding_on_triton_kernels(tmp_path):
+    from conftest import backends
+
+    if "triton" not in backends():
+        pytest.skip("Triton needs TRITON_INTERPRET=1 on CPU")
+    base = _base("llama")
+    pms = {}
+    for i in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+                r=3 + i, lora_alpha=8, target_modules=["embed_tokens"]))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p) * 0.3)
+        pms[f"e{i}"] = pm.eval()
+    srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=["embed_tokens"], max_rank=4,
+                               backend="triton")
+    for n, pm in pms.items():
+        srv.load_peft(n, _save(pm, tmp_path / n))
+    names = ["e1", None, "e0"]
+    ids = _ids(3)
+    with torch.no_grad():
+        out = srv(ids, adapters=names).logits
+        for b, n in enumerate(names):
+            assert rel_err(out[b:b + 1], (pms[n] if n else base)(ids[b:b + 1]).logits) < 1e-5

@@ -59,6 +59,10 @@ class LoRAEmbedding(AdapterLinear):
         would renormalise or rescale its gathered LoRA rows; not implemented)."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        if type(embedding).forward is not nn.Embedding.forward:
+            # e.g. Gemma's scaled embedding (forward multiplies by embed_scale)
+            raise ValueError(f"embedding is a {type(embedding).__name__} with its own forward; "
+                             "only plain nn.Embedding lookups are supported")
         for attr in ("max_norm", "scale_grad_by_freq", "sparse"):
             if getattr(embedding, attr):
                 raise ValueError(f"embedding.{attr}={getattr(embedding, attr)!r} is not supported "
