@@ -165,3 +165,30 @@ def test_layer_refuses_embeddings_it_would_compute_wrong():
     with pytest.raises(ValueError, match="Scaled"):
         lk.inject(model, "lora", target_modules=["0"], r=2)
     assert type(model[0]) is Scaled
+
+
+def test_served_embedding_sums_and_base_rows():
+    """MultiAdapterModel over a bare embedding: per-sequence adapters, a summed adapter (one pass
+    per part), base rows equal to the plain lookup."""
+    emb = torch.nn.Embedding(23, 8).to(DEVICE)
+    model = torch.nn.Sequential(emb)
+    W = emb.weight.detach().clone().double()
+    ads = {n: {"0": (randn(r, 23), randn(8, r), s)} for n, r, s in (("a", 2, 0.5), ("b", 3, 2.0))}
+    srv = lk.MultiAdapterModel(model, target_modules=["0"], max_rank=4)
+    for n, ad in ads.items():
+        srv.add(n, ad)
+    srv.add_sum("ab", ["a", "b"])
+    ids = torch.randint(0, 23, (4, 5), device=DEVICE)
+    with torch.no_grad():
+        y = srv(ids, adapters=["a", None, "ab", "b"])
+
+    def delta(n, row):
+        A, B, s = ads[n]["0"]
+        return s * (A.double()[:, row].t() @ B.double().t())
+
+    ref = F.embedding(ids, W)
+    ref[0] += delta("a", ids[0])
+    ref[2] += delta("a", ids[2]) + delta("b", ids[2])
+    ref[3] += delta("b", ids[3])
+    assert_close(y, ref, torch.float32, "served")
+    assert torch.equal(y[1], emb(ids[1]))
