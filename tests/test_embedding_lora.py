@@ -192,3 +192,19 @@ def test_served_embedding_sums_and_base_rows():
     ref[3] += delta("b", ids[3])
     assert_close(y, ref, torch.float32, "served")
     assert torch.equal(y[1], emb(ids[1]))
+
+
+def aot_calls():
+    """Triton embedding-LoRA launches for the ahead-of-time compile check
+    (tests/cuda/test_triton_aot.py): forward, both backward kernels and the served gather, bf16
+    (the target dtype) and fp32."""
+    for dtype in (torch.bfloat16, torch.float32):
+        ids = torch.tensor([0, 5, 3, 5, 9, 1, 2])
+        W = torch.randn(11, 24, dtype=dtype)
+        A = torch.randn(4, 11, dtype=dtype, requires_grad=True)
+        B = torch.randn(24, 4, dtype=dtype, requires_grad=True)
+        lk.lora_embedding(ids, W, A, B, 0.5, backend="triton").sum().backward()
+        pool = lk.AdapterPool(11, 24, 2, 4, dtype=dtype)
+        pool.add("a", A.detach(), B.detach(), 0.5)
+        lk.multi_lora_embedding(ids, W, pool, torch.tensor([0, 0, -1, 0, 0, -1, 0]),
+                                backend="triton")

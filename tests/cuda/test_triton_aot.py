@@ -89,6 +89,7 @@ def _calls():
         lk.glora_linear(x, w, None, **sup, backend="triton").sum().backward()
     __import__("test_quant").aot_calls()  # quantized bases (kernels.quant)
     __import__("test_moe_lora").aot_calls()  # MoE-LoRA grouped GEMM (kernels.moe)
+    __import__("test_embedding_lora").aot_calls()  # embedding LoRA (kernels.embedding)
 
 
 def recorded_launches() -> list:
@@ -110,7 +111,8 @@ def test_all_kernels_compile_for_sm80_sm90(tmp_path):
                      "sgmv_kernel", "seg_tn_kernel", "sgmv_gemm_kernel",
                      "gemm_lowrank_tma_kernel", "keep_mask_kernel", "qgemm_lowrank_kernel",
                      "splitk_epilogue_kernel", "moe_shrink_kernel", "moe_gemm_kernel",
-                     "moe_seg_tn_kernel"}, names
+                     "moe_seg_tn_kernel", "embedding_lora_fwd_kernel", "embedding_lora_dyb_kernel",
+                     "embedding_lora_db_kernel"}, names
     flags = {(ln["constexprs"]["ROW_SCALE"], ln["constexprs"]["X_SCALE"]) for ln in launches
              if ln["name"] == "gemm_lowrank_kernel"}
     assert flags == {(False, False), (True, False), (False, True)}, flags
