@@ -51,6 +51,19 @@ def same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None)
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def no_overlap(name: str, t: torch.Tensor) -> None:
+    """ValueError if two elements of ``t`` share memory (an expanded tensor, a stride-0 or
+    overlapping ``as_strided`` view): an in-place update of it is ill-defined. Exact for
+    strides sorted ascending: dim ``i`` must step past everything dims ``< i`` reach."""
+    reach = 0
+    for st, sz in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if st <= reach:
+            raise ValueError(f"{name} has overlapping elements (shape {tuple(t.shape)}, strides "
+                             f"{t.stride()}, e.g. an expand()ed tensor): it cannot be updated "
+                             f"in place; pass {name}.clone()")
+        reach += st * (sz - 1)
+
+
 def scaling32(name: str, v) -> float:
     """A LoRA scaling stored as float32 (pools, stores): a Python float (or int / 1-element
     tensor) that is finite *in float32* -- ``1e39`` is finite in Python but overflows there."""

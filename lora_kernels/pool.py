@@ -190,6 +190,7 @@ class AdapterPool:
         if ids.device != self.device:
             raise ValueError(f"{name} must be on the CPU or on the pool's device {self.device}, "
                              f"got {ids.device}")
+        ids = ids.contiguous()          # kernels read ids[t] at unit stride (an expand()ed tensor)
         if ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return ids
         V.ids_in_slots(name, ids, self.max_adapters, self.ranks > 0, self._loaded_desc())

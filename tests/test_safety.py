@@ -578,3 +578,100 @@ def test_refusals_change_nothing_inject_and_loaders(tmp_path):
     with pytest.raises(ValueError):
         load_peft_adapter(path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == files
+
+
+# ------------------------------------------------------------------ Triton layouts (items 5, 6)
+def _interp():
+    pytest.importorskip("triton")
+    from lora_kernels._backend import triton_interpret
+
+    if not triton_interpret():
+        pytest.skip("Triton kernels run here through TRITON_INTERPRET=1 only")
+
+
+def _strided_bias(n):
+    return torch.randn(2 * n)[::2]
+
+
+def test_triton_strided_bias_lora_dora_qlora():
+    """A bias with stride 2 (``b[::2]``): the fused LoRA, DoRA and QLoRA (NF4, int8) kernels
+    read it as the torch reference does (interpreted)."""
+    _interp()
+    from lora_kernels.quant import Int8Weight, NF4Weight
+
+    T, K, N, r = 5, 64, 24, 3
+    x, w = torch.randn(T, K), torch.randn(N, K) * 0.2
+    A, B, b = torch.randn(r, K) * 0.2, torch.randn(N, r) * 0.2, _strided_bias(N)
+    for name, f in [
+        ("lora", lambda be, bb: lk.lora_linear(x, w, bb, A, B, 0.5, backend=be)),
+        ("dora", lambda be, bb: lk.dora_linear(x, w, bb, A, B, torch.rand(N) + 0.5, 0.5,
+                                               backend=be)),
+        ("nf4", lambda be, bb: lk.lora_linear(x, NF4Weight.from_float(w), bb, A, B, 0.5,
+                                              backend=be)),
+        ("int8", lambda be, bb: lk.lora_linear(x, Int8Weight.from_float(w), bb, A, B, 0.5,
+                                               backend=be)),
+    ]:
+        torch.manual_seed(0)
+        got = f("triton", b)
+        torch.manual_seed(0)
+        want = f("torch", b.contiguous())
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_triton_strided_bias_prefill_fused_and_expanded_ids():
+    """Multi-LoRA Triton: a strided bias in the fused prefill GEMM; decode with an expand()ed
+    ids tensor (stride 0: the kernel must not read ids[t] at t * 1 past its one element)."""
+    _interp()
+    pool, ads = _pool(-1, 0.0)
+    T = 40
+    ids = _ids("runs", T, 1)
+    x, w, b = torch.randn(T, IN), torch.randn(OUT, IN), _strided_bias(OUT)
+    got = lk.multi_lora_linear(x, w, b, pool, ids, backend="triton", path="prefill_fused")
+    _check_isolated(got, x, w, b.contiguous(), ads, ids, -1, "prefill_fused strided bias")
+    ids1 = torch.tensor([2]).expand(6)
+    x6 = torch.randn(6, IN)
+    got = lk.multi_lora_linear(x6, None, None, pool, ids1, backend="triton", path="decode")
+    _check_isolated(got, x6, None, None, ads, ids1, -1, "decode expanded ids")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_multi_lora_add_overlapping_y_refused(backend):
+    if backend == "triton":
+        _interp()
+    pool, _ = _pool(-1, 0.0)
+    x = torch.randn(4, IN)
+    y = torch.zeros(1, OUT).expand(4, OUT)
+    assert_refused(lambda: lk.multi_lora_add_(y, x, pool, torch.tensor([0, 1, 2, -1]),
+                                              backend=backend), ValueError, pool, y,
+                   match="overlapping")
+
+
+def _sparse_storage(tmp_path, numel, dtype):
+    """A file-backed storage of ``numel`` elements whose pages are only allocated when touched
+    (a sparse file, shared mapping): huge strides on a few elements without allocating GBs."""
+    fn = tmp_path / "sparse.bin"
+    with open(fn, "wb") as f:
+        f.truncate(numel * torch.tensor([], dtype=dtype).element_size())
+    return torch.from_file(str(fn), shared=True, size=numel, dtype=dtype)
+
+
+def test_triton_offsets_past_2_31(tmp_path):
+    """64-bit offsets: the dX-style GEMM reads ``W^T`` with ``k * stride_wk`` past 2^31
+    elements (W (4, 8) with a row stride of 2^30: rows 2, 3 start beyond 2^31) and
+    ``tn_kernel`` reads ``lhs`` with ``m * stride_lm`` past 2^31; int32 offsets wrap there and
+    read the wrong rows (interpreted; a sparse file holds the few touched pages)."""
+    _interp()
+    from lora_kernels.ops.lowrank import gemm_lowrank, tn
+
+    big = 1 << 30
+    st = _sparse_storage(tmp_path, 3 * big + 64, torch.float32)
+    W = st.as_strided((4, 8), (big, 1))                 # (out=4, in=8), rows 2^30 apart
+    W.copy_(torch.randn(4, 8))
+    dy = torch.randn(5, 4)
+    dx = gemm_lowrank(dy, W.t(), out_dtype=torch.float32)   # dx = dy W: w = W^T, stride_wk 2^30
+    torch.testing.assert_close(dx, dy @ W.clone(), rtol=1e-4, atol=1e-4)
+    L = st.as_strided((6, 4), (1, big), storage_offset=16)  # (T=6, M=4): column m at m * 2^30
+    L.copy_(torch.randn(6, 4))
+    R = torch.randn(6, 3)
+    torch.testing.assert_close(tn(L, R), L.clone().t() @ R, rtol=1e-4, atol=1e-4)

@@ -77,7 +77,7 @@ def lowrank_epilogue(acc, S, BM, BIAS, SEED, rm, rn, rm64, rn64, mask_m, mask_n,
             lr = tl.dot(s, b, lr, input_precision=PRECISION)
         lr = lr * scale
         if DROP_EPI:
-            keep = keep_mask(SEED, rm[:, None] * N + rn[None, :], p)
+            keep = keep_mask(SEED, rm64[:, None] * N + rn64[None, :], p)   # (64-bit: T*N)
             lr = tl.where(keep, lr / (1.0 - p), 0.0)
         acc += lr
     if HAS_BIAS:

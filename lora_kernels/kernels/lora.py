@@ -64,17 +64,20 @@ def gemm_lowrank_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         mk = kk < K
-        x = tl.load(X + rm64[:, None] * stride_xm + kk[None, :] * stride_xk,
+        # 64-bit offsets: kk * stride_wk reaches out * in (the dX GEMM reads W^T), past 2^31
+        # for e.g. a 128k x 16k lm_head; the dropout counter t * K + k past 2^31 at T * K
+        kk64 = kk.to(tl.int64)
+        x = tl.load(X + rm64[:, None] * stride_xm + kk64[None, :] * stride_xk,
                     mask=mask_m[:, None] & mk[None, :], other=0.0)
         if DROP_X:
             # mask only; the 1/(1-p) rescale is applied once to the fp32 accumulator
-            keep = keep_mask(SEED, rm[:, None] * K + kk[None, :], p)
+            keep = keep_mask(SEED, rm64[:, None] * K + kk64[None, :], p)
             x = tl.where(keep, x, tl.zeros_like(x))
         if X_SCALE:
             # (BLOCK_M, BLOCK_K) * xs[k]: the product rounded once to X's dtype, like torch's
             xsc = tl.load(XS + kk, mask=mk, other=0.0).to(tl.float32)
             x = (x.to(tl.float32) * xsc[None, :]).to(X.dtype.element_ty)
-        w = tl.load(W + rn64[None, :] * stride_wn + kk[:, None] * stride_wk,
+        w = tl.load(W + rn64[None, :] * stride_wn + kk64[:, None] * stride_wk,
                     mask=mask_n[None, :] & mk[:, None], other=0.0)
         acc = mma(x, w, acc, PRECISION, UPCAST)
     if DROP_X:
@@ -110,6 +113,9 @@ def tn_kernel(
     rt = tl.arange(0, BLOCK_T)
     mask_m = rm < M
     mask_n = rn < N
+    # 64-bit offsets: rm * stride_om reaches M * N (a full (out, in) product) past 2^31
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
     t_start = pid_s * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, T)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -117,15 +123,16 @@ def tn_kernel(
         tt = t0 + rt
         mt = tt < t_end
         tt64 = tt.to(tl.int64)
-        lt = tl.load(L + tt64[None, :] * stride_lt + rm[:, None] * stride_lm,
+        lt = tl.load(L + tt64[None, :] * stride_lt + rm64[:, None] * stride_lm,
                      mask=mask_m[:, None] & mt[None, :], other=0.0).to(tl.float32)
-        r = tl.load(RT + tt64[:, None] * stride_rt + rn[None, :] * stride_rn,
+        r = tl.load(RT + tt64[:, None] * stride_rt + rn64[None, :] * stride_rn,
                     mask=mt[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         if DROP_R:
-            keep = keep_mask(SEED, tt[:, None] * N + rn[None, :], p)
+            keep = keep_mask(SEED, tt64[:, None] * N + rn64[None, :], p)
             r = tl.where(keep, r / (1.0 - p), 0.0)
         acc = tl.dot(lt, r, acc, input_precision=PRECISION)
-    tl.store(O + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on,
+    tl.store(O + pid_s.to(tl.int64) * stride_os + rm64[:, None] * stride_om
+             + rn64[None, :] * stride_on,
              acc, mask=mask_m[:, None] & mask_n[None, :])
 
 

@@ -77,7 +77,7 @@ def gemm_lowrank_tma_kernel(
                 else:
                     acc = tl.dot(s * scale, bb, acc, input_precision=PRECISION)
             if DROP_EPI:
-                keep = keep_mask(SEED, rm[:, None] * N + rn[None, :], p)
+                keep = keep_mask(SEED, rm64[:, None] * N + rn64[None, :], p)
                 acc += tl.where(keep, lr * (scale / (1.0 - p)), 0.0)
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]

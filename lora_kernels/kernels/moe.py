@@ -105,7 +105,7 @@ def moe_gemm_kernel(
             mk = kk < K
             xv = tl.load(X + tok[:, None] * stride_xt + kk[None, :] * stride_xk,
                          mask=mm[:, None] & mk[None, :], other=0.0)
-            wv = tl.load(w_base + rn64[None, :] * stride_wn + kk[:, None] * stride_wk,
+            wv = tl.load(w_base + rn64[None, :] * stride_wn + kk.to(tl.int64)[:, None] * stride_wk,
                          mask=mn[None, :] & mk[:, None], other=0.0)
             acc = mma(xv, wv, acc, PRECISION, UPCAST)
         acc = lowrank_epilogue(acc, S, BM + e * stride_bme, BIAS + e * stride_be, S, pos, rn,

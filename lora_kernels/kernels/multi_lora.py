@@ -201,9 +201,10 @@ def sgmv_gemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             mk = kk < K
-            xv = tl.load(X + tok[:, None] * stride_xt + kk[None, :] * stride_xk,
+            kk64 = kk.to(tl.int64)                        # kk * stride_wk: up to out * in
+            xv = tl.load(X + tok[:, None] * stride_xt + kk64[None, :] * stride_xk,
                          mask=mm[:, None] & mk[None, :], other=0.0)
-            wv = tl.load(W + rn64[None, :] * stride_wn + kk[:, None] * stride_wk,
+            wv = tl.load(W + rn64[None, :] * stride_wn + kk64[:, None] * stride_wk,
                          mask=mn[None, :] & mk[:, None], other=0.0)
             acc = mma(xv, wv, acc, PRECISION, UPCAST)
         if HAS_BIAS:

@@ -107,7 +107,7 @@ def qgemm_lowrank_kernel(
         acc = mma(x, w.to(X.dtype.element_ty), acc, PRECISION, UPCAST)
 
     if SPLIT_K:
-        tl.store(P + pid_s * stride_ps + rm64[:, None] * N + rn64[None, :], acc,
+        tl.store(P + pid_s.to(tl.int64) * stride_ps + rm64[:, None] * N + rn64[None, :], acc,
                  mask=mask_m[:, None] & mask_n[None, :])
     else:
         acc = lowrank_epilogue(acc, S, BM, BIAS, SEED, rm, rn, rm64, rn64, mask_m, mask_n, N, R,
@@ -136,7 +136,8 @@ def splitk_epilogue_kernel(
     msk = mask_m[:, None] & mask_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(0, splits):
-        acc += tl.load(P + s * stride_ps + rm64[:, None] * N + rn64[None, :], mask=msk, other=0.0)
+        acc += tl.load(P + tl.cast(s, tl.int64) * stride_ps + rm64[:, None] * N + rn64[None, :],
+                       mask=msk, other=0.0)
     acc = lowrank_epilogue(acc, S, BM, BIAS, SEED, rm, rn, rm64, rn64, mask_m, mask_n, N, R,
                            stride_sm, stride_sr, stride_bn, stride_br, scale, p,
                            HAS_LOWRANK, HAS_BIAS, DROP_EPI, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)

@@ -191,7 +191,7 @@ def glora_gemm(x, w, *, out_dtype, bias=None, A=(NONE, None, None), B=(NONE, Non
     sa1, sa2, sb1, sb2 = _strides(a1), _strides(a2), _strides(b1), _strides(b2)
     dts = [x.dtype, w.dtype] + [t.dtype for t in (a1, a2, b1, b2) if t is not None]
     kernel[grid](
-        x, w, y, bias if bias is not None else dummy,
+        x, w, y, bias.contiguous() if bias is not None else dummy,
         a1 if a1 is not None else dummy, a2 if a2 is not None else dummy,
         b1 if b1 is not None else dummy, b2 if b2 is not None else dummy,
         M, N, K, ra, rb, min(TR.next_pow2(M), 8192),

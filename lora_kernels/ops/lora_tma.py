@@ -87,7 +87,7 @@ def gemm_lowrank_tma(x, w, *, w_kmajor: bool, out_dtype, bias=None, s=None, bm=N
     tiles = TR.cdiv(M, bmk) * TR.cdiv(N, bnk)
     grid = (max(1, min(nsm, tiles)),)
     gemm_lowrank_tma_kernel[grid](
-        x_desc, w_desc, y, bias if bias is not None else y, s if s is not None else y,
+        x_desc, w_desc, y, bias.contiguous() if bias is not None else y, s if s is not None else y,
         bm if bm is not None else y, seed if seed is not None else y,
         M, N, K, R, y.stride(0), y.stride(1),
         s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,

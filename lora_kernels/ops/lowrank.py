@@ -122,7 +122,7 @@ def gemm_lowrank(x, w, *, out_dtype, bias=None, s=None, bm=None, scale=1.0, seed
     kernel, cfg, grid = TR.tile_launch(gemm_lowrank_kernel, gemm_lowrank_autotuned, M, N)
     dummy = y
     kernel[grid](
-        x, w, y, bias if bias is not None else dummy, s if s is not None else dummy,
+        x, w, y, bias.contiguous() if bias is not None else dummy, s if s is not None else dummy,
         bm if bm is not None else dummy, seed if seed is not None else dummy,
         row_scale if row_scale is not None else dummy, x_scale if x_scale is not None else dummy,
         M, N, K, R, min(TR.next_pow2(M), 8192),

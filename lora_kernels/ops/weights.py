@@ -199,7 +199,7 @@ def qgemm(x, qw, *, trans_w: bool, out_dtype, bias=None, s=None, bm=None, scale=
         return (TR.cdiv(M, meta["BLOCK_M"]) * TR.cdiv(N, meta["BLOCK_N"]), splits)
 
     kernel[grid](
-        x, Q, QS, CODE, ABS2, CODE2, OFF, y, part, bias if bias is not None else dummy,
+        x, Q, QS, CODE, ABS2, CODE2, OFF, y, part, bias.contiguous() if bias is not None else dummy,
         s if s is not None else dummy, bm if bm is not None else dummy,
         seed if seed is not None else dummy,
         M, N, K, R, min(TR.next_pow2(M), 8192), in_f, n_cb, per,
@@ -214,7 +214,8 @@ def qgemm(x, qw, *, trans_w: bool, out_dtype, bias=None, s=None, bm=None, scale=
     if splits > 1:
         bm_, bn_ = 16, min(64, max(16, TR.next_pow2(N)))
         splitk_epilogue_kernel[(TR.cdiv(M, bm_), TR.cdiv(N, bn_))](
-            part, y, bias if bias is not None else dummy, s if s is not None else dummy,
+            part, y, bias.contiguous() if bias is not None else dummy,
+            s if s is not None else dummy,
             bm if bm is not None else dummy, seed if seed is not None else dummy,
             M, N, R, splits, part.stride(0), y.stride(0), y.stride(1),
             s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,

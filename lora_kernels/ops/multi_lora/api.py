@@ -189,8 +189,11 @@ def multi_lora_add_(y, x, pool, adapter_ids, *, backend=None, path=None):
     ``multi_lora_linear(x, None, None, pool, ids)`` (the delta, autograd-aware) for training.
     Ids (or a plan) are validated as in :func:`multi_lora_linear`.
     """
-    x2, plan, be = _check_common(x, pool, adapter_ids, backend, path)
+    # y first: a refused call must not even leave the pool's id-check cache touched
+    if not isinstance(pool, AdapterPool):
+        raise TypeError(f"pool must be a lora_kernels.AdapterPool, got {type(pool).__name__}")
     V.float_tensor("y", y, min_ndim=1)
+    V.float_tensor("x", x, min_ndim=1)
     expect = (*x.shape[:-1], pool.out_features)
     V.shape("y", y, expect, "x's leading dims, out_features")
     if y.dtype != pool.dtype:
@@ -202,6 +205,8 @@ def multi_lora_add_(y, x, pool, adapter_ids, *, backend=None, path=None):
         raise ValueError("multi_lora_add_ is inference-only (y is updated in place without "
                          "autograd): use multi_lora_linear(x, None, None, pool, adapter_ids) "
                          "for the differentiable delta, or run under torch.no_grad()")
+    V.no_overlap("y", y)
+    x2, plan, be = _check_common(x, pool, adapter_ids, backend, path)
     if y.dim() == 2:
         y2 = y
     else:

@@ -62,7 +62,8 @@ def bgmv_(y, x, P, Q, view: PoolView, ids) -> None:
     cfg = tiles("decode", rb)
     split, per = _per_split(T, N, cfg["BLOCK_N"], x.device)
     bgmv_kernel[(T, split)](
-        x, y, P, Q, view.ranks, view.scalings, ids, K, N, P.shape[0], per,
+        # the kernel reads IDS + t (unit stride): an expanded / strided ids tensor goes contiguous
+        x, y, P, Q, view.ranks, view.scalings, ids.contiguous(), K, N, P.shape[0], per,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         P.stride(0), P.stride(1), P.stride(2), Q.stride(0), Q.stride(1), Q.stride(2),
         RB=rb, **cfg,
@@ -128,7 +129,8 @@ def prefill_fused(x, weight, bias, view: PoolView, plan: BatchPlan):
     ft = plan.fused_tiles
     y = TR.empty((T, N), x.dtype, x.device)
     sgmv_gemm_kernel[(ft.shape[1], cdiv(N, cfg["BLOCK_N"]))](
-        x, weight, bias if bias is not None else y, y, s, Bt, view.ranks, view.scalings,
+        x, weight, bias.contiguous() if bias is not None else y, y, s, Bt, view.ranks,
+        view.scalings,
         plan.perm, ft[0], ft[1], ft[2], K, N, A.shape[0],
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         s.stride(0), s.stride(1), Bt.stride(0), Bt.stride(1), Bt.stride(2),
