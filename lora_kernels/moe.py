@@ -159,22 +159,10 @@ class LoRAExperts(nn.Module):
         self.lora_B[param] = nn.Parameter(B.detach().to(w.device, w.dtype).clone())
         self.scaling[param] = s
 
-    def _gemm(self, p: str, x: torch.Tensor, plan) -> torch.Tensor:
-        base = self.base_layer
-        w = _weight_view(base, p)
-        b = getattr(base, p + "_bias", None)
-        if p in self.lora_A:
-            A, B, s = self.lora_A[p], self.lora_B[p], self.scaling[p]
-        else:   # a parameter without LoRA: rank-1 zero factors (E (in + out) numbers)
-            E, out_f, in_f = w.shape
-            A = x.new_zeros(E, 1, in_f)
-            B = x.new_zeros(E, out_f, 1)
-            s = 0.0
-        return moe_lora_linear(x, w, b, A, B, plan, s, backend=self.backend)
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        return experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        return experts_forward(self.base_layer, self.factors(), hidden_states, top_k_index,
+                               top_k_weights, backend=self.backend)
 
     def merged(self) -> nn.Module:
         """The base experts module with every LoRA folded in (``W_e + s B_e A_e`` summed in
@@ -196,11 +184,26 @@ class LoRAExperts(nn.Module):
                          for p in self.lora_A)
 
 
-def experts_forward(mod: LoRAExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor, plan=None) -> torch.Tensor:
-    """The MoE-LoRA experts computation (module docstring). ``hidden (T, H)``, ``top_k_index
-    (T, k)``, ``top_k_weights (T, k)`` -> ``(T, H)`` in hidden's dtype."""
-    base = mod.base_layer
+def _gemm(base: nn.Module, factors: Mapping, p: str, x: torch.Tensor, plan, backend):
+    w = _weight_view(base, p)
+    b = getattr(base, p + "_bias", None)
+    if p in factors:
+        A, B, s = factors[p]
+    else:   # a parameter without LoRA: rank-1 zero factors (E (in + out) numbers)
+        E, out_f, in_f = w.shape
+        A = x.new_zeros(E, 1, in_f)
+        B = x.new_zeros(E, out_f, 1)
+        s = 0.0
+    return moe_lora_linear(x, w, b, A, B, plan, s, backend=backend)
+
+
+def experts_forward(base: nn.Module, factors: Mapping, hidden: torch.Tensor,
+                    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *,
+                    backend: str | None = None) -> torch.Tensor:
+    """The MoE-LoRA experts computation (module docstring) of transformers experts module
+    ``base`` with ``factors`` ``{param: (lora_A (E, r, in), lora_B (E, out, r), scaling)}``
+    (parameters without an entry: base only). ``hidden (T, H)``, ``top_k_index (T, k)``,
+    ``top_k_weights (T, k)`` -> ``(T, H)`` in hidden's dtype."""
     E = base.gate_up_proj.shape[0]
     V.float_tensor("hidden_states", hidden, ndim=2)
     if top_k_index.dim() != 2 or top_k_index.shape[0] != hidden.shape[0]:
@@ -213,16 +216,15 @@ def experts_forward(mod: LoRAExperts, hidden: torch.Tensor, top_k_index: torch.T
     k = top_k_index.shape[1]
     ids = top_k_index.reshape(-1)
     ids = torch.where(ids == E, -1, ids)    # transformers' mask id E (expert parallel): skipped
-    if plan is None:
-        plan = expert_plan(ids, E)
+    plan = expert_plan(ids, E)
     x = hidden.unsqueeze(1).expand(T, k, H).reshape(T * k, H)   # row j = t k + i
-    h = mod._gemm("gate_up_proj", x, plan)
+    h = _gemm(base, factors, "gate_up_proj", x, plan, backend)
     if hasattr(base, "_apply_gate"):                             # gpt-oss
         a = base._apply_gate(h)
     else:
         gate, up = h.chunk(2, dim=-1)
         a = base.act_fn(gate) * up
-    o = mod._gemm("down_proj", a, plan)
+    o = _gemm(base, factors, "down_proj", a, plan, backend)
     y = (o.view(T, k, -1) * top_k_weights.to(o.dtype).unsqueeze(-1)).sum(1)
     return y.to(hidden.dtype)
 

@@ -42,9 +42,14 @@ packed NF4 codes read as they are (:meth:`lora_kernels.quant.NF4Weight.from_bnb`
 when PEFT replaces the base weight). PEFT LoRA ``Embedding`` layers over a plain
 ``nn.Embedding`` run on :func:`lora_kernels.lora_embedding` (:func:`_fused_embedding_forward`).
 Layers that are not PEFT LoRA ``Linear``s over a plain ``nn.Linear`` / ``Conv1D`` / NF4
-``Linear4bit`` or ``Embedding``s (convolution LoRA, 8-bit / GPTQ / HQQ bases,
-``target_parameters``) are left to PEFT; one warning lists them, and the adapters that will
-always fall back.
+``Linear4bit`` or ``Embedding``s (convolution LoRA, 8-bit / GPTQ / HQQ bases) are left to PEFT;
+one warning lists them, and the adapters that will always fall back.
+
+MoE (``target_parameters``): a chain of PEFT ``ParamWrapper``s over a transformers 5 experts
+module runs as one MoE block on :func:`lora_kernels.moe.experts_forward` (both expert GEMMs on
+:func:`lora_kernels.moe_lora_linear` with PEFT's factors read per expert, one routing plan)
+instead of PEFT's dense ``W + s B A`` of every expert on each forward
+(:func:`_fused_experts_forward`).
 """
 
 from __future__ import annotations
@@ -192,6 +197,46 @@ def _fused_forward(self, x, *args, **kwargs):
     return y
 
 
+def _param_chain(layer) -> tuple[list, nn.Module]:
+    """``([ParamWrapper, ...] outermost first, the wrapped module)`` of a PEFT ParamWrapper."""
+    chain = [layer]
+    while type(chain[-1].base_layer).__name__ == "ParamWrapper":
+        chain.append(chain[-1].base_layer)
+    return chain, chain[-1].base_layer
+
+
+def _fused_experts_forward(self, hidden, top_k_index=None, top_k_weights=None, *args, **kwargs):
+    """PEFT's ParamWrapper chain over a transformers experts module (``target_parameters``) on
+    :func:`lora_kernels.moe.experts_forward`: per wrapper, PEFT's ``lora_A (r E, in)`` /
+    ``lora_B (out, r E)`` read as ``(E, r, in)`` / ``(E, out, r)`` (:mod:`lora_kernels.peft_moe`;
+    gradients flow back to PEFT's parameters); ``self`` is the outermost wrapper. PEFT's own
+    forward (the dense ``W + s B A`` per expert) whenever not exactly one adapter is active per
+    wrapper, adapters are disabled or merged, dtypes differ, or extra arguments are given."""
+    from .moe import experts_forward
+    from .peft_moe import to_experts
+
+    orig = type(self).forward
+    if (args or kwargs or top_k_index is None or top_k_weights is None
+            or torch.is_autocast_enabled(hidden.device.type)):
+        return orig(self, hidden, top_k_index, top_k_weights, *args, **kwargs)
+    chain, experts = _param_chain(self)
+    factors = {}
+    for w in chain:
+        active = [a for a in w.active_adapters if a in w.lora_A]
+        if w.disable_adapters or w.merged or len(active) > 1:
+            return orig(self, hidden, top_k_index, top_k_weights)
+        if not active:
+            continue
+        a = active[0]
+        A2, B2 = w.lora_A[a].weight, w.lora_B[a].weight
+        if A2.dtype != hidden.dtype or B2.dtype != hidden.dtype or w.get_param().dtype != (
+                hidden.dtype) or w.lora_B[a].bias is not None:
+            return orig(self, hidden, top_k_index, top_k_weights)
+        factors[w.parameter_name] = (*to_experts(A2, B2, w.r[a]), float(w.scaling[a]))
+    return experts_forward(experts, factors, hidden, top_k_index, top_k_weights,
+                           backend=getattr(self, _BACKEND, None))
+
+
 def _plain_embedding(base) -> bool:
     """A plain ``nn.Embedding`` whose lookup :func:`lora_kernels.lora_embedding` reproduces (no
     forward override, no max_norm renormalisation, no gradient rescaling, dense gradients)."""
@@ -252,10 +297,18 @@ def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Modul
                         f"{type(peft_model).__name__}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {list(BACKENDS)}, got {backend!r}")
+    from .moe import is_experts
+
     L = _peft_lora()
     targets, left, partial = [], [], []
+    inner = {id(m.base_layer) for m in peft_model.modules()
+             if type(m).__name__ == "ParamWrapper"}
     for name, m in peft_model.named_modules():
         if not isinstance(m, L.LoraLayer):
+            continue
+        if type(m).__name__ == "ParamWrapper" and is_experts(_param_chain(m)[1]):
+            if id(m) not in inner:          # the outermost wrapper runs the whole chain
+                targets.append(m)
             continue
         peft_bnb4 = (type(m).__name__ == "Linear4bit"
                      and type(m).__module__ == "peft.tuners.lora.bnb")  # PEFT's CUDA QLoRA class
@@ -275,7 +328,9 @@ def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Modul
     for m in targets:
         setattr(m, _BACKEND, backend)
         if not getattr(m, _FLAG, False):
-            fwd = _fused_embedding_forward if type(m) is L.Embedding else _fused_forward
+            fwd = (_fused_embedding_forward if type(m) is L.Embedding else
+                   _fused_experts_forward if type(m).__name__ == "ParamWrapper" else
+                   _fused_forward)
             m.forward = types.MethodType(fwd, m)
             setattr(m, _FLAG, True)
     if left or partial:

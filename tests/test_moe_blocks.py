@@ -212,3 +212,29 @@ def test_bad_adapters_refused_model_unchanged(tmp_path):
     with pytest.raises(ValueError, match="lora_dropout|dropout"):
         lk.inject(base, "lora", target_parameters=TARGETS, r=2, dropout=0.1)
     unchanged(base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patch_peft_runs_param_wrappers_on_the_moe_op(arch, monkeypatch):
+    base = tiny_moe(arch)
+    pm = _peft(base, r=3, lora_alpha=5)
+    _perturb_lora(pm)
+    ids = _ids(seed=4)
+    y_ref = pm(ids).logits
+    y_ref.square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+    pm.zero_grad()
+    lk.patch_peft(pm)
+    calls = []
+    real = moe.moe_lora_linear
+    monkeypatch.setattr(moe, "moe_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y = pm(ids).logits
+    assert len(calls) == 2                        # gate_up and down of the one MoE layer
+    assert rel_err(y, y_ref) < 1e-12
+    y.square().mean().backward()
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.grad, ref[n]) < 1e-11, n
+    with pm.disable_adapter():                    # falls back to PEFT's forward
+        assert rel_err(pm(ids).logits, base(ids).logits) < 1e-12
+    lk.unpatch_peft(pm)
