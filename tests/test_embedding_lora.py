@@ -208,3 +208,26 @@ def aot_calls():
         pool.add("a", A.detach(), B.detach(), 0.5)
         lk.multi_lora_embedding(ids, W, pool, torch.tensor([0, 0, -1, 0, 0, -1, 0]),
                                 backend="triton")
+
+
+def test_layer_compiles_fullgraph_and_serves_under_inference_mode():
+    emb = torch.nn.Embedding(17, 16).to(DEVICE)
+    layer = lk.LoRAEmbedding.from_embedding(emb, r=3, alpha=6.0)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn_like(layer.lora_A))
+    ids = torch.randint(0, 17, (2, 5), device=DEVICE)
+    y = torch.compile(layer, fullgraph=True, backend="aot_eager")(ids)
+    y.square().sum().backward()
+    gA, gB = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    layer.lora_A.grad = layer.lora_B.grad = None
+    y0 = layer(ids)
+    y0.square().sum().backward()
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(gA, layer.lora_A.grad)
+    torch.testing.assert_close(gB, layer.lora_B.grad)
+    srv = lk.MultiAdapterModel(torch.nn.Sequential(emb), target_modules=["0"], max_rank=4)
+    srv.add("a", {"0": layer.as_lora()})
+    with torch.inference_mode():
+        out = srv(ids, adapters=["a", None])
+    torch.testing.assert_close(out[0], y0[0].detach())
+    torch.testing.assert_close(out[1], emb(ids[1]).detach())

@@ -144,6 +144,7 @@ def _impl(backend: str):
 def _fwd(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
          scaling: float, padding_idx: int, backend: str) -> torch.Tensor:
     """ids (T,) -> y (T, dim)."""
+    _in_range("ids", ids, 0, weight.shape[0], "the embedding's num_embeddings")
     return _impl(backend)[0](ids, weight, lora_A, lora_B, scaling)
 
 
@@ -193,6 +194,8 @@ def _multi_fwd(ids: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor, lor
                lora_Bt: torch.Tensor, scalings: torch.Tensor, rank_bound: int,
                backend: str) -> torch.Tensor:
     """Served lookup: ids, slots (T,) -> y (T, dim)."""
+    _in_range("ids", ids, 0, weight.shape[0], "the embedding's num_embeddings")
+    _in_range("slot_ids", slots, -1, lora_A.shape[0], "-1 or a pool slot")
     if backend == "torch":
         return _torch_multi(ids, slots, weight, lora_A, lora_Bt, scalings)
     return _triton_fwd_any(ids, slots, weight, lora_A, lora_Bt.transpose(1, 2), scalings, 1.0,
@@ -208,19 +211,26 @@ MULTI_LORA_EMBEDDING_OP = define_op("lora_kernels::multi_lora_embedding", _multi
 
 
 # ----------------------------------------------------------------------------- public API
-def _check_ids(name: str, ids, num_embeddings: int, device) -> torch.Tensor:
+def _check_ids(name: str, ids, device) -> torch.Tensor:
+    """Type and device of token ids; returns them flat int64 (values: :func:`_in_range`, in the
+    op)."""
     V.tensor(name, ids)
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64/int32 tensor of token ids, got {ids.dtype}")
     if ids.device != device:
         raise ValueError(f"{name} must be on {device} (the weight's device), got {ids.device}")
-    flat = ids.reshape(-1)
+    return ids.reshape(-1).to(torch.int64)
+
+
+def _in_range(name: str, flat: torch.Tensor, lo_ok: int, hi: int, what: str) -> None:
+    """Values of ``flat`` in ``[lo_ok, hi)``, else ``ValueError`` naming the range found. Called
+    by the ops' implementations (real tensors, also under torch.compile, where the op is opaque)
+    before any kernel reads memory; one host sync."""
     if flat.numel():
-        lo, hi = int(flat.min()), int(flat.max())      # one sync: bounds before any kernel read
-        if lo < 0 or hi >= num_embeddings:
-            raise ValueError(f"{name} must lie in [0, {num_embeddings}) (the embedding's "
-                             f"num_embeddings), got values in [{lo}, {hi}]")
-    return flat.to(torch.int64)
+        lo, hi_seen = int(flat.min()), int(flat.max())
+        if lo < lo_ok or hi_seen >= hi:
+            raise ValueError(f"{name} must lie in [{lo_ok}, {hi}) ({what}), got values in "
+                             f"[{lo}, {hi_seen}]")
 
 
 def _padding(padding_idx, num_embeddings: int) -> int:
@@ -263,7 +273,7 @@ def lora_embedding(ids, weight, lora_A, lora_B, scaling=1.0, *, padding_idx=None
     V.same_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
     scaling = V.scalar("scaling", scaling)
     pad = _padding(padding_idx, num)
-    flat = _check_ids("ids", ids, num, weight.device)
+    flat = _check_ids("ids", ids, weight.device)
     be = resolve_backend(backend, weight.device, "lora_embedding")
     if be != "torch" and weight.dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"weight must be float32/float16/bfloat16 for backend={be!r}, got "
@@ -291,20 +301,16 @@ def multi_lora_embedding(ids, weight, pool, slot_ids, *, backend=None):
                          "out_features embedding_dim)")
     if view.lora_A.dtype != weight.dtype:
         raise TypeError(f"pool dtype {view.lora_A.dtype} must equal weight's {weight.dtype}")
-    flat = _check_ids("ids", ids, num, weight.device)
+    flat = _check_ids("ids", ids, weight.device)
     V.tensor("slot_ids", slot_ids)
     if tuple(slot_ids.shape) != tuple(ids.shape) or slot_ids.dtype not in (torch.int64,
                                                                             torch.int32):
         raise ValueError(f"slot_ids must be an int tensor shaped like ids {tuple(ids.shape)}, "
                          f"got {slot_ids.dtype} {tuple(slot_ids.shape)}")
     slots = slot_ids.reshape(-1).to(device=weight.device, dtype=torch.int64)
-    if slots.numel():
-        lo, hi = int(slots.min()), int(slots.max())
-        if lo < -1 or hi >= view.max_adapters:
-            raise ValueError(f"slot_ids must lie in [-1, {view.max_adapters}), got values in "
-                             f"[{lo}, {hi}]")
     be = resolve_backend(backend, weight.device, "multi_lora_embedding")
     if view.rank_bound == 0:
+        _in_range("ids", flat, 0, num, "the embedding's num_embeddings")
         return F.embedding(flat, weight).reshape(*ids.shape, dim)
     y = MULTI_LORA_EMBEDDING_OP(flat, slots, weight, view.lora_A, view.lora_Bt, view.scalings,
                                 view.rank_bound, be)
