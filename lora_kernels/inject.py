@@ -175,8 +175,10 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
     if not adapter:
         raise ValueError("adapter is empty")
     check_base_weights(model, adapter)
+    from . import peft_extras
     from .moe import ExpertFactors, experts_from_adapter
 
+    extras, alora = peft_extras.inject(model, adapter, trainable)
     mods = dict(model.named_modules())
     new = experts_from_adapter(model, {k: v for k, v in adapter.items()
                                        if isinstance(v, ExpertFactors)},
@@ -215,6 +217,8 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
             raise ValueError(f"adapter[{name!r}]: the DoRA magnitude must be a float ({out_f},) "
                              f"tensor, got {getattr(mag, 'shape', type(mag).__name__)}")
         cls = LoRALinear if mag is None else DoRALinear
+        if alora is not None:
+            cls = peft_extras.ALoRALinear
         layer = cls.from_linear(mod, r, alpha=s * r, dropout=dropout, backend=backend)
         layer.scaling = float(s)  # exact (alpha / r might not round-trip to the same float)
         with torch.no_grad():
@@ -235,6 +239,11 @@ def inject_adapter(model: nn.Module, adapter: Mapping, *, dropout: float = 0.0,
             new[lm].lora_B = nn.Parameter(new[emb].lora_A.detach().t(), requires_grad=trainable)
     for name, layer in new.items():
         set_submodule(model, name, layer)
+    for name, mod in extras:       # trainable tokens, modules_to_save (peft_extras)
+        set_submodule(model, name, mod)
+    if alora is not None:
+        peft_extras.set_alora(model, alora, [m for m in new.values()
+                                             if isinstance(m, peft_extras.ALoRALinear)])
     for bias, b in copies:      # bias="all": trained biases of modules without a LoRA
         with torch.no_grad():
             bias.copy_(b.to(bias.dtype))

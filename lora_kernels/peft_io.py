@@ -21,8 +21,11 @@ The config is validated field by field against what PEFT (0.13 .. 0.21) writes f
   ``target_modules``, says which modules have an adapter);
 * fields that change what the adapter computes and that we do not implement must be unset
   (None / False / empty / their default): see :data:`UNSUPPORTED_FIELDS`; e.g.
-  ``modules_to_save``, init methods that rewrite the base weights (PiSSA, OLoRA,
+  ``layer_replication``, init methods that rewrite the base weights (PiSSA, OLoRA,
   LoftQ, CorDA);
+* ``trainable_token_indices``, ``modules_to_save``, ``alora_invocation_tokens``: read by
+  :mod:`lora_kernels.peft_extras` (the result's ``trainable_tokens`` / ``modules_to_save`` /
+  ``alora_invocation_tokens``);
 * ``fan_in_fan_out`` (GPT-2's ``Conv1D`` layout) is accepted either way: PEFT stores
   ``lora_A (r, in)`` / ``lora_B (out, r)`` for Conv1D targets too (the flag only says how the
   *base* weight is laid out, and PEFT itself overrides it per layer type), so the factors load
@@ -47,6 +50,7 @@ import torch
 from torch import nn
 
 from . import _validate as V
+from . import peft_extras
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,7 +58,8 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 
 USED_FIELDS = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-               "use_dora", "bias", "lora_bias", "target_parameters"}
+               "use_dora", "bias", "lora_bias", "target_parameters", "trainable_token_indices",
+               "modules_to_save", "alora_invocation_tokens"}
 IGNORED_FIELDS = {
     "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
@@ -63,11 +68,8 @@ IGNORED_FIELDS = {
 }
 # field -> the values that mean "not used"
 UNSUPPORTED_FIELDS = {
-    "modules_to_save": (None, []),
     "layer_replication": (None, []),
-    "trainable_token_indices": (None, [], {}),
     "use_qalora": (False, None),
-    "alora_invocation_tokens": (None, []),
     "megatron_config": (None, {}),
     "loftq_config": (None, {}),
     "corda_config": (None, {}),
@@ -118,6 +120,9 @@ class PeftAdapter(dict):
     * ``base_biases`` ``{module: (out,)}``: ``bias="lora_only" | "all"``: trained base biases
       that replace the model's (any module: a LoRA target's or, with ``"all"``, e.g. a norm's);
 
+    * ``trainable_tokens`` ``{module: TokenRows(indices (n,), rows (n, dim))}``,
+      ``modules_to_save`` ``{module: state_dict}``, ``alora_invocation_tokens`` (tuple or None):
+      see :mod:`lora_kernels.peft_extras`;
     * ``tied`` ``{lm_head module: embedding module}``: PEFT's ``ensure_weight_tying`` (the
       linear's ``lora_A`` / ``lora_B`` are the embedding's ``lora_B^T`` / ``lora_A^T``, one
       storage); :func:`lora_kernels.inject_adapter` ties them the same way.
@@ -127,6 +132,9 @@ class PeftAdapter(dict):
     lora_biases: dict
     base_biases: dict
     tied: dict
+    trainable_tokens: dict
+    modules_to_save: dict
+    alora_invocation_tokens: tuple | None
 
 
 class DoRAFactors(NamedTuple):
@@ -172,6 +180,7 @@ def validate_config(cfg) -> dict:
     if not any(init is s or (isinstance(init, str) and init == s) for s in SAFE_INITS):
         raise ValueError(f"{CONFIG_NAME}: init_lora_weights={init!r} rewrites the base model's "
                          f"weights, which this loader does not do (supported: {list(SAFE_INITS)})")
+    peft_extras.validate(cfg)
     r = cfg.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"{CONFIG_NAME}: r must be a positive int, got {r!r}")
@@ -371,7 +380,10 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
                              "refusing to pick one")
         return mod
 
+    extras = peft_extras.Parser(cfg, wfn, PREFIX)
     for key, t in tensors.items():
+        if extras.claim(key, t):
+            continue
         m = _LORA_BIAS_KEY.match(key) or _BIAS_KEY.match(key)
         if m is not None:
             kind = "lora" if key.endswith(".lora_B.bias") else "base"
@@ -470,6 +482,7 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
         else:
             out[mod] = (A, B, float(scaling))
     out.tied = _tied_pairs(out) if cfg.get("ensure_weight_tying", False) else {}
+    extras.finish(out, device, dtype)
     return out
 
 
@@ -656,6 +669,9 @@ def save_peft_adapter(model_or_dict, path, *, base_model_name_or_path: str | Non
         "fan_in_fan_out": bool(fan_in_fan_out), "use_dora": dora, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True,
     }
+    extra_tensors, extra_fields = peft_extras.to_save(model_or_dict, PREFIX, dtype)
+    tensors.update(extra_tensors)
+    cfg.update(extra_fields)
     os.makedirs(os.fspath(path), exist_ok=True)
     save_file(tensors, os.path.join(os.fspath(path), WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(os.fspath(path), CONFIG_NAME), "w", encoding="utf-8") as f:

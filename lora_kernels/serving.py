@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from . import _validate as V
+from . import peft_extras as _extras
+from . import serving_extras
 from ._backend import resolve_backend
 from .ops import qlora as _qlora
 from .ops.multi_lora import plan as _plan
@@ -91,6 +93,9 @@ class _ServingState:
         self.count: torch.Tensor | None = None     # CPU int64 (1,): distinct adapters in batch
         self.seq_names: list[str | None] = []      # one stored adapter (or None) per sequence
         self.owner: int | None = None
+        # aLoRA: per sequence None (every token) or the offset from the end where its adapter
+        # starts (serving_extras.tails); None when no aLoRA adapter is in the batch
+        self.alora_tails: list | None = None
         self._plans: dict = {}
 
     def applies(self) -> bool:
@@ -107,9 +112,12 @@ class _ServingState:
         plans = self._plans.get(key)
         if plans is None:
             ids = self.seq_ids.to(device)
-            plans = tuple(_plan.build(ids[j].repeat_interleave(per_seq), self.max_adapters,
-                                      self.count, backend=backend)
-                          for j in range(ids.shape[0]))
+            tok = [ids[j].repeat_interleave(per_seq) for j in range(ids.shape[0])]
+            if self.alora_tails is not None:    # aLoRA: tokens before the invocation -> base
+                live = _extras.alora_mask(self.alora_tails, per_seq, ids.device)
+                tok = [torch.where(live, t, -1) for t in tok]
+            plans = tuple(_plan.build(t, self.max_adapters, self.count, backend=backend)
+                          for t in tok)
             self._plans[key] = plans
         return plans
 
@@ -118,6 +126,7 @@ class _ServingState:
         self.count = None
         self.seq_names = []
         self.owner = None
+        self.alora_tails = None
         self._plans = {}
 
 
@@ -233,7 +242,8 @@ class MultiAdapterModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, target_modules, max_adapters: int = 8,
-                 max_rank: int = 64, backend: str | None = None):
+                 max_rank: int = 64, backend: str | None = None,
+                 max_extra_bytes: int | None = None):
         super().__init__()
         from ._conv1d import as_linear
         from .inject import find_linears, set_submodule
@@ -273,6 +283,12 @@ class MultiAdapterModel(nn.Module):
 
         # every stored adapter (any number) in host memory; the hot ones in the max_adapters slots
         self.store = AdapterStore({n: lay.pool for n, lay in self.layers.items()})
+        if max_extra_bytes is not None:
+            if isinstance(max_extra_bytes, bool) or not isinstance(max_extra_bytes, int) \
+                    or max_extra_bytes < 0:
+                raise ValueError(f"max_extra_bytes must be None or an int >= 0, got "
+                                 f"{max_extra_bytes!r}")
+            self.store.max_extra_bytes = max_extra_bytes
         self._sums: dict[str, list[str]] = {}     # served sums: name -> stored parts
 
     # ------------------------------------------------------------------ adapters
@@ -323,8 +339,10 @@ class MultiAdapterModel(nn.Module):
         # the store validates the dict (type, modules, every entry) before anything is written;
         # DoRA entries ((lora_A, lora_B, scaling, magnitude), from a use_dora PEFT adapter): the
         # pool stores the LoRA factors, the layer its row scale g (computed here, in low rank)
+        built = serving_extras.prepare(self, name, adapter)
         adapter, dora_g = _split_dora(adapter, self.layers)
         slot = self.store.add(name, adapter)
+        serving_extras.commit(self, name, built)
         for mod, g in dora_g.items():
             self.layers[mod].dora_g[name] = g
         for mod, d in deltas.items():
@@ -369,6 +387,9 @@ class MultiAdapterModel(nn.Module):
                 if any(p in getattr(lay, "bias_delta", {}) for lay in self.layers.values()):
                     raise ValueError(f"parts: {p!r} carries biases; summing adapters with "
                                      "biases is not supported")
+                if p in self.store.extras:
+                    raise ValueError(f"parts: {p!r} carries trainable tokens / modules_to_save / "
+                                     "aLoRA; summing such adapters is not supported")
                 if any(p in lay.dora_g for lay in self.layers.values()):
                     raise ValueError(f"parts: {p!r} is a DoRA adapter; a sum of DoRA adapters is "
                                      "not one (each rescales the base output): not supported")
@@ -451,16 +472,20 @@ class MultiAdapterModel(nn.Module):
         return torch.tensor(table, dtype=torch.int64).to(device), len(names), lease
 
     @contextlib.contextmanager
-    def using(self, adapters: Sequence[str | None]):
+    def using(self, adapters: Sequence[str | None], input_ids: torch.Tensor | None = None):
         """Select one adapter per sequence (batch dim of every served linear's input) for the
-        calls made inside the ``with`` block."""
+        calls made inside the ``with`` block. ``input_ids (batch, length)``: needed when an aLoRA
+        adapter is in the batch (its tokens start at the last invocation sequence in them; a
+        KV-cached ``generate`` keeps the prompt's offsets for every decode step, as PEFT)."""
         self._live()
         _adapter_list(adapters)
         with self._locked():
             dev = next(iter(self.layers.values())).weight.device if self.layers else "cpu"
             if self._state.seq_ids is not None:
                 raise RuntimeError("MultiAdapterModel calls do not nest")
+            tails = serving_extras.tails(self, adapters, input_ids)
             ids, distinct, lease = self._seq_ids(adapters, len(adapters), dev)
+            self._state.alora_tails = tails
             self._state.seq_ids = ids
             self._state.count = torch.tensor([distinct], dtype=torch.int64)   # CPU: no sync
             self._state.seq_names = [a if a is not None and a not in self._sums else None
@@ -493,7 +518,7 @@ class MultiAdapterModel(nn.Module):
         if len(adapters) != input_ids.shape[0]:
             raise ValueError(f"adapters must have one entry per sequence: input_ids has batch "
                              f"{input_ids.shape[0]}, got {len(adapters)} adapters")
-        with self.using(adapters):
+        with self.using(adapters, input_ids):
             return self.model(input_ids, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, adapters: Sequence[str | None], **kwargs):
@@ -507,6 +532,6 @@ class MultiAdapterModel(nn.Module):
         from .generate import expand_adapters
 
         rows = expand_adapters(self.model, input_ids, adapters, kwargs)
-        with self.using(rows):
+        with self.using(rows, input_ids.repeat_interleave(len(rows) // max(len(adapters), 1), 0)):
             return self.model.generate(input_ids, **kwargs)
 

@@ -324,6 +324,11 @@ class AdapterStore:
         # the compute stream already waited on the slot's latest load (one stream: later work is
         # ordered after it, so one wait per load suffices)
         self._waited = [True] * self.num_slots
+        # per-adapter full module copies / token rows (PEFT modules_to_save, trainable tokens:
+        # lora_kernels.serving_extras), kept on the device: name -> {"modules", "tokens",
+        # "alora", "bytes"}; their bytes are counted against max_extra_bytes (None: no limit)
+        self.extras: dict[str, dict] = {}
+        self.max_extra_bytes: int | None = None
 
     # ------------------------------------------------------------------ host side
     def __len__(self) -> int:
@@ -440,6 +445,14 @@ class AdapterStore:
             self._evict_submit(s, None)
             self._order_compute(s)
         del self._host[name]
+        self.extras.pop(name, None)
+
+    def extra_bytes(self, name: str | None = None) -> int:
+        """Bytes of the module copies / token rows of ``name`` (all adapters: None)."""
+        if name is not None:
+            self._known(name)
+            return self.extras.get(name, {}).get("bytes", 0)
+        return sum(e.get("bytes", 0) for e in self.extras.values())
 
     # ------------------------------------------------------------------ slots
     def _order_compute(self, s: int) -> None:

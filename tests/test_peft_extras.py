@@ -1,0 +1,229 @@
+"""PEFT trainable tokens, modules_to_save and aLoRA (issue 23) on tiny Llama (tied lm_head),
+Qwen2 and GPT-2 models: PEFT-made adapters load and serve in mixed batches (mixed with plain
+LoRA adapters and the base model, which PEFT's own mixed batch refuses) equal to each adapter's
+PEFT model (logits and greedy generate); files both ways; training step for step like PEFT
+(inject_adapter and patch_peft); bad ids / invocation sequences refused, nothing changed."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+import lora_kernels as lk
+
+from conftest import DEVICE
+from helpers import rel_err, snapshot, tiny_gpt2
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+INV = [7, 8]
+
+
+def _base(kind):
+    if kind == "gpt2":
+        return tiny_gpt2()
+    cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}.get(
+        kind, (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    cfg = cls[0](vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                 tie_word_embeddings=kind == "llama_tied")
+    torch.manual_seed(1)
+    return cls[1](cfg).to(DEVICE).eval()
+
+
+def _config(kind, what):
+    q, v = ("c_attn", "c_proj") if kind == "gpt2" else ("q_proj", "v_proj")
+    kw = {"tt": dict(target_modules=[q], trainable_token_indices=[3, 5, 60]),
+          "mts": dict(target_modules=[v], modules_to_save=[
+              "lm_head", "ln_f" if kind == "gpt2" else "norm"]),
+          "alora": dict(target_modules=[q, v], alora_invocation_tokens=INV,
+                        task_type="CAUSAL_LM"),
+          "plain": dict(target_modules=[v])}[what]
+    return peft.LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=kind == "gpt2", **kw)
+
+
+def _peft(base, kind, what, seed):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), _config(kind, what))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "trainable_tokens_delta" in n or "modules_to_save" in n:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * 0.3)
+    return pm.eval()
+
+
+def _save(pm, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(path))
+    return str(path)
+
+
+def _ids():
+    """Rows: tokens 3 / 5 / 60 (trainable) present; row 3 holds the invocation twice (the
+    last one counts), row 5 none (its aLoRA stays off), row 0 once."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(9, 64, (6, 9), generator=g)
+    ids[:, 1], ids[0, 4], ids[2, 0] = 3, 60, 5
+    ids[0, 6:8] = torch.tensor(INV)
+    ids[3, 2:4] = torch.tensor(INV)
+    ids[3, 5:7] = torch.tensor(INV)
+    return ids.to(DEVICE)
+
+
+KINDS = ["llama_tied", "qwen2", "gpt2"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_served_in_mixed_batch_like_each_peft_model(kind, tmp_path):
+    base = _base(kind)
+    whats = ["tt", "mts", "alora", "plain"]
+    pms = {w: _peft(base, kind, w, seed=10 + i) for i, w in enumerate(whats)}
+    q, v = ("c_attn", "c_proj") if kind == "gpt2" else ("q_proj", "v_proj")
+    srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=[q, v], max_rank=8)
+    for w, pm in pms.items():
+        srv.load_peft(w, _save(pm, tmp_path / w))
+    assert srv.store.extra_bytes("mts") > 64 * 32 * 4 and srv.store.extra_bytes("plain") == 0
+    names = ["alora", "tt", None, "alora", "mts", "alora"]
+    ids = _ids()
+    with torch.no_grad():
+        out = srv(ids, adapters=names).logits
+        for b, n in enumerate(names):
+            ref = (pms[n] if n else base)(ids[b:b + 1]).logits
+            assert rel_err(out[b:b + 1], ref) < 1e-5, (kind, b, n)
+            if n and b != 5:
+                assert rel_err(base(ids[b:b + 1]).logits, ref) > 1e-3, (b, n)  # it matters
+        # aLoRA: row 3's adapter starts at its last invocation (position 5), row 5 has none
+        ref3 = pms["alora"](ids[3:4]).logits
+        assert rel_err(base(ids[3:4]).logits[:, :5], ref3[:, :5]) < 1e-5
+        assert rel_err(out[5:6], base(ids[5:6]).logits) < 1e-6
+        gen = srv.generate(ids, adapters=names, max_new_tokens=4, do_sample=False,
+                           pad_token_id=0)
+        for b, n in enumerate(names):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = (pms[n] if n else base).generate(input_ids=ids[b:b + 1], max_new_tokens=4,
+                                                       do_sample=False, pad_token_id=0)
+            assert torch.equal(gen[b:b + 1], ref), (kind, b, n)
+    srv.remove("mts")
+    assert srv.store.extra_bytes() == srv.store.extra_bytes("tt") > 0
+    model = srv.unload()
+    assert type(model.lm_head) is torch.nn.Linear and not any(
+        "Serving" in type(m).__name__ for m in model.modules())
+
+
+def test_files_both_ways(tmp_path):
+    base = _base("llama_tied")
+    ids = _ids()
+    for what in ("tt", "mts", "alora"):
+        pm = _peft(base, "llama_tied", what, seed=4)
+        ad = lk.load_peft_adapter(_save(pm, tmp_path / what))
+        lk.save_peft_adapter(ad, tmp_path / f"{what}_ours")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            back = peft.PeftModel.from_pretrained(copy.deepcopy(base),
+                                                  str(tmp_path / f"{what}_ours")).eval()
+        with torch.no_grad():
+            assert rel_err(back(ids).logits, pm(ids).logits) < 1e-6, what
+        again = lk.load_peft_adapter(tmp_path / f"{what}_ours")
+        assert again.alora_invocation_tokens == ad.alora_invocation_tokens
+        assert set(again.trainable_tokens) == set(ad.trainable_tokens)
+        assert set(again.modules_to_save) == set(ad.modules_to_save)
+
+
+def test_memory_limit_and_bad_input_refused(tmp_path):
+    base = _base("llama_tied")
+    path = _save(_peft(base, "llama_tied", "mts", seed=1), tmp_path / "m")
+    srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=["v_proj"],
+                               max_extra_bytes=1000)
+    before = snapshot(srv)
+    with pytest.raises(ValueError, match="max_extra_bytes=1000"):
+        srv.load_peft("m", path)
+    assert snapshot(srv) == before and srv.adapters() == []
+    # token ids out of the vocabulary; an invocation sequence longer than the context
+    for what, field, value, msg in (
+            ("tt", "trainable_token_indices", [3, 5, 99], "out of range"),
+            ("alora", "alora_invocation_tokens", [7] * 65, "longer than the model's context")):
+        p = _save(_peft(base, "llama_tied", what, seed=2), tmp_path / what)
+        cfg = json.load(open(f"{p}/adapter_config.json"))
+        cfg[field] = value
+        json.dump(cfg, open(f"{p}/adapter_config.json", "w"))
+        ad = lk.load_peft_adapter(p)
+        model = copy.deepcopy(base)
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=f"{field}.*{msg}|{msg}"):
+            lk.inject_adapter(model, ad)
+        assert snapshot(model) == before
+        srv = lk.MultiAdapterModel(model, target_modules=["q_proj", "v_proj"])
+        before = snapshot(srv)
+        with pytest.raises(ValueError, match=field):
+            srv.add(what, ad)
+        assert snapshot(srv) == before and srv.adapters() == []
+    # still refused: fields we do not implement
+    p = tmp_path / "tt"
+    cfg = json.load(open(p / "adapter_config.json"))
+    cfg["layer_replication"] = [[0, 1]]
+    json.dump(cfg, open(p / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match="layer_replication"):
+        lk.load_peft_adapter(p)
+
+
+def _train(model, params, steps=3):
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 64, (3, 9), generator=g)
+        ids[:, 1] = 3
+        ids[step % 3, 4:6] = torch.tensor(INV)
+        ids = ids.to(DEVICE)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("kind,what", [("llama_tied", "tt"), ("gpt2", "tt"), ("qwen2", "mts"),
+                                       ("llama_tied", "alora"), ("gpt2", "alora")])
+@pytest.mark.parametrize("how", ["inject_adapter", "patch_peft"])
+def test_trains_step_for_step_like_peft(kind, what, how, tmp_path):
+    base = _base(kind)
+    pm = _peft(base, kind, what, seed=3).train()
+    path = _save(pm, tmp_path / "a")
+    if how == "patch_peft":
+        ours = copy.deepcopy(pm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lk.patch_peft(ours)
+    else:
+        ours = copy.deepcopy(base).requires_grad_(False)
+        lk.inject_adapter(ours, lk.load_peft_adapter(path))
+        ours.train()
+    params = [p for p in ours.parameters() if p.requires_grad]
+    ref_params = [p for p in pm.parameters() if p.requires_grad]
+    assert len(params) == len(ref_params)
+    l_ref, l_ours = _train(pm, ref_params), _train(ours, params)
+    assert max(abs(a - b) for a, b in zip(l_ref, l_ours)) < 1e-4, (l_ref, l_ours)
+    _save(pm, tmp_path / "ref")
+    if how == "patch_peft":
+        _save(ours, tmp_path / "ours")
+    else:
+        lk.save_peft_adapter(ours, tmp_path / "ours")
+    a, b = (lk.load_peft_adapter(tmp_path / d) for d in ("ref", "ours"))
+    assert set(a) == set(b) and a.alora_invocation_tokens == b.alora_invocation_tokens
+    for mod in a:
+        assert rel_err(b[mod][0], a[mod][0]) < 1e-4 and rel_err(b[mod][1], a[mod][1]) < 1e-4
+    for mod, (idx, rows) in a.trainable_tokens.items():
+        assert torch.equal(b.trainable_tokens[mod].indices, idx)
+        assert rel_err(b.trainable_tokens[mod].rows, rows) < 1e-4
+    assert set(a.modules_to_save) == set(b.modules_to_save)
+    for mod, sd in a.modules_to_save.items():
+        for k, t in sd.items():
+            assert rel_err(b.modules_to_save[mod][k], t) < 1e-4, (mod, k)
