@@ -421,6 +421,10 @@ class ALoRALinear(LoRALinear):
 
     alora_state: ALoRAState | None = None
 
+    def merged(self) -> nn.Linear:
+        raise ValueError("an aLoRA layer cannot be merged (its delta depends on the tokens' "
+                         "positions; PEFT refuses too)")
+
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         st = self.alora_state
         batch, T = x.shape[0], (x.shape[1] if x.dim() == 3 else 1)
@@ -462,3 +466,36 @@ def set_alora(model: nn.Module, tokens, layers) -> ALoRAState:
                 st.pinned = False
         model.generate = generate
     return st
+
+
+def patched_alora(layer, x: torch.Tensor, offsets, W, adapter: str, backend):
+    """:func:`lora_kernels.patch_peft`'s forward of a PEFT LoRA ``Linear`` whose one active
+    ``adapter`` is aLoRA (``ALoraLinearVariant``): PEFT's mask (``offsets`` per row, None: off;
+    the last ``min(offset, T)`` tokens of each row) with the fused op on the adapter's rows and
+    the base ``F.linear`` elsewhere; None when the fused op does not apply (then PEFT runs)."""
+    from .ops.lora import lora_linear
+
+    v = (getattr(layer, "lora_variant", {}) or {}).get(adapter)
+    if v is None or getattr(v, "__name__", type(v).__name__) != "ALoraLinearVariant":
+        return None
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    b = layer.base_layer.bias
+    if (not isinstance(W, torch.Tensor) or layer.lora_B[adapter].bias is not None
+            or any(t is not None and t.dtype != x.dtype for t in (A, B, W, b))):
+        return None
+    batch, T = x.shape[0], (x.shape[1] if x.dim() == 3 else 1)
+    y = F.linear(x, W, b)
+    if offsets is None:
+        return y
+    if len(offsets) != batch:
+        return None
+    live = alora_mask([0 if o is None else o for o in offsets], T, x.device)
+    idx = live.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return y
+    d = layer.lora_dropout[adapter]
+    p = float(d.p) if isinstance(d, nn.Dropout) and d.training else 0.0
+    x2 = x.reshape(-1, x.shape[-1])
+    sub = lora_linear(x2.index_select(0, idx), W, b, A, B, float(layer.scaling[adapter]), p,
+                      backend=backend)
+    return y.reshape(-1, y.shape[-1]).index_copy(0, idx, sub).view(y.shape)

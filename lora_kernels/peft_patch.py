@@ -142,8 +142,10 @@ def _fused_forward(self, x, *args, **kwargs):
     from .ops.lora import lora_linear
 
     orig = type(self).forward
-    if (args or kwargs or self.disable_adapters or self.merged
-            or torch.is_autocast_enabled(x.device.type)):
+    # aLoRA: PEFT passes alora_offsets to every LoRA layer (ignored by non-aLoRA adapters)
+    alora = bool(kwargs) and set(kwargs) == {"alora_offsets"}
+    if ((args or kwargs) and not alora) or self.disable_adapters or self.merged \
+            or torch.is_autocast_enabled(x.device.type):
         return orig(self, x, *args, **kwargs)
     active = [a for a in self.active_adapters if a in self.lora_A]
     base = self.base_layer
@@ -153,8 +155,17 @@ def _fused_forward(self, x, *args, **kwargs):
     lora_bias = getattr(self, "lora_bias", {}) or {}
     W = _base_weight(self)   # Conv1D: the (out, in) view; bnb 4-bit: the wrapped NF4 codes
     if W is None:
-        return orig(self, x)
+        return orig(self, x, **kwargs)
     b = base.bias
+    if alora:
+        from .peft_extras import patched_alora
+
+        y = (patched_alora(self, x, kwargs["alora_offsets"], W, active[0],
+                           getattr(self, _BACKEND)) if len(active) == 1 else None)
+        if y is not None:
+            return y
+        if any(a in variants for a in active):
+            return orig(self, x, **kwargs)
     # DoRA: fused only as the one active adapter (PEFT feeds a second adapter's DoRA term the
     # running result, earlier adapters included, as its "base" output)
     dora = len(active) == 1 and _is_dora(self, active[0])

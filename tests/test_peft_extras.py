@@ -193,8 +193,13 @@ def _train(model, params, steps=3):
 @pytest.mark.parametrize("kind,what", [("llama_tied", "tt"), ("gpt2", "tt"), ("qwen2", "mts"),
                                        ("llama_tied", "alora"), ("gpt2", "alora")])
 @pytest.mark.parametrize("how", ["inject_adapter", "patch_peft"])
-def test_trains_step_for_step_like_peft(kind, what, how, tmp_path):
+def test_trains_step_for_step_like_peft(kind, what, how, tmp_path, monkeypatch):
     base = _base(kind)
+    fused = []
+    real = lk.peft_extras.patched_alora
+    monkeypatch.setattr(lk.peft_extras, "patched_alora",
+                        lambda *a, **k: (lambda y: (fused.append(y is not None), y)[1])(
+                            real(*a, **k)))
     pm = _peft(base, kind, what, seed=3).train()
     path = _save(pm, tmp_path / "a")
     if how == "patch_peft":
@@ -211,6 +216,8 @@ def test_trains_step_for_step_like_peft(kind, what, how, tmp_path):
     assert len(params) == len(ref_params)
     l_ref, l_ours = _train(pm, ref_params), _train(ours, params)
     assert max(abs(a - b) for a, b in zip(l_ref, l_ours)) < 1e-4, (l_ref, l_ours)
+    if how == "patch_peft" and what == "alora":     # aLoRA layers ran on the fused op
+        assert fused and all(fused)
     _save(pm, tmp_path / "ref")
     if how == "patch_peft":
         _save(ours, tmp_path / "ours")
