@@ -170,8 +170,8 @@ def test_bad_input_raises_before_reading():
 def test_opcheck(backend):
     M, i, o, r, E = 9, 6, 5, 2, 3
     ids = torch.tensor([0, 2, -1, 2, 1, 0, -1, 0, 2], device=DEVICE)
-    opcheck(torch.ops.lora_kernels.moe_plan.default, (ids, E))
-    order, offsets = ML.PLAN_OP(ids, E)
+    opcheck(torch.ops.lora_kernels.moe_plan.default, (ids, E, "expert_ids"))
+    order, offsets = ML.PLAN_OP(ids, E, "expert_ids")
     x, w, b = randn(M, i), randn(E, o, i), randn(E, o)
     A, B = randn(E, r, i, requires_grad=True), randn(E, o, r, requires_grad=True)
     opcheck(torch.ops.lora_kernels.moe_lora_fwd.default,
@@ -304,7 +304,7 @@ def test_quantized_opcheck_and_compile():
     M, i, o, r, E = 7, 64, 5, 2, 3
     q = _qexperts(randn(E, o, i), 0)
     ids = torch.tensor([0, 2, -1, 2, 1, 0, 1], device=DEVICE)
-    order, offsets = ML.PLAN_OP(ids, E)
+    order, offsets = ML.PLAN_OP(ids, E, "expert_ids")
     x, b = randn(M, i), randn(E, o)
     A, B = randn(E, r, i, requires_grad=True), randn(E, o, r, requires_grad=True)
     ts, meta = q.tensors(), q.meta()
@@ -419,8 +419,9 @@ def test_lora_ids_equal_to_expert_ids_is_the_default():
 def test_lora_ids_opcheck():
     M, i, o, r, E, L = 9, 6, 5, 2, 3, 4
     ids = torch.tensor([0, 2, -1, 2, 1, 0, -1, 0, 2], device=DEVICE)
-    order, offsets = ML.PLAN_OP(ids, E)
-    lorder, loffsets = ML.PLAN_OP(torch.tensor([3, 0, -1, -1, 1, 3, -1, 2, 2], device=DEVICE), L)
+    order, offsets = ML.PLAN_OP(ids, E, "expert_ids")
+    lorder, loffsets = ML.PLAN_OP(torch.tensor([3, 0, -1, -1, 1, 3, -1, 2, 2], device=DEVICE), L,
+                                  "lora_ids")
     x, w, b = randn(M, i), randn(E, o, i), randn(E, o)
     A, B = randn(L, r, i), randn(L, o, r)
     opcheck(torch.ops.lora_kernels.moe_lora_fwd.default,
@@ -457,3 +458,27 @@ def test_static_moe_profile_is_current():
     assert not check_rows(doc["rows"])
     assert {r["kernel"] for r in doc["rows"]} == {"moe_shrink_kernel", "moe_gemm_kernel",
                                                   "moe_seg_tn_kernel"}
+
+
+def test_lora_ids_compile_fullgraph():
+    """lora_ids under torch.compile(fullgraph=True): one graph, equal to eager; a bad factor id
+    still raises ValueError naming lora_ids (checked inside the plan op)."""
+    torch._dynamo.reset()
+    M, i, o, r, E, L = 10, 6, 5, 2, 3, 6
+    x, w = randn(M, i), randn(E, o, i)
+    A, B = randn(L, r, i, requires_grad=True), randn(L, o, r, requires_grad=True)
+    ids = torch.tensor([0, 2, -1, 2, 1, 0, -1, 0, 2, 1], device=DEVICE)
+    lids = torch.tensor([3, 5, 1, -1, 4, 0, -1, 3, 2, 4], device=DEVICE)
+    f = lambda x, A, B, ids, lids: lk.moe_lora_linear(x, w, None, A, B, ids, 0.5,  # noqa: E731
+                                                      lora_ids=lids)
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y = cf(x, A, B, ids, lids)
+    y.square().sum().backward()
+    gA = A.grad.clone()
+    A.grad = None
+    y0 = f(x, A, B, ids, lids)
+    y0.square().sum().backward()
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(gA, A.grad)
+    with pytest.raises(ValueError, match="lora_ids"):
+        cf(x, A, B, ids, torch.full((M,), L, device=DEVICE))

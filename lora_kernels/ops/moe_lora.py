@@ -94,9 +94,12 @@ def check_expert_ids(name: str, ids: torch.Tensor, num_experts: int) -> None:
                          f"(row skipped) or an expert in [0, {num_experts})")
 
 
-def _plan_op(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(order (M,), offsets (E+1,))`` int64 of checked ``expert_ids`` (:class:`ExpertPlan`)."""
-    check_expert_ids("expert_ids", expert_ids, num_experts)
+def _plan_op(expert_ids: torch.Tensor, num_experts: int,
+             name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order (M,), offsets (E+1,))`` int64 of ``expert_ids`` (:class:`ExpertPlan`), checked
+    first (a bad id raises ValueError naming ``name``; inside the op, so a compiled caller keeps
+    one graph)."""
+    check_expert_ids(name, expert_ids, num_experts)
     key = torch.where(expert_ids < 0, num_experts, expert_ids).long()
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
@@ -105,7 +108,7 @@ def _plan_op(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     return order, offsets
 
 
-def _plan_fake(expert_ids, num_experts):
+def _plan_fake(expert_ids, num_experts, name):
     M = expert_ids.shape[0]
     return (expert_ids.new_empty(M, dtype=torch.int64),
             expert_ids.new_empty(num_experts + 1, dtype=torch.int64))
@@ -114,11 +117,12 @@ def _plan_fake(expert_ids, num_experts):
 PLAN_OP = define_op("lora_kernels::moe_plan", _plan_op, fake=_plan_fake)
 
 
-def expert_plan(expert_ids, num_experts: int) -> ExpertPlan:
+def expert_plan(expert_ids, num_experts: int, *, name: str = "expert_ids") -> ExpertPlan:
     """Check ``expert_ids`` ((M,) int32/int64 tensor or list of ints; each ``-1`` or in
     ``[0, num_experts)``) and group its rows by expert: an :class:`ExpertPlan`.
 
-    Raises ``TypeError``/``ValueError`` naming the argument (the first bad id and its row)."""
+    Raises ``TypeError``/``ValueError`` naming the argument (``name``; the first bad id and its
+    row)."""
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
     if isinstance(expert_ids, (list, tuple)):
@@ -130,7 +134,7 @@ def expert_plan(expert_ids, num_experts: int) -> ExpertPlan:
         raise TypeError(f"expert_ids must have dtype int32 or int64, got {expert_ids.dtype}")
     if expert_ids.dim() != 1:
         raise ValueError(f"expert_ids must be 1-D (M,), got shape {tuple(expert_ids.shape)}")
-    order, offsets = PLAN_OP(expert_ids, num_experts)
+    order, offsets = PLAN_OP(expert_ids, num_experts, name)
     return ExpertPlan(expert_ids, order, offsets, num_experts)
 
 
@@ -634,8 +638,8 @@ def _lora_plan(lora_ids, plan: ExpertPlan, num_factors: int) -> ExpertPlan:
         if lp.num_experts != num_factors:
             raise ValueError(f"lora_ids is an ExpertPlan over {lp.num_experts} factor sets, but "
                              f"lora_A has L={num_factors}")
-        if lp.num_rows != plan.num_rows or bool(((plan.expert_ids < 0)
-                                                 & (lp.expert_ids >= 0)).any()):
+        if lp.num_rows != plan.num_rows or (not torch.compiler.is_compiling() and bool(
+                ((plan.expert_ids < 0) & (lp.expert_ids >= 0)).any())):
             raise ValueError("lora_ids (an ExpertPlan) must have one id per row and -1 on every "
                              "row whose expert id is -1")
         return lp
@@ -648,9 +652,10 @@ def _lora_plan(lora_ids, plan: ExpertPlan, num_factors: int) -> ExpertPlan:
     if tuple(lora_ids.shape) != (plan.num_rows,):
         raise ValueError(f"lora_ids must have shape ({plan.num_rows},) (one id per row of x), "
                          f"got {tuple(lora_ids.shape)}")
-    check_expert_ids("lora_ids", lora_ids, num_factors)
     eff = torch.where(plan.expert_ids.to(lora_ids.device) < 0, -1, lora_ids)
-    return expert_plan(eff, num_factors)
+    if not torch.compiler.is_compiling():   # name the row of the caller's ids (the plan op
+        check_expert_ids("lora_ids", lora_ids, num_factors)   # checks eff under compile)
+    return expert_plan(eff, num_factors, name="lora_ids")
 
 
 def moe_lora_linear(x, weight, bias, lora_A, lora_B, expert_ids, scaling=1.0, *, lora_ids=None,

@@ -103,7 +103,8 @@ def test_all_kernels_compile_with_triton_3_6(py36, tmp_path):
         "gemm_lowrank_kernel", "tn_kernel", "glora_gemm_kernel", "bgmv_kernel", "sgmv_kernel",
         "seg_tn_kernel", "sgmv_gemm_kernel", "gemm_lowrank_tma_kernel", "keep_mask_kernel",
         "qgemm_lowrank_kernel", "splitk_epilogue_kernel", "embedding_lora_fwd_kernel",
-        "embedding_lora_dyb_kernel", "embedding_lora_db_kernel"}
+        "embedding_lora_dyb_kernel", "embedding_lora_db_kernel", "moe_shrink_kernel",
+        "moe_gemm_kernel", "moe_seg_tn_kernel"}
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(launches, default=str))
     proc = subprocess.run([str(py36), str(HERE / "aot_tools.py"), "compile", str(path),
