@@ -58,10 +58,13 @@ def lora_inner(a, b) -> float:
 def lora_cosine(a, b) -> float:
     """Frobenius cosine of two LoRA deltas, ``<dW_a, dW_b> / (|dW_a| |dW_b|)``, computed from
     r x r Gram products in float64 (O(r^2 (in + out)) work, no out x in matrix). Returns 0.0 when
-    either delta is exactly zero (e.g. a freshly initialised LoRA with B = 0)."""
+    either delta is exactly zero (e.g. a freshly initialised LoRA with B = 0), NaN when either
+    has a non-finite entry (never a clamped 1.0)."""
     ab = lora_inner(a, b)
     na = lora_inner(a, a)
     nb = lora_inner(b, b)
+    if not (math.isfinite(ab) and math.isfinite(na) and math.isfinite(nb)):
+        return math.nan
     if na <= 0.0 or nb <= 0.0:
         return 0.0
     return max(-1.0, min(1.0, ab / math.sqrt(na * nb)))

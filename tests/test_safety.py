@@ -675,3 +675,65 @@ def test_triton_offsets_past_2_31(tmp_path):
     L.copy_(torch.randn(6, 4))
     R = torch.randn(6, 3)
     torch.testing.assert_close(tn(L, R), L.clone().t() @ R, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ smaller items (8)
+def test_lora_cosine_of_nan_adapter_is_nan():
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    An = A.clone()
+    An[0, 0] = float("nan")
+    assert np.isnan(lk.lora_cosine((An, B, 1.0), (A, B, 1.0)))
+    Ai = A.clone()
+    Ai[1, 3] = float("inf")
+    assert np.isnan(lk.lora_cosine((Ai, B, 1.0), (A, B, 1.0)))
+    assert lk.lora_cosine((A, B, 1.0), (A, B, 2.0)) == pytest.approx(1.0)
+
+
+def test_dora_linear_float64():
+    from lora_kernels.reference import dora as rd
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.float64
+    x = torch.randn(5, 12, dtype=d, generator=g, requires_grad=True)
+    w = torch.randn(7, 12, dtype=d, generator=g)
+    A = torch.randn(3, 12, dtype=d, generator=g, requires_grad=True)
+    B = torch.randn(7, 3, dtype=d, generator=g, requires_grad=True)
+    m = (torch.rand(7, dtype=d, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(7, dtype=d, generator=g)
+    y = lk.dora_linear(x, w, b, A, B, m, 0.7, backend="torch")
+    assert y.dtype == d
+    leaves = [x, A, B, m]
+    got = torch.autograd.grad(y.sum(), leaves)
+    ref = rd.dora_linear(x, w, b, A, B, m, 0.7)
+    # the row scale g = m / ||W + s B A|| is fp32 for every dtype (ops.dora): fp32 accuracy
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for gg, rr in zip(got, torch.autograd.grad(ref.sum(), leaves)):
+        torch.testing.assert_close(gg, rr, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_from_float_non_finite_row_refused(bad):
+    from lora_kernels.quant import Int8Weight
+
+    w = torch.randn(6, 16)
+    w[3, 5] = bad
+    with pytest.raises(ValueError, match=r"w has non-finite.*\[3\]"):
+        Int8Weight.from_float(w)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lora_linear_scaling_zero_propagates_nan_factors(backend):
+    """One semantics for every backend and PEFT (``result + lora_B(lora_A(x)) * scaling``):
+    NaN factors with scaling 0 give NaN (0 * NaN), they are not masked."""
+    if backend == "triton":
+        _interp()
+    x, w = torch.randn(3, 16), torch.randn(6, 16)
+    A, B = torch.randn(2, 16), torch.randn(6, 2)
+    A[0, 0] = float("nan")
+    y = lk.lora_linear(x, w, None, A, B, 0.0, backend=backend)
+    peft_like = x @ w.t() + ((x @ A.t()) @ B.t()) * 0.0
+    assert torch.equal(torch.isnan(y), torch.isnan(peft_like))
+    assert torch.isnan(y).all()
+    A[0, 0] = 1.0
+    y = lk.lora_linear(x, w, None, A, B, 0.0, backend=backend)
+    torch.testing.assert_close(y, x @ w.t())

@@ -83,8 +83,11 @@ from .weights import dense_weight
 
 # ----------------------------------------------------------------------------- the weight norm
 def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
-    """``||W_j||^2`` per output row, fp32 (out,) -- computed once per frozen base."""
-    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+    """``||W_j||^2`` per output row, fp32 (out,) -- computed once per frozen base (a float64
+    weight: in float64, then rounded; vector_norm does not narrow). Like the row scale ``g``,
+    the norms are fp32 for every dtype: a float64 DoRA call is fp32-accurate in ``g``."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square().float()
 
 
 def dora_norm(weight, lora_A, lora_B, scaling: float, wsq: torch.Tensor | None = None,

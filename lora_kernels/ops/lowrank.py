@@ -76,7 +76,11 @@ def torch_fwd(x2, weight, bias, A, B, scaling, p, seed):
     xd = x2 if p == 0.0 else x2 * torch_keep_mask(seed, x2.shape, p, x2.device) / (1.0 - p)
     s = F.linear(xd, A)
     # in place on the fresh base output: one (T, out) buffer, scaling folded into addmm's alpha
-    y = F.linear(x2, weight, bias).addmm_(s, B.t(), alpha=scaling)
+    y = F.linear(x2, weight, bias)
+    if scaling != 0.0:
+        y.addmm_(s, B.t(), alpha=scaling)
+    else:   # addmm's alpha=0 skips the product (BLAS): NaN/inf factors propagate, as in PEFT
+        y.add_((s @ B.t()).mul_(0.0))
     return y, s.float()
 
 

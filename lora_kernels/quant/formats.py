@@ -374,10 +374,17 @@ class Int8Weight(QuantizedWeight):
     @classmethod
     def from_float(cls, w, dtype=None) -> Int8Weight:
         """``scale[o] = max_i |w[o, i]| / 127``; ``q = round(w / scale)`` (a zero row keeps
-        scale 1 and q = 0)."""
+        scale 1 and q = 0). ValueError for a non-finite entry (int8 has no NaN/inf: a NaN row
+        would otherwise be stored as scale 1, q = round(w), silently finite)."""
         w = _float_weight(w)
         dtype = _compute_dtype(dtype, w.dtype if w.dtype != torch.float64 else torch.float32)
         wf = w.float()
+        bad = ~torch.isfinite(wf).all(dim=1)
+        if bad.any():
+            rows = bad.nonzero().flatten()[:5].tolist()
+            raise ValueError(f"w has non-finite entries (NaN/inf; in float32) in rows {rows}"
+                             f"{'...' if int(bad.sum()) > 5 else ''}: int8 cannot represent "
+                             "them")
         amax = wf.abs().amax(dim=1)
         scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         q = torch.clamp(torch.round(wf / scale[:, None]), -127, 127).to(torch.int8)
