@@ -27,6 +27,7 @@ columns for those ids recomputed from them (``y[..., ids] = x rows^T``).
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -438,33 +439,39 @@ class ALoRALinear(LoRALinear):
         return y.reshape(-1, self.out_features).index_copy(0, idx, sub.to(y.dtype)).view(y.shape)
 
 
+def _alora_pre_hook(model, args, kwargs):
+    st = model.lora_kernels_alora_state
+    if not st.pinned:
+        st.set_from(kwargs.get("input_ids", args[0] if args else None))
+
+
+def _alora_generate(model, *args, **kwargs):
+    """``generate`` of a model :func:`set_alora` made: offsets from the prompt for every step."""
+    st = model.lora_kernels_alora_state
+    if (kwargs.get("num_beams") or 1) > 1:
+        raise ValueError("num_beams: beam search is not supported with aLoRA (as PEFT)")
+    st.set_from(kwargs.get("input_ids", args[0] if args else None))
+    st.pinned = True
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        st.pinned = False
+
+
 def set_alora(model: nn.Module, tokens, layers) -> ALoRAState:
     """Make ``layers`` (:class:`ALoRALinear`) of ``model`` aLoRA with invocation ``tokens``: a
     forward pre-hook on ``model`` computes the offsets from each call's ``input_ids`` (no
     ``input_ids``: the adapter stays off, as PEFT), and ``model.generate`` computes them once
-    from the prompt for every step, as PEFT's ``generate``."""
+    from the prompt for every step, as PEFT's ``generate``. The state is an attribute of the
+    model and its layers (``copy.deepcopy`` of the model gets its own)."""
     st = ALoRAState(tokens)
     for m in layers:
         m.alora_state = st
     model.lora_kernels_alora = st.tokens
-
-    def pre(mod, args, kwargs):
-        if not st.pinned:
-            st.set_from(kwargs.get("input_ids", args[0] if args else None))
-
-    model.register_forward_pre_hook(pre, with_kwargs=True)
-    gen = getattr(model, "generate", None)
-    if gen is not None:
-        def generate(*args, **kwargs):
-            if kwargs.get("num_beams", 1) > 1:
-                raise ValueError("num_beams: beam search is not supported with aLoRA (as PEFT)")
-            st.set_from(kwargs.get("input_ids", args[0] if args else None))
-            st.pinned = True
-            try:
-                return gen(*args, **kwargs)
-            finally:
-                st.pinned = False
-        model.generate = generate
+    model.lora_kernels_alora_state = st
+    model.register_forward_pre_hook(_alora_pre_hook, with_kwargs=True)
+    if hasattr(type(model), "generate"):
+        model.generate = types.MethodType(_alora_generate, model)
     return st
 
 

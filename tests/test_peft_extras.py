@@ -110,6 +110,9 @@ def test_served_in_mixed_batch_like_each_peft_model(kind, tmp_path):
                 ref = (pms[n] if n else base).generate(input_ids=ids[b:b + 1], max_new_tokens=4,
                                                        do_sample=False, pad_token_id=0)
             assert torch.equal(gen[b:b + 1], ref), (kind, b, n)
+    with pytest.raises(ValueError, match="input_ids"):    # aLoRA needs the tokens
+        with srv.using(names):
+            pass
     srv.remove("mts")
     assert srv.store.extra_bytes() == srv.store.extra_bytes("tt") > 0
     model = srv.unload()
@@ -218,6 +221,15 @@ def test_trains_step_for_step_like_peft(kind, what, how, tmp_path, monkeypatch):
     assert max(abs(a - b) for a, b in zip(l_ref, l_ours)) < 1e-4, (l_ref, l_ours)
     if how == "patch_peft" and what == "alora":     # aLoRA layers ran on the fused op
         assert fused and all(fused)
+    if how == "inject_adapter" and what == "alora":  # generate: the prompt's offsets each step
+        ids = _ids()[[0, 3, 5]]
+        pm.eval(), ours.eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = pm.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            for m in (ours, copy.deepcopy(ours)):
+                assert torch.equal(m.generate(input_ids=ids, max_new_tokens=4, do_sample=False,
+                                              pad_token_id=0), want)
     _save(pm, tmp_path / "ref")
     if how == "patch_peft":
         _save(ours, tmp_path / "ours")
