@@ -231,3 +231,26 @@ def test_layer_compiles_fullgraph_and_serves_under_inference_mode():
         out = srv(ids, adapters=["a", None])
     torch.testing.assert_close(out[0], y0[0].detach())
     torch.testing.assert_close(out[1], emb(ids[1]).detach())
+
+
+def test_triton_gather_offsets_past_2_31(tmp_path):
+    """64-bit offsets: a table whose rows lie 2^30 elements apart (rows 2, 3 start beyond 2^31:
+    a 128k x 16k-sized stride) is gathered right by the forward and the served kernel (int32
+    ``ids * stride`` would wrap); a sparse file holds the few touched pages (interpreted)."""
+    if "triton" not in _backends() or DEVICE.type != "cpu":
+        pytest.skip("interpreter test (TRITON_INTERPRET=1, CPU)")
+    big = 1 << 30
+    fn = tmp_path / "sparse.bin"
+    with open(fn, "wb") as f:
+        f.truncate((3 * big + 64) * 4)
+    W = torch.from_file(str(fn), shared=True, size=3 * big + 64,
+                        dtype=torch.float32).as_strided((4, 8), (big, 1))
+    W.copy_(torch.randn(4, 8))
+    A, B = torch.randn(2, 4), torch.randn(8, 2)
+    ids = torch.tensor([3, 2, 0, 3])
+    ref = F.embedding(ids, W.clone()) + 0.5 * A.t()[ids] @ B.t()
+    torch.testing.assert_close(lk.lora_embedding(ids, W, A, B, 0.5, backend="triton"), ref)
+    pool = lk.AdapterPool(4, 8, 2, 2)
+    pool.add("a", A, B, 0.5)
+    torch.testing.assert_close(lk.multi_lora_embedding(ids, W, pool, torch.zeros_like(ids),
+                                                       backend="triton"), ref)
