@@ -187,14 +187,16 @@ class LoRAExperts(nn.Module):
 def _gemm(base: nn.Module, factors: Mapping, p: str, x: torch.Tensor, plan, backend):
     w = _weight_view(base, p)
     b = getattr(base, p + "_bias", None)
+    lids = None
     if p in factors:
-        A, B, s = factors[p]
+        A, B, s, *rest = factors[p]
+        lids = rest[0] if rest else None
     else:   # a parameter without LoRA: rank-1 zero factors (E (in + out) numbers)
         E, out_f, in_f = w.shape
         A = x.new_zeros(E, 1, in_f)
         B = x.new_zeros(E, out_f, 1)
         s = 0.0
-    return moe_lora_linear(x, w, b, A, B, plan, s, backend=backend)
+    return moe_lora_linear(x, w, b, A, B, plan, s, lora_ids=lids, backend=backend)
 
 
 def experts_forward(base: nn.Module, factors: Mapping, hidden: torch.Tensor,
@@ -202,7 +204,9 @@ def experts_forward(base: nn.Module, factors: Mapping, hidden: torch.Tensor,
                     backend: str | None = None) -> torch.Tensor:
     """The MoE-LoRA experts computation (module docstring) of transformers experts module
     ``base`` with ``factors`` ``{param: (lora_A (E, r, in), lora_B (E, out, r), scaling)}``
-    (parameters without an entry: base only). ``hidden (T, H)``, ``top_k_index (T, k)``,
+    (parameters without an entry: base only), or ``{param: (lora_A (L, r, in), lora_B (L, out,
+    r), scaling, lora_ids (T k,))}``: row j's factor set ``lora_ids[j]`` (-1: base only; see
+    ``moe_lora_linear(lora_ids=...)``; serving). ``hidden (T, H)``, ``top_k_index (T, k)``,
     ``top_k_weights (T, k)`` -> ``(T, H)`` in hidden's dtype."""
     E = base.gate_up_proj.shape[0]
     V.float_tensor("hidden_states", hidden, ndim=2)

@@ -365,7 +365,8 @@ def load_peft_adapter(path, *, device="cpu", dtype: torch.dtype | None = None) -
     origin: dict[tuple[str, str], str] = {}
     from . import peft_moe  # target_parameters: PEFT's ParamWrapper tensors, taken out
 
-    tensors, wrapped = peft_moe.split_tensors(cfg, tensors, wfn, PREFIX)
+    tensors, wrapped = peft_moe.split_tensors(cfg, tensors, wfn, PREFIX,
+                                               pattern=pattern_value)
     if wrapped and dora:
         raise ValueError(f"{wfn}: use_dora with target_parameters (PEFT refuses DoRA on "
                          "ParamWrapper)")

@@ -51,9 +51,25 @@ def _params_of(mod: str, targets) -> list[str]:
     return known + sorted(p for p in hit if p not in EXPERT_PARAMS)
 
 
-def split_tensors(cfg: dict, tensors: dict, wfn: str, prefix: str) -> tuple[dict, dict]:
+def _plain_lora(cfg: dict, mod: str, which: str, t: torch.Tensor, pattern) -> bool:
+    """Whether the outermost (depth 0) LoRA tensor ``t`` of ``mod`` is a plain
+    ``target_modules`` LoRA rather than a ParamWrapper (PEFT refuses a module targeted both
+    ways): a ``target_modules`` list entry matches ``mod`` (PEFT's suffix rule); for a string
+    (a regex or ``"all-linear"``, not evaluated here) its rank dim equals the module's rank."""
+    tm = cfg.get("target_modules")
+    if isinstance(tm, (list, tuple)):
+        return any(isinstance(x, str) and (mod == x or mod.endswith("." + x)) for x in tm)
+    if not isinstance(tm, str) or t.dim() != 2:
+        return False
+    r = pattern(cfg.get("rank_pattern") or {}, mod, cfg["r"])
+    return t.shape[0 if which == "A" else 1] == r
+
+
+def split_tensors(cfg: dict, tensors: dict, wfn: str, prefix: str, *,
+                  pattern) -> tuple[dict, dict]:
     """``(other tensors, {(module, depth): {"A"|"B": tensor}})``: the file's tensors of modules
-    that ``target_parameters`` match, taken out (``prefix``: PEFT's ``base_model.model.``)."""
+    that ``target_parameters`` match, taken out (``prefix``: PEFT's ``base_model.model.``;
+    ``pattern``: as in :func:`expert_entries`)."""
     targets = list(cfg.get("target_parameters") or [])
     if not targets:
         return tensors, {}
@@ -66,10 +82,11 @@ def split_tensors(cfg: dict, tensors: dict, wfn: str, prefix: str) -> tuple[dict
         m = _WRAP_KEY.match(key)
         mod = m["mod"] if m else ""
         mod = mod[len(prefix):] if mod.startswith(prefix) else mod
-        if m is None or not _params_of(mod, targets):
+        depth = m["depth"].count(".base_layer") if m else 0
+        if m is None or not _params_of(mod, targets) or (
+                depth == 0 and _plain_lora(cfg, mod, m["which"], t, pattern)):
             rest[key] = t
             continue
-        depth = m["depth"].count(".base_layer")
         moe.setdefault((mod, depth), {})[m["which"]] = t
     return rest, moe
 

@@ -243,16 +243,24 @@ class MultiAdapterModel(nn.Module):
 
     def __init__(self, model: nn.Module, target_modules, max_adapters: int = 8,
                  max_rank: int = 64, backend: str | None = None,
-                 max_extra_bytes: int | None = None):
+                 max_extra_bytes: int | None = None, *, target_parameters=None):
         super().__init__()
         from ._conv1d import as_linear
         from .inject import find_linears, set_submodule
+        from .moe import find_expert_params
+        from .serving_moe import ServingExperts, pool_key
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         V.positive_int("max_adapters", max_adapters)
         V.positive_int("max_rank", max_rank)
-        names = find_linears(model, target_modules, embeddings=True)
+        if target_modules is None and target_parameters is None:
+            raise ValueError("target_modules is required (e.g. ['q_proj', 'v_proj'])")
+        names = ([] if target_modules is None else
+                 find_linears(model, target_modules, embeddings=True))
+        # MoE (target_parameters: PEFT's rule): experts modules served by ServingExperts
+        experts = ({} if target_parameters is None else
+                   find_expert_params(model, target_parameters))
         self.model = model
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self._state = _ServingState(max_adapters)
@@ -279,10 +287,22 @@ class MultiAdapterModel(nn.Module):
             layer = ServingLinear(lin, pool, self._state, backend)
             set_submodule(model, name, layer)
             self.layers[name] = layer
+        self.expert_layers: dict[str, ServingExperts] = {}
+        for name, params in experts.items():
+            self._originals[name] = model.get_submodule(name)
+            layer = ServingExperts(self._originals[name], params, self._state, max_adapters,
+                                   max_rank, backend)
+            set_submodule(model, name, layer)
+            self.expert_layers[name] = layer
         from .store import AdapterStore
 
         # every stored adapter (any number) in host memory; the hot ones in the max_adapters slots
-        self.store = AdapterStore({n: lay.pool for n, lay in self.layers.items()})
+        # (an experts module: one pool per expert parameter and expert, serving_moe.pool_key)
+        self.store = AdapterStore({**{n: lay.pool for n, lay in self.layers.items()},
+                                   **{pool_key(n, p, e): pool
+                                      for n, lay in self.expert_layers.items()
+                                      for p, ps in lay.pools.items()
+                                      for e, pool in enumerate(ps)}})
         if max_extra_bytes is not None:
             if isinstance(max_extra_bytes, bool) or not isinstance(max_extra_bytes, int) \
                     or max_extra_bytes < 0:
@@ -328,6 +348,7 @@ class MultiAdapterModel(nn.Module):
         row scale ``g = magnitude / ||W + scaling B A||_row`` (applied to that adapter's rows
         after the multi-LoRA op), so DoRA and LoRA adapters mix in one batch."""
         from .inject import check_base_weights
+        from .serving_moe import expand_expert_entries
 
         self._live()
         V.adapter_name(name)
@@ -341,6 +362,8 @@ class MultiAdapterModel(nn.Module):
         # pool stores the LoRA factors, the layer its row scale g (computed here, in low rank)
         built = serving_extras.prepare(self, name, adapter)
         adapter, dora_g = _split_dora(adapter, self.layers)
+        # MoE entries (ExpertFactors "<experts module>.<param>") -> one entry per expert pool
+        adapter = expand_expert_entries(adapter, self.expert_layers)
         slot = self.store.add(name, adapter)
         serving_extras.commit(self, name, built)
         for mod, g in dora_g.items():
@@ -429,6 +452,7 @@ class MultiAdapterModel(nn.Module):
             set_submodule(model, name, mod)
         self._originals = None
         self.layers = {}
+        self.expert_layers = {}
         self._sums = {}
         self.store = None
         del self.model
@@ -480,7 +504,8 @@ class MultiAdapterModel(nn.Module):
         self._live()
         _adapter_list(adapters)
         with self._locked():
-            dev = next(iter(self.layers.values())).weight.device if self.layers else "cpu"
+            lays = [*self.layers.values(), *self.expert_layers.values()]
+            dev = lays[0].weight.device if lays else "cpu"
             if self._state.seq_ids is not None:
                 raise RuntimeError("MultiAdapterModel calls do not nest")
             tails = serving_extras.tails(self, adapters, input_ids)

@@ -18,7 +18,7 @@ ARCHS = ("qwen3_moe", "mixtral", "gpt_oss")
 TARGETS = ["gate_up_proj", "down_proj"]
 
 
-def tiny_moe(arch: str, seed: int = 0):
+def tiny_moe(arch: str, seed: int = 0, dtype=torch.float64):
     """A randomly initialised 1-layer MoE causal LM (5 experts, top-2, odd sizes), float64, eval;
     experts and router drawn N(0, 0.3) so routing and expert terms are not trivially small."""
     common = dict(vocab_size=61, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -37,7 +37,7 @@ def tiny_moe(arch: str, seed: int = 0):
     cfg._attn_implementation = "eager"
     cfg._experts_implementation = "eager"     # transformers grouped_mm takes no float64
     torch.manual_seed(seed)
-    m = cls(cfg).double().eval()
+    m = cls(cfg).to(dtype).eval()
     with torch.no_grad():
         for n, p in m.named_parameters():
             if ".mlp." in n:
@@ -238,3 +238,56 @@ def test_patch_peft_runs_param_wrappers_on_the_moe_op(arch, monkeypatch):
     with pm.disable_adapter():                    # falls back to PEFT's forward
         assert rel_err(pm(ids).logits, base(ids).logits) < 1e-12
     lk.unpatch_peft(pm)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_served_mixed_batch_equals_each_adapters_peft_model(arch, tmp_path):
+    """MultiAdapterModel with target_parameters: each sequence its own PEFT adapter (real ranks
+    2/3/4, one also on q_proj), more adapters than slots, -1 (None) rows = base, prefill and
+    KV-cached decode (generate); a NaN adapter stays in its own rows."""
+    base = tiny_moe(arch, dtype=torch.float32)
+    peft_models = {}
+    for i, (r, tm) in enumerate(((2, []), (3, ["q_proj"]), (4, []))):
+        torch.manual_seed(10 + i)
+        pm = _peft(base, r=r, lora_alpha=2 * r + 1, target_modules=tm)
+        _perturb_lora(pm)
+        pm.save_pretrained(tmp_path / f"a{i}")
+        peft_models[f"a{i}"] = pm
+    server = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=["q_proj"],
+                                  target_parameters=TARGETS, max_adapters=2, max_rank=4)
+    for n in peft_models:
+        server.load_peft(n, tmp_path / n)
+    ids = _ids(seed=5, shape=(4, 6))
+
+    def ref(name, row):
+        m = base if name is None else peft_models[name]
+        with torch.no_grad():
+            return m(row[None]).logits[0]
+
+    with torch.no_grad():
+        for names in (["a0", None, "a1", "a0"], ["a2", "a1", None, "a2"]):
+            y = server(ids, adapters=names).logits
+            for b, n in enumerate(names):
+                assert rel_err(y[b], ref(n, ids[b])) < 1e-5, (names, b)
+        assert rel_err(server(ids[:1], adapters=["a2"]).logits[0], ref("a0", ids[0])) > 1e-3
+        out = server.generate(ids[:2], adapters=["a1", "a2"], max_new_tokens=4, do_sample=False)
+        for b, n in enumerate(["a1", "a2"]):
+            want = peft_models[n].generate(input_ids=ids[b:b + 1], max_new_tokens=4,
+                                           do_sample=False)
+            assert torch.equal(out[b], want[0]), n
+        # a NaN adapter on the experts stays in its rows
+        ad = lk.load_peft_adapter(tmp_path / "a0")
+        k = "model.layers.0.mlp.experts.down_proj"
+        A, B, s = ad[k]
+        ad[k] = moe.ExpertFactors(A, torch.full_like(B, float("nan")), s)
+        server.add("nan", ad)
+        y = server(ids[:2], adapters=["nan", "a2"]).logits
+        assert not torch.isfinite(y[0]).any()
+        assert rel_err(y[1], ref("a2", ids[1])) < 1e-5
+    # bad input: another expert count / a parameter not served
+    bad = {k: moe.ExpertFactors(A[:3], B[:3], s)}
+    with pytest.raises(ValueError, match="down_proj"):
+        server.add("bad", bad)
+    with pytest.raises(ValueError, match="layers.2"):
+        server.add("bad", {"model.layers.2.mlp.experts.down_proj": ad[k]})
+    assert "bad" not in server

@@ -96,7 +96,7 @@ FLOORS: dict[str, tuple[str, ...]] = {
     "layers/store": ("layers", "store", "compose", "fused", "generate"),
     # whole models: injection, PEFT files and patching, serving, parallelism, search
     "model-level": ("inject", "peft_io", "peft_patch", "serving", "serving_embedding", "moe",
-                    "peft_moe",
+                    "peft_moe", "serving_moe",
                     "serving_bias", "peft_extras", "serving_extras",
                     "parallel", "expert_parallel", "glora_search", "params"),
     "api": ("",),                                            # the package itself (lora_kernels)
