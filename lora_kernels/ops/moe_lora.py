@@ -29,6 +29,12 @@ Backward (dY_e = dy[order[a:b]]):
     dW_e = dY_e^T X_e, db_e = sum dY_e  (only when weight / bias require grad)
     experts without rows: zero gradients.
 
+Factor sets apart from the experts (``lora_ids``, torch backend): ``lora_A (L, r, in)``,
+``lora_B (L, out, r)`` and a second plan over ``lora_ids`` (rows with expert id -1 forced to -1);
+the base runs per expert segment as above without the low-rank term, which then runs per factor
+segment l (``y[rows_l] += s (X_l A_l^T) B_l^T``, scatter-add; backward ``dX += G_l A_l`` likewise,
+``dA_l``, ``dB_l`` per segment). S is then in the factor plan's sorted order.
+
 Backends:
 * ``"torch"``: the float64-testable reference and the CPU path: one sort (the plan), one gather of
   the routed rows, per-expert GEMMs on contiguous segments (``torch.mm(..., out=)`` into one
