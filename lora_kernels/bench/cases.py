@@ -57,6 +57,8 @@ GROUPS += ("moe",)  # bench/cases_moe.py
 EXTRA_CASES += (("cases_moe", "moe_cases"),)
 GROUPS += ("embedding",)  # bench/cases_embedding.py (issue 23)
 EXTRA_CASES += (("cases_embedding", "embedding_cases"),)
+GROUPS += ("moe_block",)  # bench/cases_moe_block.py (issue 22b)
+EXTRA_CASES += (("cases_moe_block", "moe_block_cases"),)
 
 
 # ----------------------------------------------------------------------------- helpers
