@@ -506,3 +506,28 @@ def patched_alora(layer, x: torch.Tensor, offsets, W, adapter: str, backend):
     sub = lora_linear(x2.index_select(0, idx), W, b, A, B, float(layer.scaling[adapter]), p,
                       backend=backend)
     return y.reshape(-1, y.shape[-1]).index_copy(0, idx, sub).view(y.shape)
+
+
+def patched_tokens_forward(self, x, *args, **kwargs):
+    """:func:`lora_kernels.patch_peft`'s forward of PEFT's ``TrainableTokensLayer`` (``self``):
+    the base lookup (or the tied linear, bias-free as PEFT's) plus :func:`apply_tokens` -- only
+    the listed rows / columns are touched, where PEFT copies the whole table per forward
+    (``W.index_copy``); same values and gradients. One active adapter, a plain ``nn.Embedding``
+    or ``nn.Linear`` base, no embedding scale; anything else runs PEFT's forward."""
+    orig = type(self).forward
+    active = self.active_adapters
+    base = self.base_layer
+    plain_emb = (type(base) is nn.Embedding and base.max_norm is None
+                 and not base.scale_grad_by_freq and not base.sparse)
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+            or active[0] not in self.trainable_tokens_delta
+            or not (plain_emb or type(base) is nn.Linear)
+            or (hasattr(self, "_get_embed_scale") and self._get_embed_scale() is not None)):
+        return orig(self, x, *args, **kwargs)
+    rows = self.trainable_tokens_delta[active[0]]
+    idx = torch.as_tensor(self.token_indices[active[0]], dtype=torch.int64, device=rows.device)
+    if plain_emb:
+        y = F.embedding(x, base.weight, base.padding_idx)
+        return apply_tokens(x, y, TokenRows(idx, rows.to(y.dtype)), "embedding", base.padding_idx)
+    y = F.linear(x, base.weight)
+    return apply_tokens(x, y, TokenRows(idx, rows.to(y.dtype)), "linear")

@@ -129,7 +129,9 @@ def _is_dora(layer, adapter: str) -> bool:
 def _variant_adapters(layer) -> list[str]:
     """Adapters of a PEFT LoRA layer that the fused ops never compute (variants other than DoRA,
     DoRA with a LoRA bias)."""
-    bad = {a for a in (getattr(layer, "lora_variant", {}) or {}) if not _is_dora(layer, a)}
+    bad = {a for a, v in (getattr(layer, "lora_variant", {}) or {}).items()
+           if not _is_dora(layer, a) and getattr(v, "__name__", type(v).__name__)
+           != "ALoraLinearVariant"}   # aLoRA: peft_extras.patched_alora
     biased = {a for a, v in (getattr(layer, "lora_bias", {}) or {}).items() if v}
     biased |= {a for a, m in layer.lora_B.items() if getattr(m, "bias", None) is not None}
     bad |= {a for a in biased if _is_dora(layer, a)}
@@ -314,7 +316,10 @@ def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Modul
     targets, left, partial = [], [], []
     inner = {id(m.base_layer) for m in peft_model.modules()
              if type(m).__name__ == "ParamWrapper"}
+    tokens = []     # PEFT's TrainableTokensLayer: peft_extras.patched_tokens_forward
     for name, m in peft_model.named_modules():
+        if type(m).__name__ == "TrainableTokensLayer":
+            tokens.append(m)
         if not isinstance(m, L.LoraLayer):
             continue
         if type(m).__name__ == "ParamWrapper" and is_experts(_param_chain(m)[1]):
@@ -336,10 +341,13 @@ def patch_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Modul
     if not targets:
         raise ValueError("peft_model has no PEFT LoRA Linear layer over an nn.Linear / Conv1D "
                          f"to patch (LoRA layers found: {left or 'none'})")
-    for m in targets:
+    for m in targets + tokens:
         setattr(m, _BACKEND, backend)
         if not getattr(m, _FLAG, False):
-            fwd = (_fused_embedding_forward if type(m) is L.Embedding else
+            from . import peft_extras
+
+            fwd = (peft_extras.patched_tokens_forward if any(m is t for t in tokens) else
+                   _fused_embedding_forward if type(m) is L.Embedding else
                    _fused_experts_forward if type(m).__name__ == "ParamWrapper" else
                    _fused_forward)
             m.forward = types.MethodType(fwd, m)

@@ -221,6 +221,9 @@ def test_trains_step_for_step_like_peft(kind, what, how, tmp_path, monkeypatch):
     assert max(abs(a - b) for a, b in zip(l_ref, l_ours)) < 1e-4, (l_ref, l_ours)
     if how == "patch_peft" and what == "alora":     # aLoRA layers ran on the fused op
         assert fused and all(fused)
+    if how == "patch_peft" and what == "tt":        # both token layers (tied lm_head) patched
+        tl = [m for m in ours.modules() if type(m).__name__ == "TrainableTokensLayer"]
+        assert len(tl) == 2 and all(lk.peft_patch.is_patched(m) for m in tl)
     if how == "inject_adapter" and what == "alora":  # generate: the prompt's offsets each step
         ids = _ids()[[0, 3, 5]]
         pm.eval(), ours.eval()
