@@ -81,7 +81,8 @@ def torch_fwd(x2, weight, bias, A, B, scaling, p, seed):
         y.addmm_(s, B.t(), alpha=scaling)
     else:   # addmm's alpha=0 skips the product (BLAS): NaN/inf factors propagate, as in PEFT
         y.add_((s @ B.t()).mul_(0.0))
-    return y, s.float()
+    # S saved fp32 (float64 kept: dB = dy^T S of a float64 call stays float64-accurate)
+    return y, (s if s.dtype == torch.float64 else s.float())
 
 
 def torch_bwd(dy, saved: Saved, need: Needs):
