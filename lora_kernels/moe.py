@@ -85,11 +85,15 @@ def find_expert_params(model: nn.Module, target_parameters) -> dict[str, list[st
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_parameters must be non-empty strings, got {target_parameters!r}")
     found: dict[str, list[str]] = {}
+    wrapped = {f"{n}.base_layer" for n, m in model.named_modules() if isinstance(m, LoRAExperts)}
     for mname, mod in model.named_modules():
         for pname, _ in mod.named_parameters(recurse=False):
             key = f"{mname}.{pname}" if mname else pname
             if not any(key == t or key.endswith("." + t) for t in targets):
                 continue
+            if mname in wrapped:
+                raise TypeError(f"target_parameters match {key!r}, whose experts module already "
+                                "carries a LoRA (LoRAExperts); merge_and_unload it first")
             if not is_experts(mod) or pname not in EXPERT_PARAMS:
                 raise ValueError(f"target_parameters {targets} match {key!r}, which is not a 3-D "
                                  f"expert parameter ({'/'.join(EXPERT_PARAMS)}) of a transformers "

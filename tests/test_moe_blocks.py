@@ -27,6 +27,10 @@ def tiny_moe(arch: str, seed: int = 0, dtype=torch.float64):
         cfg = transformers.Qwen3MoeConfig(**common, intermediate_size=24, moe_intermediate_size=7,
                                           num_experts=5, norm_topk_prob=True)
         cls = transformers.Qwen3MoeForCausalLM
+    elif arch == "qwen2_moe":     # with a shared expert (left as it is)
+        cfg = transformers.Qwen2MoeConfig(**common, intermediate_size=24, moe_intermediate_size=7,
+                                          shared_expert_intermediate_size=9, num_experts=5)
+        cls = transformers.Qwen2MoeForCausalLM
     elif arch == "mixtral":
         cfg = transformers.MixtralConfig(**common, intermediate_size=7, num_local_experts=5)
         cls = transformers.MixtralForCausalLM
@@ -77,7 +81,7 @@ def _peft_wrappers(pm):
     return out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", (*ARCHS, "qwen2_moe"))
 def test_loaded_peft_adapter_matches_peft_outputs_and_grads(arch, tmp_path):
     base = tiny_moe(arch)
     pm = _peft(base, r=3, lora_alpha=5)
@@ -212,6 +216,24 @@ def test_bad_adapters_refused_model_unchanged(tmp_path):
     with pytest.raises(ValueError, match="lora_dropout|dropout"):
         lk.inject(base, "lora", target_parameters=TARGETS, r=2, dropout=0.1)
     unchanged(base)
+    twice = lk.inject(copy.deepcopy(base), "lora", target_parameters=TARGETS, r=2)
+    with pytest.raises(TypeError, match="already carries a LoRA"):
+        lk.inject(twice, "lora", target_parameters=TARGETS, r=2)
+
+
+def test_bench_moe_block_case_runs_and_agrees():
+    """The moe_block bench case (tiny shape): every implementation runs; ours and PEFT agree with
+    the transformers loop + LoRA reference (output and dhidden)."""
+    from lora_kernels.bench.cases_moe_block import block_case
+
+    case = block_case(9, 2, 4, 16, 6, 3, torch.float32, torch.device("cpu"))
+    sets = [case.make_inputs(torch.device("cpu"), 0)]
+    out = {im.name: im.prepare(sets, torch.device("cpu"))(0) for im in case.impls}
+    y_ref, dh_ref = out["hf_experts_lora"]
+    for name in ("peft", "ours_default"):
+        assert rel_err(out[name][0], y_ref) < 1e-5, name
+        assert rel_err(out[name][1], dh_ref) < 1e-5, name
+    assert rel_err(out["hf_experts_base"][0], y_ref) > 1e-3      # the LoRA term is not trivial
 
 
 @pytest.mark.parametrize("arch", ARCHS)
