@@ -336,6 +336,17 @@ class MultiAdapterModel(nn.Module):
         return name in self.store or name in self._sums
 
     @_serialized
+    # copy.deepcopy / pickle: a lock belongs to one object and is never copied; the copy gets
+    # its own (a server copied for a reference model, or sent to another process)
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.RLock()
+
     def add(self, name: str, adapter: Mapping) -> int | None:
         """Load ``adapter`` ({module name: (lora_A, lora_B, scaling)}, e.g. from
         :func:`lora_kernels.load_peft_adapter`) under ``name``. Any number of adapters may be
