@@ -15,6 +15,10 @@ distinct per token) and ``top_k_weights (T, k)``, LoRA of rank r on both paramet
 ``ours_default``     :class:`lora_kernels.moe.LoRAExperts` (one expert plan for both GEMMs,
                      :func:`lora_kernels.moe_lora_linear`; CPU: backend torch)
 
+``moe_block_decode``: a served decode step (T sequences x 1 token, each its own adapter among
+``n``, :class:`lora_kernels.MultiAdapterModel` with ``target_parameters``) vs the base experts
+module alone (the ratio is the adapters' decode overhead).
+
 Work: per GEMM as ``bench.cases_moe.moe_counts`` with M = T k rows (gate_up: K=H, N=2I; down:
 K=I, N=H). CPU rows only (a GPU run uses ``group moe``'s Triton point).
 """
@@ -188,4 +192,83 @@ def moe_block_cases(device, quick: bool) -> list[Case]:
     shapes = [(128, 2, 8, 256, 96, 8)]
     if not quick:
         shapes += [(512, 4, 16, 256, 128, 16)]
-    return [block_case(*s, f32, device) for s in shapes]
+    return ([block_case(*s, f32, device) for s in shapes]
+            + [decode_case(16, 2, 8, 256, 96, 8, 4, f32, device)])
+
+
+def _decode_inputs(T, k, E, H, inter, r, n_adapters, dtype):
+    base = _inputs(T, k, E, H, inter, r, dtype)
+
+    def make(device, i):
+        d = base(device, i)
+        d["h"] = d["h"].detach()
+        g = gen(device, 7500 + i)
+        d["adapters"] = [{p: (randn((E, r, K), dtype, device, g, K ** -0.5),
+                              randn((E, N, r), dtype, device, g, 0.1 / r ** 0.5), 2.0)
+                          for p, K, N in (("gate_up_proj", H, 2 * inter),
+                                          ("down_proj", inter, H))}
+                         for _ in range(n_adapters)]
+        d["names"] = [f"a{j % n_adapters}" for j in range(T)]
+        return d
+    return make
+
+
+def _impl_served() -> Impl:
+    def prepare(sets, device):
+        from torch import nn
+
+        from ..moe import ExpertFactors
+        from ..serving import MultiAdapterModel
+
+        class Holder(nn.Module):
+            def __init__(self, ex):
+                super().__init__()
+                self.experts = ex
+
+            def forward(self, h, idx, w):
+                return self.experts(h, idx, w)
+
+        servers = []
+        for d in sets:
+            n = len(d["adapters"])
+            srv = MultiAdapterModel(Holder(_experts(d, device)), None, max_adapters=n,
+                                    max_rank=d["Agu"].shape[1],
+                                    target_parameters=["gate_up_proj", "down_proj"])
+            for j, ad in enumerate(d["adapters"]):
+                srv.add(f"a{j}", {f"experts.{p}": ExpertFactors(*f) for p, f in ad.items()})
+            servers.append(srv)
+
+        def step(i):
+            d, srv = sets[i], servers[i]
+            with torch.no_grad(), srv.using(d["names"]):
+                return srv.model(d["h"], d["idx"], d["w"])
+        return step
+    return Impl("ours_served", prepare, graph=False,
+                note="MultiAdapterModel(target_parameters=...): each token its own adapter")
+
+
+def _impl_base_decode() -> Impl:
+    def prepare(sets, device):
+        exs = [_experts(d, device) for d in sets]
+
+        def step(i):
+            d = sets[i]
+            with torch.no_grad():
+                return exs[i](d["h"], d["idx"], d["w"])
+        return step
+    return Impl("hf_experts_base", prepare, check=False, graph=False,
+                note="the transformers experts module alone (no adapter)")
+
+
+def decode_case(T, k, E, H, inter, r, n_adapters, dtype, device) -> Case:
+    """Served decode step of one MoE block: T sequences x 1 token, ``n_adapters`` distinct
+    adapters (LoRA on gate_up and down), vs the base experts alone."""
+    e = esize(dtype)
+    M = T * k
+    flops = 2.0 * M * (2 * inter) * H + 2.0 * M * H * inter
+    nbytes = e * (2.0 * E * 3 * inter * H + 2.0 * T * H)
+    return Case(GROUP, "moe_block_decode",
+                block_key(T, k, E, H, inter, r, dtype) + f"-{n_adapters}ad-decode",
+                dict(T=T, top_k=k, E=E, hidden=H, intermediate=inter, r=r, adapters=n_adapters),
+                dtype, flops, nbytes, _decode_inputs(T, k, E, H, inter, r, n_adapters, dtype),
+                [_impl_base_decode(), _impl_served()], ref=None, baseline="hf_experts_base")
