@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .moe import EXPERT_PARAMS, ExpertFactors, check_factors, expert_dims, experts_forward
+from .ops.moe_lora import expert_plan
 from .ops.multi_moe_lora import row_factor_ids, stacked_factors
 from .pool import AdapterPool
 
@@ -72,7 +73,9 @@ class ServingExperts(nn.Module):
         slots = st.seq_ids[0].to(hidden_states.device).repeat_interleave((T // batch) * k)
         ids = top_k_index.reshape(-1).to(torch.int64)
         lids = row_factor_ids(torch.where(ids == E, -1, ids), slots, E)
-        factors = {p: (*stacked_factors(ps), 1.0, lids) for p, ps in self.pools.items()}
+        # one factor plan (rows sorted by slot * E + expert) for both expert GEMMs
+        lplan = expert_plan(lids, st.max_adapters * E)
+        factors = {p: (*stacked_factors(ps), 1.0, lplan) for p, ps in self.pools.items()}
         return experts_forward(self.base_layer, factors, hidden_states, top_k_index,
                                top_k_weights, backend=self.backend)
 
