@@ -313,3 +313,21 @@ def test_served_mixed_batch_equals_each_adapters_peft_model(arch, tmp_path):
     with pytest.raises(ValueError, match="layers.2"):
         server.add("bad", {"model.layers.2.mlp.experts.down_proj": ad[k]})
     assert "bad" not in server
+
+
+def test_bench_moe_decode_case_matches_per_adapter_blocks():
+    """The moe_block_decode bench case: the served step equals each token's own adapter run
+    through LoRAExperts."""
+    from lora_kernels.bench.cases_moe_block import decode_case, experts_module
+
+    cpu = torch.device("cpu")
+    case = decode_case(5, 2, 4, 16, 6, 3, torch.float32, cpu, n_adapters=2)
+    d = case.make_inputs(cpu, 0)
+    served = {im.name: im for im in case.impls}["ours_served"].prepare([d], cpu)(0)
+    ex = moe.LoRAExperts(experts_module(d, cpu), TARGETS, r=1)
+    for t, name in enumerate(d["names"]):
+        for p, f in d["adapters"][int(name[1:])].items():
+            ex.set_factors(p, moe.ExpertFactors(*f))
+        with torch.no_grad():
+            want = ex(d["h"][t:t + 1], d["idx"][t:t + 1], d["w"][t:t + 1])
+        assert rel_err(served[t], want[0]) < 1e-5, t

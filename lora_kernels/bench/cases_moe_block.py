@@ -55,7 +55,7 @@ def _inputs(T, k, E, H, inter, r, dtype):
     return make
 
 
-def _experts(d, device):
+def experts_module(d, device):
     """A transformers Qwen3MoeExperts holding the case's expert weights (frozen)."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
@@ -117,7 +117,7 @@ def _impl_peft() -> Impl:
         r = sets[0]["Agu"].shape[1]
         models = []
         for d in sets:
-            pm = peft.get_peft_model(Holder(_experts(d, device)), peft.LoraConfig(
+            pm = peft.get_peft_model(Holder(experts_module(d, device)), peft.LoraConfig(
                 r=r, lora_alpha=d["s"] * r, target_modules=[],
                 target_parameters=["gate_up_proj", "down_proj"]))
             outer = pm.base_model.model.experts          # ParamWrapper(down(gate_up(experts)))
@@ -140,7 +140,7 @@ def _impl_peft() -> Impl:
 
 def _impl_base(flops, nbytes) -> Impl:
     def prepare(sets, device):
-        exs = [_experts(d, device) for d in sets]
+        exs = [experts_module(d, device) for d in sets]
 
         def step(i):
             d = sets[i]
@@ -157,7 +157,7 @@ def _impl_ours() -> Impl:
 
         mods = []
         for d in sets:
-            m = LoRAExperts(_experts(d, device), ["gate_up_proj", "down_proj"], r=1)
+            m = LoRAExperts(experts_module(d, device), ["gate_up_proj", "down_proj"], r=1)
             m.set_factors("gate_up_proj", ExpertFactors(d["Agu"], d["Bgu"], d["s"]))
             m.set_factors("down_proj", ExpertFactors(d["Ad"], d["Bd"], d["s"]))
             mods.append(m)
@@ -193,7 +193,7 @@ def moe_block_cases(device, quick: bool) -> list[Case]:
     if not quick:
         shapes += [(512, 4, 16, 256, 128, 16)]
     return ([block_case(*s, f32, device) for s in shapes]
-            + [decode_case(16, 2, 8, 256, 96, 8, 4, f32, device)])
+            + [decode_case(16, 2, 8, 256, 96, 8, f32, device, n_adapters=4)])
 
 
 def _decode_inputs(T, k, E, H, inter, r, n_adapters, dtype):
@@ -231,7 +231,7 @@ def _impl_served() -> Impl:
         servers = []
         for d in sets:
             n = len(d["adapters"])
-            srv = MultiAdapterModel(Holder(_experts(d, device)), None, max_adapters=n,
+            srv = MultiAdapterModel(Holder(experts_module(d, device)), None, max_adapters=n,
                                     max_rank=d["Agu"].shape[1],
                                     target_parameters=["gate_up_proj", "down_proj"])
             for j, ad in enumerate(d["adapters"]):
@@ -249,7 +249,7 @@ def _impl_served() -> Impl:
 
 def _impl_base_decode() -> Impl:
     def prepare(sets, device):
-        exs = [_experts(d, device) for d in sets]
+        exs = [experts_module(d, device) for d in sets]
 
         def step(i):
             d = sets[i]
@@ -260,7 +260,7 @@ def _impl_base_decode() -> Impl:
                 note="the transformers experts module alone (no adapter)")
 
 
-def decode_case(T, k, E, H, inter, r, n_adapters, dtype, device) -> Case:
+def decode_case(T, k, E, H, inter, r, dtype, device, *, n_adapters: int) -> Case:
     """Served decode step of one MoE block: T sequences x 1 token, ``n_adapters`` distinct
     adapters (LoRA on gate_up and down), vs the base experts alone."""
     e = esize(dtype)
