@@ -331,3 +331,26 @@ def test_bench_moe_decode_case_matches_per_adapter_blocks():
         with torch.no_grad():
             want = ex(d["h"][t:t + 1], d["idx"][t:t + 1], d["w"][t:t + 1])
         assert rel_err(served[t], want[0]) < 1e-5, t
+
+
+def test_per_parameter_ranks_round_trip_through_peft(tmp_path):
+    """gate_up and down with different ranks and scalings: save_peft_adapter writes
+    rank_pattern / alpha_pattern keyed '<module>.<param>'; PEFT and our loader read them back."""
+    base = tiny_moe("qwen3_moe")
+    m = copy.deepcopy(base)
+    lx = moe.LoRAExperts(m.model.layers[0].mlp.experts, TARGETS, r=2, alpha=3.0)
+    lx.set_factors("down_proj", moe.ExpertFactors(torch.randn(5, 3, 7, dtype=torch.float64),
+                                                  torch.randn(5, 16, 3, dtype=torch.float64), 0.7))
+    with torch.no_grad():
+        lx.lora_B["gate_up_proj"].normal_()
+    m.model.layers[0].mlp.experts = lx
+    lk.save_peft_adapter(m, tmp_path)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, m(ids).logits) < 1e-12
+    ad = lk.load_peft_adapter(tmp_path)
+    for p, (A, B, s) in lx.factors().items():
+        got = ad[f"model.layers.0.mlp.experts.{p}"]
+        assert torch.equal(got.lora_A, A.detach()) and torch.equal(got.lora_B, B.detach())
+        assert got.scaling == pytest.approx(s, rel=1e-7)
