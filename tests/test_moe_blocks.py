@@ -354,3 +354,28 @@ def test_per_parameter_ranks_round_trip_through_peft(tmp_path):
         got = ad[f"model.layers.0.mlp.experts.{p}"]
         assert torch.equal(got.lora_A, A.detach()) and torch.equal(got.lora_B, B.detach())
         assert got.scaling == pytest.approx(s, rel=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_block_dtypes_against_float64(arch, dtype):
+    """LoRAExperts in float32 / bfloat16 against the same block in float64: output, dhidden and
+    every LoRA gradient (non-contiguous hidden, a skipped choice)."""
+    from helpers import assert_close
+
+    ref = moe.LoRAExperts(tiny_moe(arch).model.layers[0].mlp.experts, TARGETS, r=3, alpha=4.0)
+    _perturb_lora(ref)
+    low = copy.deepcopy(ref).to(dtype)
+    h64 = torch.randn(11, 32, dtype=torch.float64)[:, ::2]
+    idx = torch.randint(0, 5, (11, 2))
+    idx[3, 1] = 5                                     # transformers' mask id: skipped
+    w64 = torch.rand(11, 2, dtype=torch.float64)
+    outs = {}
+    for name, m, dt in (("ref", ref, torch.float64), ("low", low, dtype)):
+        h = h64.to(dt).requires_grad_(True)
+        y = m(h, idx, w64.to(dt))
+        dy = torch.ones_like(y)
+        ps = [*m.lora_A.values(), *m.lora_B.values()]
+        outs[name] = (y, *torch.autograd.grad(y, (h, *ps), dy))
+    for i, (a, b) in enumerate(zip(outs["low"], outs["ref"])):
+        assert_close(a, b, dtype, f"output {i}", factor=4.0)
