@@ -591,11 +591,13 @@ class _PerLayerPlan(nn.Module):
 
     def forward(self, x):
         from lora_kernels import multi_lora_linear
+        from lora_kernels.ops.multi_lora import plan_for
 
         for lay in self.layers:
-            # a fresh ids tensor per layer: no plan reuse across layers (the old behaviour)
+            # ids checked and a plan built in every layer (plan_for: no cache; the op's own
+            # plan cache keys on the ids' content, so a fresh ids copy would share one)
             x = torch.tanh(multi_lora_linear(x, lay.weight, lay.bias, lay.pool,
-                                             self.ids.clone()))
+                                             plan_for(lay.pool, self.ids)))
         return x
 
 
