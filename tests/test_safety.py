@@ -481,6 +481,12 @@ def test_server_other_thread_sees_base_model():
     with server.using(["t1", None]), pytest.raises(RuntimeError, match="nest"):
         with server.using(["t0", None]):
             pass
+    import copy
+
+    twin = copy.deepcopy(server)                     # the lock is not copied: a fresh one
+    assert twin._lock is not server._lock
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x, adapters=["t1", "t2"]), adapted)
 
 
 # ------------------------------------------------------------------ refusals change nothing (4)
