@@ -249,3 +249,34 @@ def test_trains_step_for_step_like_peft(kind, what, how, tmp_path, monkeypatch):
     for mod, sd in a.modules_to_save.items():
         for k, t in sd.items():
             assert rel_err(b.modules_to_save[mod][k], t) < 1e-4, (mod, k)
+
+
+def test_classifier_head_modules_to_save_served(tmp_path):
+    """task_type="SEQ_CLS": PEFT saves the classifier ``score`` head whole (modules_to_save);
+    two such adapters, a plain one and the base model share one batch."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    torch.manual_seed(1)
+    base = transformers.LlamaForSequenceClassification(cfg).to(DEVICE).eval()
+    srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=["q_proj"])
+    pms = {}
+    for i, task in enumerate(["SEQ_CLS", "SEQ_CLS", None]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+                r=4, target_modules=["q_proj"], task_type=task))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n or "modules_to_save" in n:
+                    p.add_(torch.randn_like(p) * 0.3)
+        pms[f"c{i}"] = pm.eval()
+        srv.load_peft(f"c{i}", _save(pm, tmp_path / f"c{i}"))
+    assert set(lk.load_peft_adapter(tmp_path / "c0").modules_to_save) == {"score"}
+    names = ["c1", None, "c0", "c2"]
+    ids = _ids()[:4]
+    with torch.no_grad():
+        out = srv(ids, adapters=names).logits
+        for b, n in enumerate(names):
+            ref = (pms[n] if n else base)(ids[b:b + 1]).logits
+            assert rel_err(out[b:b + 1], ref) < 1e-5, (b, n)
