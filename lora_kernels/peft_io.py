@@ -546,12 +546,16 @@ def _biases_to_save(model_or_dict, ad: dict) -> tuple[dict, dict]:
         return (dict(getattr(model_or_dict, "lora_biases", None) or {}),
                 dict(getattr(model_or_dict, "base_biases", None) or {}))
     lora_b, base_b = {}, {}
+    # a modules_to_save copy's biases are saved with the copy (peft_extras.to_save)
+    saved = [n for n, m in model_or_dict.named_modules()
+             if getattr(m, "lora_kernels_saved_module", False)]
     for name, mod in model_or_dict.named_modules():
         lb = getattr(mod, "lora_bias", None)
         if isinstance(lb, torch.Tensor) and name in ad:
             lora_b[name] = lb
         b = mod._parameters.get("bias") if hasattr(mod, "_parameters") else None
-        if isinstance(b, torch.Tensor) and b.requires_grad:
+        if isinstance(b, torch.Tensor) and b.requires_grad and not any(
+                name == m or name.startswith(m + ".") for m in saved):
             base_b[name] = b
     return lora_b, base_b
 
