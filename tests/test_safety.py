@@ -744,15 +744,3 @@ def test_lora_linear_scaling_zero_propagates_nan_factors(backend):
     y = lk.lora_linear(x, w, None, A, B, 0.0, backend=backend)
     torch.testing.assert_close(y, x @ w.t())
 
-
-def test_server_deepcopy_gets_its_own_lock():
-    """copy.deepcopy of a server (a reference copy, as the distributed tests make) works and the
-    copy serves alike with a lock of its own."""
-    import copy
-
-    server = _tiny_server(n_adapters=2)
-    twin = copy.deepcopy(server)
-    assert twin._lock is not server._lock
-    x = torch.randn(2, 3, 16)
-    with torch.no_grad():
-        assert torch.equal(server(x, adapters=["t0", "t1"]), twin(x, adapters=["t0", "t1"]))
