@@ -254,6 +254,12 @@ class MultiAdapterModel(nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         V.positive_int("max_adapters", max_adapters)
         V.positive_int("max_rank", max_rank)
+        # every argument checked before the first layer is swapped in: a refused call changes
+        # nothing in the model
+        if max_extra_bytes is not None and (isinstance(max_extra_bytes, bool) or not isinstance(
+                max_extra_bytes, int) or max_extra_bytes < 0):
+            raise ValueError(f"max_extra_bytes must be None or an int >= 0, got "
+                             f"{max_extra_bytes!r}")
         if target_modules is None and target_parameters is None:
             raise ValueError("target_modules is required (e.g. ['q_proj', 'v_proj'])")
         names = ([] if target_modules is None else
@@ -304,10 +310,6 @@ class MultiAdapterModel(nn.Module):
                                       for p, ps in lay.pools.items()
                                       for e, pool in enumerate(ps)}})
         if max_extra_bytes is not None:
-            if isinstance(max_extra_bytes, bool) or not isinstance(max_extra_bytes, int) \
-                    or max_extra_bytes < 0:
-                raise ValueError(f"max_extra_bytes must be None or an int >= 0, got "
-                                 f"{max_extra_bytes!r}")
             self.store.max_extra_bytes = max_extra_bytes
         self._sums: dict[str, list[str]] = {}     # served sums: name -> stored parts
 

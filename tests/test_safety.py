@@ -744,3 +744,12 @@ def test_lora_linear_scaling_zero_propagates_nan_factors(backend):
     y = lk.lora_linear(x, w, None, A, B, 0.0, backend=backend)
     torch.testing.assert_close(y, x @ w.t())
 
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_server_bad_max_extra_bytes_leaves_model_untouched(bad):
+    model = _Tiny()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="max_extra_bytes"):
+        lk.MultiAdapterModel(model, ["up", "down"], max_extra_bytes=bad)
+    assert {n: type(m) for n, m in model.named_modules()} == before
