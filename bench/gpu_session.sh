@@ -1,96 +1,219 @@
 #!/usr/bin/env bash
-# One prepared GPU session for the `device` tool's machine (H200: torch 2.11 cu130, Triton 3.6,
-# nvcc 13, compute-sanitizer, pybind11/cmake/pytest-xdist present, no internet), sized to the
-# 15 minutes of device time a task gets (machine start included; one command <= 10 minutes).
+# The GPU session: one prepared command for the `device` tool's machine (H200, torch 2.11 cu130,
+# Triton 3.6, nvcc 13, compute-sanitizer, pytest-xdist / pytest-timeout, 16 cores, no network),
+# sized to the 15 minutes of device time a task gets (machine start included; one command <= 10
+# minutes: give the run tool timeout_s=600).
 #
-#   bash bench/gpu_session.sh          # the session: one command, <= 560 s of step time limits
-#   bash bench/gpu_session.sh rerun    # on the still-warm machine: bench + decisions only
+#   bash bench/gpu_session.sh --plan   # on CPU, no GPU: the counted plan of the steps below
+#   bash bench/gpu_session.sh          # the session
+#   bash bench/gpu_session.sh rerun    # the warm machine again: continues where a cut one stopped
 #
-# Steps of the full command, each under its own time limit (seconds; estimate -> limit):
-#   1. build lora_kernels._C for the local GPU only (sm_90: 9 CUDA/C++ units on 16 cores)
-#      ............................................................  ~60 -> 120
-#   2. the test suite on the GPU for every backend (python -m lora_kernels.check --gpu, 8
-#      workers; the CPU-only [emu] / gloo / interpreter tests left out). ~150 distinct Triton
-#      specialisations compile at ~1-2 s each over 8 workers (~40 s), the tests' own work is
-#      small shapes (< 1 s of GPU time in all); pytest interrupted at 185 s ....  ~120 -> 200
-#   3. compute-sanitizer memcheck over bench/memcheck_cases.py (2 LoRA shapes x 2 backends +
-#      the TMA candidate, multi-LoRA decode / prefill / fused at 2 token counts: ~25 launches,
-#      ~12 Triton compiles; memcheck slows kernels ~10-100x, all are tiny) ......  ~35 -> 70
-#   4. the benchmark headline points (python -m lora_kernels.bench --quick): training fwd+bwd
-#      T=8192 4096x4096 r16 (base pair 1.1 TFLOP ~1.4 ms per step; ~34 autotune compiles of
-#      the Triton GEMMs + 3 TMA candidate + ~20 s torch.compile baseline; 8 rows timed),
-#      decode 64 tokens x 64 adapters (graph replay, us per step), prefill 4x1024 (~0.2 ms per
-#      step, default vs prefill_fused vs CUDA) ........................................  ~130 -> 170
-#   5. decisions (python -m lora_kernels.bench.decide): winner per headline point ......  ~2
-# Count: ~350 s expected, 560 s at the limits; with ~90 s machine start and transfers the first
-# call costs ~7.5 (at most ~10.5) of the 15 device minutes, leaving a warm-machine rerun
-# (build kept: ~170 s) inside the budget. Give the run tool timeout_s=600.
+# Steps, correctness before speed, each under its own limit (LIMIT_*; the plan checks them):
+#   1. build lora_kernels._C for the local GPU's arch only
+#   2. correctness: every (backend, op) pair's tests on small shapes, tiles fixed
+#      (LORA_KERNELS_AUTOTUNE=0), 13 pytest-xdist workers; beside them, on their own cores,
+#      the warm-up compiles of steps 3 and 4 (memcheck_cases.py without the sanitizer, and the
+#      headline launches' autotune candidates through Triton's JIT with warmup=True)
+#   3. compute-sanitizer memcheck of the headline ops (bench/memcheck_cases.py), tiles fixed,
+#      PYTORCH_NO_CUDA_MEMORY_CACHING=1 (the caching allocator would hide out-of-bounds accesses)
+#   4. the three headline decisions only (python -m lora_kernels.bench --headline: train,
+#      decode, prefill; autotuning on), then lora_kernels.bench.decide
+#   5. the broader suite with the time left (tiles fixed)
+# Pytest and the benchmark get SIGINT at their deadline, MARGIN (45) s before their limit, and
+# SIGKILL at the limit; every test result is appended and flushed as it finishes
+# (lora_kernels.bench.pytest_plugin), every benchmark row as it is measured, so a step cut at any
+# moment keeps what it finished; a hung test is cut after TEST_TIMEOUT s (pytest-timeout, thread
+# method: the worker exits, xdist reports the test failed and starts another worker).
 #
-# Results: bench/results/gpu-session/ (check-<gpu>.json, <gpu>-quick.json + .png,
-# decisions.json, memcheck.log, session.log: 6 files, what the device tool can bring back) and
-# copied to $OUT when set. Last lines printed: the suite summary, then the decisions table.
+# Results: at most 8 files, in $OUT/gpu-session/ when OUT is set (the device tool brings them
+# back even after a kill), else bench/results/gpu-session/: session.log, steps.jsonl (each step's
+# start / end / rc), tests.jsonl (each step's planned test ids, then one line per result),
+# memcheck.log, <gpu>-headline.json (+ .png), decisions.json, summary.txt. A copy for `rerun`
+# stays in build/gpu-session/ (ignored by git, kept on the warm machine between calls).
 # After the run, on this machine: python -m lora_kernels.check --apply <results folder>
-# (VERIFIED_ON_GPU and the measured defaults), then commit the results.
+# (writes lora_kernels/verified_gpu.json: a (backend, op) pair is verified exactly when all of
+# its planned tests ran and passed), then commit the results.
+#
+# Rehearsal (tests/test_gpu_session_rehearsal.py, CPU): GS_STANDIN=PROGRAM replaces each step's
+# command by `PROGRAM <step>` and skips the GPU check; GS_LIMIT_<step>, GS_MARGIN and
+# GS_TEST_TIMEOUT shrink the times.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MODE=${1:-full}
-case "$MODE" in full|rerun) ;; *) echo "usage: bash bench/gpu_session.sh [full|rerun]" >&2; exit 2;; esac
-RES=${LORA_KERNELS_GPU_RESULTS:-bench/results/gpu-session}
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1
+REPO=$PWD
+
+LIMIT_build=${GS_LIMIT_build:-45}
+LIMIT_correctness=${GS_LIMIT_correctness:-220}
+LIMIT_memcheck=${GS_LIMIT_memcheck:-45}
+LIMIT_headline=${GS_LIMIT_headline:-120}
+LIMIT_suite=${GS_LIMIT_suite:-110}
+MARGIN=${GS_MARGIN:-45}
+TEST_TIMEOUT=${GS_TEST_TIMEOUT:-120}
+WORKERS=${GS_WORKERS:-13}
+STEPS="build correctness memcheck headline suite"
 PY=${PY:-python3}
-if ! cap=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')" \
-      2>/dev/null); then
-  echo "gpu_session.sh: no usable CUDA device here; on CPU run 'make test'" >&2
+
+MODE=${1:-full}
+case "$MODE" in
+  full|rerun) ;;
+  --plan)
+    exec "$PY" -m lora_kernels.bench.session_plan --limits "build=$LIMIT_build,correctness=\
+$LIMIT_correctness,memcheck=$LIMIT_memcheck,headline=$LIMIT_headline,suite=$LIMIT_suite" ;;
+  *) echo "usage: bash bench/gpu_session.sh [--plan|rerun]" >&2; exit 2 ;;
+esac
+
+# the whole session: this GPU's arch only, no network, one Triton cache for every step and rerun
+if [ -n "${GS_STANDIN:-}" ]; then
+  cap=90
+elif ! cap=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); \
+print(f'{c[0]}{c[1]}')" 2>/dev/null); then
+  echo "gpu_session.sh: no usable CUDA device here; on CPU run 'make test', or" \
+       "'bash bench/gpu_session.sh --plan' for the counted plan" >&2
   exit 2
 fi
-mkdir -p "$RES"
-exec > >(tee -a "$RES/session.log") 2>&1
-echo "== gpu_session.sh $MODE $(date -u +%FT%TZ)"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader \
-  2>/dev/null || true
-step() { echo; echo "== [$(date -u +%T)] $*"; }
-copy_out() {
-  if [ -n "${OUT:-}" ]; then
-    cp "$RES"/*.json "$RES"/*.png "$RES"/*.log "$OUT"/ 2>/dev/null || true
-  fi
-}
-trap copy_out EXIT
-
-t0=$(date +%s)
-if [ "$MODE" = full ] || ! "$PY" -c "import lora_kernels._C" 2>/dev/null; then
-  step "1. build _C for sm_$cap"
-  LORA_KERNELS_CUDA_ARCHS=$cap CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) timeout 120 \
-    "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 5
-  echo "build: $(( $(date +%s) - t0 )) s; cuda_available=$("$PY" -c \
-    'import lora_kernels; print(lora_kernels.cuda_available())')"
-fi
-
+export LORA_KERNELS_CUDA_ARCHS=$cap PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+export TRITON_DEFAULT_FP_FUSION=1 LORA_KERNELS_TEST_DEVICE=cuda
+STATE=${GS_STATE:-$REPO/build/gpu-session}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$STATE/triton-cache}
+if [ -n "${OUT:-}" ]; then RES=$OUT/gpu-session; else RES=${GS_RESULTS:-$REPO/bench/results/gpu-session}; fi
+mkdir -p "$RES" "$STATE" "$TRITON_CACHE_DIR"
 if [ "$MODE" = full ]; then
-  step "2. test suite on the GPU"
-  timeout 200 "$PY" -m lora_kernels.check --gpu --workers 8 --deadline 185 --out "$RES" -- --maxfail=60 \
-    -p no:cacheprovider --timeout 150 -k "not emu" --ignore=tests/distributed
-  echo "suite rc=$?"
-
-  step "3. compute-sanitizer memcheck"
-  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  timeout 70 "$SAN" --tool memcheck --error-exitcode 9 --print-limit 20 \
-    "$PY" bench/memcheck_cases.py > "$RES/memcheck.log" 2>&1
-  echo "memcheck rc=$? (0 clean, 9 memcheck errors, 124 time limit)"; tail -n 4 "$RES/memcheck.log"
+  rm -f "$STATE"/*.jsonl "$STATE"/*.json "$STATE"/*.log "$STATE"/*.ids "$STATE"/summary.txt
+  rm -f "$RES"/*.jsonl "$RES"/*.json "$RES"/*.png "$RES"/memcheck.log "$RES"/summary.txt
+else  # rerun: $OUT is emptied between calls; the first command's results live on in $STATE
+  for f in "$STATE"/*.jsonl "$STATE"/*.json "$STATE"/memcheck.log; do
+    [ -f "$f" ] && [ ! -f "$RES/$(basename "$f")" ] && cp "$f" "$RES/"
+  done
 fi
+export LORA_KERNELS_RESULTS_JSONL=$RES/tests.jsonl
 
-step "4. benchmark headline points"
-timeout 170 "$PY" -m lora_kernels.bench --quick --no-progress --out "$RES"
-echo "bench rc=$?"
+# keep $STATE in step with $RES (not session.log: tee writes it until the very end)
+sync_state() {
+  for f in "$RES"/*.jsonl "$RES"/*.json "$RES"/memcheck.log "$RES"/summary.txt; do
+    [ -f "$f" ] && cp "$f" "$STATE/" 2>/dev/null
+  done
+  return 0
+}
+note() { printf '{"step": "%s", "event": "%s", "at": %s%s}\n' "$1" "$2" "$(date +%s)" "${3:-}" \
+           >> "$RES/steps.jsonl"; }
+step_done() {  # finished (whatever its result) in an earlier command of this session
+  "$PY" - "$RES/steps.jsonl" "$1" <<'EOF'
+import json, sys
+from pathlib import Path
+p = Path(sys.argv[1])
+ends = [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+sys.exit(0 if any(e["step"] == sys.argv[2] and e["event"] == "end" and not e.get("cut")
+                  for e in ends) else 1)
+EOF
+}
 
-step "5. decisions"
-BENCH_JSON=$(ls -t "$RES"/*-quick.json 2>/dev/null | head -n 1)
-if [ -n "$BENCH_JSON" ]; then
-  "$PY" -m lora_kernels.bench.decide "$BENCH_JSON" --out "$RES/decisions.json"
-else
-  echo "no benchmark result file: nothing to decide"
-fi
-step "summary"
-"$PY" -m lora_kernels.check --summary "$RES" 2>&1 | tail -n 3
-[ -f "$RES/decisions.json" ] && "$PY" -c "import json, sys; from lora_kernels.bench.decide import \
-table; print(table(json.load(open(sys.argv[1]))))" "$RES/decisions.json"
-echo "== done in $(( $(date +%s) - t0 )) s; results in $RES"
+# run_step NAME LIMIT DEADLINE CMD...: SIGINT at DEADLINE (0: none), SIGKILL at LIMIT, to the
+# step's whole process group (pytest workers and warm-ups included)
+run_step() {
+  local name=$1 limit=$2 deadline=$3; shift 3
+  if [ "$MODE" = rerun ] && step_done "$name"; then
+    echo "== $name: finished in the first command, not repeated"; return 0
+  fi
+  echo; echo "== [$(date -u +%T)] $name (limit ${limit} s, deadline ${deadline} s)"
+  note "$name" start ", \"limit\": $limit, \"deadline\": $deadline"
+  local t0 rc cut=false
+  t0=$(date +%s)
+  if [ -n "${GS_STANDIN:-}" ]; then set -- "$GS_STANDIN" "$name"; fi
+  # (functions reach timeout's child through export -f and bash -c)
+  if [ "$deadline" -gt 0 ]; then
+    STEP_DEADLINE=$deadline timeout -s INT -k $((limit - deadline)) "$deadline" \
+      bash -c '"$@"' _ "$@"
+  else
+    timeout -s KILL "$limit" bash -c '"$@"' _ "$@"
+  fi
+  rc=$?
+  # 124: the deadline's SIGINT (or the limit's KILL) ended it; 130 / 137: interrupted / killed
+  case $rc in 124|130|137) cut=true ;; esac
+  if [ $(( $(date +%s) - t0 )) -ge "$deadline" ] && [ "$deadline" -gt 0 ]; then cut=true; fi
+  note "$name" end ", \"rc\": $rc, \"cut\": $cut, \"wall_s\": $(( $(date +%s) - t0 ))"
+  echo "== $name: rc=$rc cut=$cut in $(( $(date +%s) - t0 )) s"
+  sync_state
+  return 0
+}
+
+pytest_step() {  # pytest_step STEP: the step's tests not yet reported, with the result plugin
+  local step=$1 ids="$STATE/$1.ids"
+  "$PY" -m lora_kernels.bench.session_plan --select "$step" --out "$ids" \
+    --results "$RES/tests.jsonl" || return 3
+  [ -s "$ids" ] || { echo "$step: nothing left to run"; return 0; }
+  LORA_KERNELS_STEP=$step LORA_KERNELS_SELECT=$ids LORA_KERNELS_AUTOTUNE=0 \
+    "$PY" -m pytest -q -p no:cacheprovider -p lora_kernels.bench.pytest_plugin \
+    --benchmark-disable -n "$WORKERS" --timeout "$TEST_TIMEOUT" --timeout-method thread \
+    --max-worker-restart 20 -o junit_family=xunit2 tests 2>&1 | tail -n 25
+}
+
+step_build() {
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install -q --no-build-isolation --no-deps \
+    -e . 2>&1 | tail -n 5
+  "$PY" -c "import lora_kernels; print('cuda_available:', lora_kernels.cuda_available())"
+}
+
+step_correctness() {
+  # beside the tests, on their own cores: the compiles steps 3 and 4 will need
+  LORA_KERNELS_AUTOTUNE=0 "$PY" bench/memcheck_cases.py > "$STATE/warm-memcheck.log" 2>&1 &
+  local i parts=2
+  for i in $(seq 0 $((parts - 1))); do
+    "$PY" -m lora_kernels.bench.session_plan --warm-headline "$i/$parts" \
+      > "$STATE/warm-headline-$i.log" 2>&1 &
+  done
+  pytest_step correctness
+  local rc=$?
+  wait
+  tail -n 1 "$STATE/warm-memcheck.log" "$STATE"/warm-headline-*.log 2>/dev/null
+  return $rc
+}
+
+step_memcheck() {
+  local san
+  san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 LORA_KERNELS_AUTOTUNE=0 "$san" --tool memcheck \
+    --error-exitcode 9 --print-limit 20 "$PY" bench/memcheck_cases.py > "$RES/memcheck.log" 2>&1
+  local rc=$?
+  echo "memcheck rc=$rc (0 clean, 9 memcheck errors)"; tail -n 4 "$RES/memcheck.log"
+  return $rc
+}
+
+step_headline() {
+  "$PY" -m lora_kernels.bench --headline --no-progress --out "$RES"
+  local rc=$? bench
+  bench=$(ls -t "$RES"/*-headline.json 2>/dev/null | head -n 1)
+  if [ -n "$bench" ]; then
+    "$PY" -m lora_kernels.bench.decide "$bench" --out "$RES/decisions.json"
+  else
+    echo "no benchmark result file: nothing to decide"
+  fi
+  return $rc
+}
+
+step_suite() { pytest_step suite; }
+
+session() {
+  echo "== gpu_session.sh $MODE $(date -u +%FT%TZ) sm_$cap; results in $RES"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader \
+    2>/dev/null || true
+  local t0 s limit
+  t0=$(date +%s)
+  if [ "$MODE" = rerun ] && [ -z "${GS_STANDIN:-}" ] && "$PY" -c "import lora_kernels._C" \
+      2>/dev/null; then
+    note build end ', "rc": 0, "cut": false, "wall_s": 0'
+  fi
+  for s in $STEPS; do
+    limit=LIMIT_$s
+    case $s in
+      build|memcheck) run_step "$s" "${!limit}" 0 "step_$s" ;;
+      *) run_step "$s" "${!limit}" $(( ${!limit} - MARGIN )) "step_$s" ;;
+    esac
+  done
+  echo; echo "== [$(date -u +%T)] summary ($(( $(date +%s) - t0 )) s)"
+  "$PY" -m lora_kernels.check --summary "$RES" 2>&1 | tee "$RES/summary.txt"
+  sync_state
+}
+
+export -f step_build step_correctness step_memcheck step_headline step_suite pytest_step note
+export PY RES STATE WORKERS TEST_TIMEOUT
+session 2>&1 | tee -a "$RES/session.log"

@@ -7,8 +7,8 @@ the fastest backend *verified* for the tensors' device:
 * CUDA tensors: ``"cuda"`` if that op's CUDA kernel is listed in :data:`VERIFIED_ON_GPU`, else
   ``"triton"`` if its Triton kernel is listed there, else ``"torch"``.
 
-:data:`VERIFIED_ON_GPU` is only ever extended by hand after ``python -m lora_kernels.check --gpu``
-passed on a real GPU and its results were committed under ``bench/results/``: a kernel that has
+:data:`VERIFIED_ON_GPU` is read from ``lora_kernels/verified_gpu.json``, written only by
+``python -m lora_kernels.check --apply`` from a GPU session's committed results: a kernel that has
 only been compiled, or run through Triton's interpreter, is never picked implicitly.
 """
 
@@ -21,16 +21,24 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "LORA_KERNELS_BACKEND"
 
-# (backend, op) pairs that passed the float64-referenced suite on a real GPU, and the defaults
-# the GPU benchmark chose (op -> backend to prefer when both kernels are verified; the multi-LoRA
-# prefill path). Written only by ``python -m lora_kernels.check --apply RESULTS_DIR`` from a
-# committed GPU run's results (lora_kernels.check.apply_results). Empty: no GPU run has been made
-# yet (see README "What is verified where"). Explicit backend="triton" / "cuda" still runs those
-# kernels.
-# BEGIN measured
-VERIFIED_ON_GPU: frozenset[tuple[str, str]] = frozenset()
-MEASURED_DEFAULTS: dict[str, str] = {}
-# END measured
+def _load_verified() -> tuple[frozenset[tuple[str, str]], dict[str, str]]:
+    """(backend, op) pairs that passed the float64-referenced suite on a real GPU, and the
+    defaults the GPU benchmark chose (op -> backend to prefer when both kernels are verified;
+    the multi-LoRA prefill path), from ``lora_kernels/verified_gpu.json``, which only
+    ``python -m lora_kernels.check --apply RESULTS_DIR`` writes from a committed GPU session's
+    results (a pair counts only when all of its planned tests ran and passed). Empty: no GPU run
+    has been made yet (README "What is verified where"). Explicit backend="triton" / "cuda" still runs those
+    kernels. A package without the file (it ships in the wheel) verifies nothing."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).with_name("verified_gpu.json")
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    pairs = frozenset((str(b), str(o)) for b, o in doc.get("verified", []))
+    return pairs, {str(k): str(v) for k, v in doc.get("defaults", {}).items()}
+
+
+VERIFIED_ON_GPU, MEASURED_DEFAULTS = _load_verified()
 
 
 def triton_interpret() -> bool:

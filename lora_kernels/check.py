@@ -1,20 +1,21 @@
-"""``python -m lora_kernels.check --gpu``: the whole test suite on the GPU, for every backend.
+"""``python -m lora_kernels.check``: run the suite on the GPU, and read a GPU session's results.
 
-Runs ``pytest tests`` with ``LORA_KERNELS_TEST_DEVICE=cuda`` and ``TRITON_INTERPRET=0`` (the suite
-parametrises over every backend runnable on the device: torch, triton, and cuda when the compiled
-module is present), reads pytest's junit XML, and writes
-``bench/results/check-<device-slug>.json`` (device name, versions, counts, every test's outcome,
-duration and failure message) and prints a summary. Optional extra passes re-run the suite with
-``LORA_KERNELS_BACKEND`` set (``--env-backends triton,cuda``), so that code paths taking the default
-backend run on those kernels too.
+``--gpu``: runs ``pytest tests`` with ``LORA_KERNELS_TEST_DEVICE=cuda`` and ``TRITON_INTERPRET=0``
+(the suite parametrises over every backend runnable on the device: torch, triton, and cuda when
+the compiled module is present), each result appended to ``<out>/tests.jsonl`` as it finishes
+(``lora_kernels.bench.pytest_plugin``), then writes ``<out>/check-<device-slug>.json`` (device,
+versions, counts) and prints a summary. Optional extra passes re-run the suite with
+``LORA_KERNELS_BACKEND`` set (``--env-backends triton,cuda``). Without a usable CUDA device it
+exits with status 2 and says so; it never falls back to CPU.
 
-Without a usable CUDA device it exits with status 2 and says so; it never falls back to CPU.
+``--summary RESULTS_DIR`` (no GPU needed): what a session (``bench/gpu_session.sh``) ran, what was
+cut and what did not run, per step; the (backend, op) pairs it verified; its decisions.
+``--apply RESULTS_DIR``: writes those pairs and the measured defaults to
+``lora_kernels/verified_gpu.json``, which ``lora_kernels._backend`` reads at import.
 
-``python -m lora_kernels.check --apply RESULTS_DIR`` (no GPU needed; after a GPU run's results are
-committed): rewrites the measured block of ``lora_kernels/_backend.py`` with exactly the
-(backend, op) pairs whose tests all passed in ``RESULTS_DIR/check-*.json`` (:func:`verified_pairs`)
-and the defaults ``RESULTS_DIR/decisions.json`` chose (:func:`measured_defaults`).
-``--summary RESULTS_DIR`` prints both without writing.
+A (backend, op) pair is verified exactly when every test of it that a step planned ran and
+passed (:func:`verified_pairs`): ``tests.jsonl`` holds each step's planned test ids first, then
+one line per result, so a step cut at any moment still verifies the pairs it finished.
 """
 
 from __future__ import annotations
@@ -26,60 +27,65 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
 
 
-def parse_junit(path: Path) -> list[dict]:
-    """Per-test results from a pytest junit XML file."""
-    root = ET.parse(path).getroot()
-    out = []
-    for tc in root.iter("testcase"):
-        outcome, message = "passed", None
-        for tag in ("failure", "error", "skipped"):
-            el = tc.find(tag)
-            if el is not None:
-                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                message = (el.get("message") or el.text or "")[:500]
-                break
-        out.append({"test": f"{tc.get('classname', '')}::{tc.get('name', '')}",
-                    "outcome": outcome, "time_s": float(tc.get("time") or 0.0),
-                    "message": message})
-    return out
-
-
-def run_pass(label: str, extra_env: dict, args, repo: Path) -> dict:
-    env = dict(os.environ)
-    env.update(LORA_KERNELS_TEST_DEVICE="cuda", TRITON_INTERPRET="0", **extra_env)
-    with tempfile.TemporaryDirectory() as td:
-        xml = Path(td) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", str(repo / "tests"), "-q", "-p", "no:cacheprovider",
-               f"--junitxml={xml}", "-o", "junit_family=xunit2", *args.pytest_args]
-        if args.workers > 1:
-            cmd += ["-n", str(args.workers)]
-        print(f"\n== pass {label}: {' '.join(cmd)}\n   env: LORA_KERNELS_TEST_DEVICE=cuda "
-              f"TRITON_INTERPRET=0 {' '.join(f'{k}={v}' for k, v in extra_env.items())}",
-              flush=True)
-        t0 = time.time()
-        proc = subprocess.Popen(cmd, cwd=repo, env=env)
-        interrupted = False
+def read_results(path: Path) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """``(planned, results)`` of a ``tests.jsonl``: step -> the test ids it planned (the first
+    plan of a step counts: a rerun plans only what is left), and test id -> its result
+    ``{"outcome": passed | failed | error | skipped, "step", "time_s", "message"}`` (a failed setup
+    or teardown makes the test an error). A torn last line (a kill mid-write) is ignored."""
+    planned: dict[str, list[str]] = {}
+    results: dict[str, dict] = {}
+    if not Path(path).exists():
+        return planned, results
+    for line in Path(path).read_text().splitlines():
         try:
-            proc.wait(timeout=args.deadline or None)
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "planned" in r:
+            planned.setdefault(r.get("step") or "", list(r["planned"]))
+            continue
+        prev = results.get(r["test"])
+        bad = r["outcome"] in ("failed", "error")
+        if prev is None or bad or (r["when"] == "call" and prev["outcome"] not in
+                                   ("failed", "error")):
+            results[r["test"]] = {"outcome": r["outcome"], "step": r.get("step"),
+                                  "time_s": r.get("time_s"), "message": r.get("message")}
+    return planned, results
+
+
+def run_pass(label: str, extra_env: dict, args, repo: Path, jsonl: Path) -> dict:
+    env = dict(os.environ)
+    env.update(LORA_KERNELS_TEST_DEVICE="cuda", TRITON_INTERPRET="0",
+               LORA_KERNELS_RESULTS_JSONL=str(jsonl), LORA_KERNELS_STEP=label, **extra_env)
+    cmd = [sys.executable, "-m", "pytest", str(repo / "tests"), "-q", "-p", "no:cacheprovider",
+           "-p", "lora_kernels.bench.pytest_plugin", *args.pytest_args]
+    if args.workers > 1:
+        cmd += ["-n", str(args.workers)]
+    print(f"\n== pass {label}: {' '.join(cmd)}\n   env: LORA_KERNELS_TEST_DEVICE=cuda "
+          f"TRITON_INTERPRET=0 {' '.join(f'{k}={v}' for k, v in extra_env.items())}",
+          flush=True)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=repo, env=env)
+    interrupted = False
+    try:
+        proc.wait(timeout=args.deadline or None)
+    except subprocess.TimeoutExpired:
+        interrupted = True  # SIGINT: pytest stops; every finished result is already written
+        print(f"\n== deadline {args.deadline} s reached: interrupting pytest", flush=True)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            # SIGINT: pytest stops, reports what ran and still writes its junit XML
-            interrupted = True
-            print(f"\n== deadline {args.deadline} s reached: interrupting pytest", flush=True)
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        tests = parse_junit(xml) if xml.exists() else []
+            proc.kill()
+            proc.wait()
+    _, results = read_results(jsonl)
+    tests = [{"test": t, **r} for t, r in results.items() if r["step"] == label]
     counts: dict[str, int] = {}
     for t in tests:
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
@@ -99,9 +105,10 @@ TEST_FILE_OPS = {"test_lora.py": "lora_linear", "test_glora.py": "glora_linear",
 VARIANT_OPS = {"nora": "nora_linear", "cur": "cur_linear", "deep": "deep_lora_linear"}
 
 
-def _test_pair(test_id: str) -> tuple[str | None, str | None]:
-    """(backend | None, op | None) a test id belongs to, e.g.
-    'tests.test_lora::test_fwd[triton-bf16]' -> ('triton', 'lora_linear')."""
+def test_pair(test_id: str) -> tuple[str | None, str | None]:
+    """(backend | None, op | None) a test id belongs to, as junit writes it or as a pytest node
+    id, e.g. 'tests.test_lora::test_fwd[triton-bf16]' or 'tests/test_lora.py::test_fwd[triton-bf16]'
+    -> ('triton', 'lora_linear')."""
     path, _, name = test_id.partition("::")
     fname = path.replace(".", "/").split("/")[-1] + ".py" if not path.endswith(".py") \
         else path.split("/")[-1]
@@ -118,24 +125,45 @@ def _test_pair(test_id: str) -> tuple[str | None, str | None]:
     return backend, op
 
 
-def verified_pairs(check_docs: list[dict]) -> frozenset[tuple[str, str]]:
-    """(backend, op) pairs with at least one passed test and no failed / errored test, over
-    every pass of every check file; a failure with no backend in its id blocks its op for every
-    backend; a pass interrupted at its deadline verifies nothing."""
-    passed, blocked = set(), set()
-    for doc in check_docs:
-        for p in doc.get("passes", []):
-            if p.get("interrupted"):
-                continue
-            for t in p.get("tests", []):
-                be, op = _test_pair(t["test"])
-                if op is None:
-                    continue
-                if t["outcome"] in ("failed", "error"):
-                    blocked |= {(b, op) for b in ("triton", "cuda")} if be is None else {(be, op)}
-                elif t["outcome"] == "passed" and be is not None:
-                    passed.add((be, op))
-    return frozenset(passed - blocked)
+def pair_status(planned: dict[str, list[str]], results: dict[str, dict]) -> dict[tuple, str]:
+    """(backend, op) -> "verified", or why not: every test a step planned for the pair must have
+    run and passed; a failed / errored test anywhere blocks its pair (one with no backend in its
+    id blocks its op for both backends); a skipped or unrun planned test leaves it unverified."""
+    status: dict[tuple, str] = {}
+    want: dict[tuple, list[str]] = {}
+    for ids in planned.values():
+        for t in ids:
+            be, op = test_pair(t)
+            if be in ("triton", "cuda") and op is not None:
+                want.setdefault((be, op), []).append(t)
+    blocked: dict[tuple, str] = {}
+    for t, r in results.items():
+        if r["outcome"] not in ("failed", "error"):
+            continue
+        be, op = test_pair(t)
+        if op is None:
+            continue
+        for b in ((be,) if be in ("triton", "cuda") else ("triton", "cuda")):
+            blocked.setdefault((b, op), f"{r['outcome']}: {t}")
+    for pair, ids in sorted(want.items()):
+        if pair in blocked:
+            status[pair] = blocked[pair]
+            continue
+        unrun = [t for t in ids if t not in results]
+        skipped = [t for t in ids if t in results and results[t]["outcome"] == "skipped"]
+        if unrun:
+            status[pair] = f"{len(unrun)} of {len(ids)} planned tests did not run"
+        elif skipped:
+            status[pair] = f"{len(skipped)} of {len(ids)} planned tests skipped ({skipped[0]})"
+        else:
+            status[pair] = "verified"
+    return status
+
+
+def verified_pairs(planned: dict[str, list[str]],
+                   results: dict[str, dict]) -> frozenset[tuple[str, str]]:
+    """The pairs :func:`pair_status` calls verified."""
+    return frozenset(p for p, s in pair_status(planned, results).items() if s == "verified")
 
 
 def measured_defaults(decisions: dict, verified: frozenset) -> dict[str, str]:
@@ -155,27 +183,86 @@ def measured_defaults(decisions: dict, verified: frozenset) -> dict[str, str]:
     return out
 
 
-def _read_results(folder: Path) -> tuple[list[dict], dict]:
-    checks = [json.loads(f.read_text()) for f in sorted(folder.glob("check-*.json"))]
-    if not checks:
-        raise FileNotFoundError(f"no check-*.json in {folder}")
-    dec = folder / "decisions.json"
-    return checks, (json.loads(dec.read_text()) if dec.exists() else {})
+VERIFIED_FILE = Path(__file__).with_name("verified_gpu.json")
 
 
-def apply_results(folder: Path, backend_py: Path | None = None) -> tuple[frozenset, dict]:
-    """Rewrite the ``# BEGIN measured`` block of ``_backend.py`` from a results folder."""
-    checks, dec = _read_results(Path(folder))
-    pairs = verified_pairs(checks)
-    defaults = measured_defaults(dec, pairs)
-    path = Path(backend_py) if backend_py else Path(__file__).with_name("_backend.py")
-    src = path.read_text()
-    a, b = src.index("# BEGIN measured\n"), src.index("# END measured")
-    body = ("# BEGIN measured\n"
-            f"VERIFIED_ON_GPU: frozenset[tuple[str, str]] = frozenset({sorted(pairs)!r})\n"
-            f"MEASURED_DEFAULTS: dict[str, str] = {dict(sorted(defaults.items()))!r}\n")
-    path.write_text(src[:a] + body + src[b:])
+def _decisions(folder: Path) -> dict:
+    dec = Path(folder) / "decisions.json"
+    return json.loads(dec.read_text()) if dec.exists() else {}
+
+
+def apply_results(folder: Path, target: Path | None = None) -> tuple[frozenset, dict]:
+    """Write the verified pairs and measured defaults of a results folder to
+    ``lora_kernels/verified_gpu.json`` (or ``target``)."""
+    folder = Path(folder)
+    if not (folder / "tests.jsonl").exists():
+        raise FileNotFoundError(f"no tests.jsonl in {folder}")
+    planned, results = read_results(folder / "tests.jsonl")
+    pairs = verified_pairs(planned, results)
+    defaults = measured_defaults(_decisions(folder), pairs)
+    doc = {"what": "(backend, op) pairs whose planned GPU tests all ran and passed, and the "
+                   "defaults the GPU benchmark chose; written by python -m lora_kernels.check "
+                   "--apply", "source": str(folder),
+           "verified": [list(p) for p in sorted(pairs)],
+           "defaults": dict(sorted(defaults.items()))}
+    (Path(target) if target else VERIFIED_FILE).write_text(json.dumps(doc, indent=1) + "\n")
     return pairs, defaults
+
+
+def summary(folder: Path) -> str:
+    """What a session ran, cut and did not run (per step), the pairs it verified, its decisions."""
+    folder = Path(folder)
+    steps_file = folder / "steps.jsonl"
+    events = []
+    if steps_file.exists():
+        for line in steps_file.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    planned, results = read_results(folder / "tests.jsonl")
+    order = ["build", "correctness", "memcheck", "headline", "suite"]
+    order += [e["step"] for e in events if e["step"] not in order]
+    lines, not_run = [], []
+    for st in dict.fromkeys(order):
+        ev = [e for e in events if e["step"] == st]
+        end = next((e for e in reversed(ev) if e["event"] == "end"), None)
+        if not ev:
+            not_run.append(st)
+            lines.append(f"  {st:<12} NOT RUN")
+            continue
+        state = ("no end recorded (killed)" if end is None else
+                 f"CUT at its deadline (rc {end['rc']}, {end.get('wall_s')} s)" if end["cut"]
+                 else f"finished rc {end['rc']} in {end.get('wall_s')} s")
+        lines.append(f"  {st:<12} {state}")
+        if st in planned:
+            ids = planned[st]
+            got = [results[t]["outcome"] for t in ids if t in results]
+            c = {k: got.count(k) for k in ("passed", "failed", "error", "skipped")}
+            missing = [t for t in ids if t not in results]
+            lines.append(f"  {'':<12} {len(ids)} planned: {c['passed']} passed, {c['failed']} "
+                         f"failed, {c['error']} errors, {c['skipped']} skipped, {len(missing)} "
+                         f"did not run" + (f" (first: {missing[0]})" if missing else ""))
+            for t in ids:
+                if t in results and results[t]["outcome"] in ("failed", "error"):
+                    msg = (results[t]["message"] or "").strip().splitlines()
+                    lines.append(f"    {results[t]['outcome'].upper()} {t}: "
+                                 f"{msg[-1][:150] if msg else ''}")
+    status = pair_status(planned, results)
+    lines.append("(backend, op) pairs:")
+    for (be, op), s in status.items():
+        lines.append(f"  {be:<7}{op:<20}{s}")
+    pairs = frozenset(p for p, s in status.items() if s == "verified")
+    dec = _decisions(folder)
+    if dec:
+        from .bench.decide import table
+
+        lines.append(table(dec))
+    lines.append(f"measured defaults: {measured_defaults(dec, pairs)}")
+    unrun_tests = sum(1 for ids in planned.values() for t in ids if t not in results)
+    lines.append(f"did not run: steps {', '.join(not_run) or 'none'}; {unrun_tests} planned "
+                 f"tests")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -190,21 +277,18 @@ def main(argv=None) -> int:
                     help="seconds per pass; then pytest is interrupted (SIGINT) and what ran is "
                          "recorded; an interrupted pass verifies nothing (default: none)")
     ap.add_argument("--apply", metavar="RESULTS_DIR",
-                    help="write VERIFIED_ON_GPU / MEASURED_DEFAULTS from a GPU run's results")
+                    help="write lora_kernels/verified_gpu.json from a GPU run's results")
     ap.add_argument("--summary", metavar="RESULTS_DIR",
-                    help="print what --apply would write")
+                    help="what a GPU session ran / cut / did not run, and the verified pairs")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args(argv)
-    if args.apply or args.summary:
-        folder = Path(args.apply or args.summary)
-        if args.apply:
-            pairs, defaults = apply_results(folder)
-        else:
-            checks, dec = _read_results(folder)
-            pairs = verified_pairs(checks)
-            defaults = measured_defaults(dec, pairs)
-        print(f"verified on GPU: {sorted(pairs)}\nmeasured defaults: {defaults}"
-              + ("\nwritten to lora_kernels/_backend.py" if args.apply else ""))
+    if args.summary:
+        print(summary(Path(args.summary)))
+        return 0
+    if args.apply:
+        pairs, defaults = apply_results(Path(args.apply))
+        print(f"verified on GPU: {sorted(pairs)}\nmeasured defaults: {defaults}\n"
+              f"written to {VERIFIED_FILE}")
         return 0
     if not args.gpu:
         ap.error("nothing to do: pass --gpu (the CPU suite is `make test`)")
@@ -221,21 +305,22 @@ def main(argv=None) -> int:
     repo = Path(__file__).resolve().parents[1]
     info = device_info(torch.device("cuda"))
     info["cuda_module"] = {"available": lora_kernels.cuda_available()}
-    passes = [run_pass("default", {}, args, repo)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "tests.jsonl"
+    passes = [run_pass("default", {}, args, repo, jsonl)]
     for be in [b.strip() for b in args.env_backends.split(",") if b.strip()]:
         if be == "cuda" and not lora_kernels.cuda_available():
             passes.append({"label": "LORA_KERNELS_BACKEND=cuda", "skipped":
                            "lora_kernels._C not built/usable", "counts": {}, "tests": []})
             continue
         passes.append(run_pass(f"LORA_KERNELS_BACKEND={be}", {"LORA_KERNELS_BACKEND": be},
-                               args, repo))
+                               args, repo, jsonl))
     ok = all(p.get("skipped") or (p["returncode"] == 0 and p["counts"].get("passed")
                                   and not p.get("interrupted")) for p in passes)
     doc = {"device": info["name"], "device_info": info, "versions": info["versions"],
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "ok": bool(ok), "passes": passes}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"check-{info['slug']}.json"
     path.write_text(json.dumps(doc, indent=1))
 

@@ -39,6 +39,9 @@ def _parse(argv):
                         f"untracked; {REFERENCE_DIR}/ for the full sweep, the committed reference)")
     p.add_argument("--only", default=None,
                    help="comma-separated groups: train,layer,methods,decode,prefill")
+    p.add_argument("--headline", action="store_true",
+                   help="GPU: the three DESIGN.md headline points alone (train, decode, prefill; "
+                        "no torch.compile baseline): bench/gpu_session.sh's decisions step")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for a --quick CPU sweep, steadier on a "
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
             print(report.readme_table(args.readme))
         return 0
 
-    from .cases import build_cases
+    from .cases import build_cases, headline_cases
     from .harness import Budget, Peaks, check_interpreter, device_info, run_cases
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -89,8 +92,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     torch.manual_seed(0)
     info = device_info(device)
-    cases = build_cases(device, args.quick, only)
-    stem = info["slug"] + ("-quick" if args.quick else "") + (f"-{'-'.join(only)}" if only else "")
+    if args.headline:
+        args.quick = True
+        cases = headline_cases(device)
+        stem = info["slug"] + "-headline"
+    else:
+        cases = build_cases(device, args.quick, only)
+        stem = info["slug"] + ("-quick" if args.quick else "") + \
+            (f"-{'-'.join(only)}" if only else "")
     out_dir = Path(args.out if args.out is not None else
                    SCRATCH_DIR if (args.quick or only) else REFERENCE_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -720,6 +720,15 @@ def gpu_cases(device, quick: bool) -> list[Case]:
     return cases
 
 
+def headline_cases(device) -> list[Case]:
+    """The three DESIGN.md headline points alone (``--headline``: the GPU session's decisions,
+    ``lora_kernels.bench.decide``), without the ``torch.compile`` baseline (its Inductor compile
+    is no candidate and would cost the session ~20 s)."""
+    return [decode_case(*HEAD_DECODE, device), prefill_case(*HEAD_PREFILL, device),
+            train_case(*HEAD_TRAIN, device, compile_skip="headline step: torch.compile is no "
+                       "candidate (Inductor compile time)")]
+
+
 def cpu_cases(device, quick: bool) -> list[Case]:
     f32 = torch.float32
     skip = "quick sweep: torch.compile not timed (compile time)" if quick else None

@@ -183,7 +183,7 @@ def qgemm(x, qw, *, trans_w: bool, out_dtype, bias=None, s=None, bm=None, scale=
     elif interp:
         kernel, cfg = qgemm_lowrank_kernel, TR.interpreter_tiles(M, N)
     else:
-        kernel, cfg = qgemm_lowrank_autotuned, {}
+        kernel, cfg = TR.tuned(qgemm_lowrank_kernel, qgemm_lowrank_autotuned)
     if splits > 1:
         bk = cfg["BLOCK_K"]
         per = TR.cdiv(TR.cdiv(K, splits), bk) * bk
