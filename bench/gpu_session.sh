@@ -42,10 +42,10 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 
 LIMIT_build=${GS_LIMIT_build:-45}
-LIMIT_correctness=${GS_LIMIT_correctness:-220}
-LIMIT_memcheck=${GS_LIMIT_memcheck:-45}
-LIMIT_headline=${GS_LIMIT_headline:-120}
-LIMIT_suite=${GS_LIMIT_suite:-110}
+LIMIT_correctness=${GS_LIMIT_correctness:-245}
+LIMIT_memcheck=${GS_LIMIT_memcheck:-40}
+LIMIT_headline=${GS_LIMIT_headline:-90}
+LIMIT_suite=${GS_LIMIT_suite:-120}
 MARGIN=${GS_MARGIN:-45}
 TEST_TIMEOUT=${GS_TEST_TIMEOUT:-120}
 WORKERS=${GS_WORKERS:-13}
@@ -94,6 +94,20 @@ sync_state() {
   done
   return 0
 }
+# at most 8 files come back from $OUT: anything beyond the known ones (a benchmark's .tmp left by
+# a kill, say) moves to $STATE
+KEEP="session.log steps.jsonl tests.jsonl summary.txt decisions.json memcheck.log"
+trim_out() {
+  local f b
+  for f in "$RES"/* "$RES"/.[!.]*; do
+    [ -e "$f" ] || continue
+    b=$(basename "$f")
+    case " $KEEP " in *" $b "*) continue ;; esac
+    case $b in *-headline.json|*-headline.png) continue ;; esac
+    mv -f "$f" "$STATE/" 2>/dev/null || rm -rf "$f"
+  done
+  return 0
+}
 note() { printf '{"step": "%s", "event": "%s", "at": %s%s}\n' "$1" "$2" "$(date +%s)" "${3:-}" \
            >> "$RES/steps.jsonl"; }
 step_done() {  # finished (whatever its result) in an earlier command of this session
@@ -121,10 +135,9 @@ run_step() {
   if [ -n "${GS_STANDIN:-}" ]; then set -- "$GS_STANDIN" "$name"; fi
   # (functions reach timeout's child through export -f and bash -c)
   if [ "$deadline" -gt 0 ]; then
-    STEP_DEADLINE=$deadline timeout -s INT -k $((limit - deadline)) "$deadline" \
-      bash -c '"$@"' _ "$@"
+    timeout -s INT -k $((limit - deadline)) "$deadline" bash -o pipefail -c '"$@"' _ "$@"
   else
-    timeout -s KILL "$limit" bash -c '"$@"' _ "$@"
+    timeout -s KILL "$limit" bash -o pipefail -c '"$@"' _ "$@"
   fi
   rc=$?
   # 124: the deadline's SIGINT (or the limit's KILL) ended it; 130 / 137: interrupted / killed
@@ -132,6 +145,7 @@ run_step() {
   if [ $(( $(date +%s) - t0 )) -ge "$deadline" ] && [ "$deadline" -gt 0 ]; then cut=true; fi
   note "$name" end ", \"rc\": $rc, \"cut\": $cut, \"wall_s\": $(( $(date +%s) - t0 ))"
   echo "== $name: rc=$rc cut=$cut in $(( $(date +%s) - t0 )) s"
+  trim_out
   sync_state
   return 0
 }
@@ -144,7 +158,7 @@ pytest_step() {  # pytest_step STEP: the step's tests not yet reported, with the
   LORA_KERNELS_STEP=$step LORA_KERNELS_SELECT=$ids LORA_KERNELS_AUTOTUNE=0 \
     "$PY" -m pytest -q -p no:cacheprovider -p lora_kernels.bench.pytest_plugin \
     --benchmark-disable -n "$WORKERS" --timeout "$TEST_TIMEOUT" --timeout-method thread \
-    --max-worker-restart 20 -o junit_family=xunit2 tests 2>&1 | tail -n 25
+    --max-worker-restart 20 -rfE tests
 }
 
 step_build() {

@@ -94,14 +94,18 @@ def run_pass(label: str, extra_env: dict, args, repo: Path, jsonl: Path) -> dict
             "wall_s": round(time.time() - t0, 1), "counts": counts, "tests": tests}
 
 
-# test file -> op its backend-parametrised tests cover (tests/cuda/test_cuda_build.py's [cuda]
+# test file -> op its backend-parametrised tests cover. A new op's test file belongs here: its
+# [triton] / [cuda] tests then form the GPU session's correctness step for that (backend, op)
+# pair and verify it (bench/gpu_session.sh; otherwise they only run in its broader suite) (tests/cuda/test_cuda_build.py's [cuda]
 # kernel tests: by test name, below)
 TEST_FILE_OPS = {"test_lora.py": "lora_linear", "test_glora.py": "glora_linear",
                  "test_quant.py": "lora_linear", "test_dora.py": "dora_linear",
                  "test_multi_lora.py": "multi_lora_linear",
                  "test_serving_model.py": "multi_lora_linear",
                  "test_serving_plan.py": "multi_lora_linear", "test_store.py": "multi_lora_linear",
-                 "test_fused_proj.py": "multi_lora_linear", "test_lora_tma.py": None}
+                 "test_fused_proj.py": "multi_lora_linear", "test_lora_tma.py": None,
+                 "test_moe_lora.py": "moe_lora_linear",
+                 "test_embedding_lora.py": "lora_embedding"}
 VARIANT_OPS = {"nora": "nora_linear", "cur": "cur_linear", "deep": "deep_lora_linear"}
 
 
@@ -117,6 +121,8 @@ def test_pair(test_id: str) -> tuple[str | None, str | None]:
     op = TEST_FILE_OPS.get(fname)
     if fname == "test_variants.py":
         op = next((o for k, o in VARIANT_OPS.items() if k in name.lower()), None)
+    if fname == "test_embedding_lora.py" and ("served" in name or "multi" in name):
+        op = "multi_lora_embedding"
     if fname == "test_cuda_build.py":  # [cuda] kernel tests ([emu] ones run on CPU only)
         gpu = "cuda" in params or "cuda_backend" in name or "cuda_graph" in name
         backend = "cuda" if gpu else None

@@ -169,7 +169,7 @@ def _sources_hash() -> str:
     h = hashlib.sha256(triton.__version__.encode())
     files = sorted(f for f in [*ROOT.glob("lora_kernels/**/*.py"), *ROOT.glob("tests/**/*.py"),
                                ROOT / "bench" / "memcheck_cases.py"]
-                   if f.name not in ("session_plan.py", "test_gpu_session_plan.py",
+                   if f.name not in ("session_plan.py", "check.py", "test_gpu_session_plan.py",
                                      "test_gpu_session_rehearsal.py"))
     for f in files:
         h.update(str(f.relative_to(ROOT)).encode())
