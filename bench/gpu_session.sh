@@ -41,10 +41,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-LIMIT_build=${GS_LIMIT_build:-45}
-LIMIT_correctness=${GS_LIMIT_correctness:-245}
-LIMIT_memcheck=${GS_LIMIT_memcheck:-40}
-LIMIT_headline=${GS_LIMIT_headline:-90}
+LIMIT_build=${GS_LIMIT_build:-35}
+LIMIT_correctness=${GS_LIMIT_correctness:-265}
+LIMIT_memcheck=${GS_LIMIT_memcheck:-35}
+LIMIT_headline=${GS_LIMIT_headline:-85}
 LIMIT_suite=${GS_LIMIT_suite:-120}
 MARGIN=${GS_MARGIN:-45}
 TEST_TIMEOUT=${GS_TEST_TIMEOUT:-120}
@@ -57,7 +57,8 @@ case "$MODE" in
   full|rerun) ;;
   --plan)
     exec "$PY" -m lora_kernels.bench.session_plan --limits "build=$LIMIT_build,correctness=\
-$LIMIT_correctness,memcheck=$LIMIT_memcheck,headline=$LIMIT_headline,suite=$LIMIT_suite" ;;
+$LIMIT_correctness,memcheck=$LIMIT_memcheck,headline=$LIMIT_headline,suite=$LIMIT_suite" \
+      --margin "$MARGIN" ;;
   *) echo "usage: bash bench/gpu_session.sh [--plan|rerun]" >&2; exit 2 ;;
 esac
 

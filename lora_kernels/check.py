@@ -96,8 +96,8 @@ def run_pass(label: str, extra_env: dict, args, repo: Path, jsonl: Path) -> dict
 
 # test file -> op its backend-parametrised tests cover. A new op's test file belongs here: its
 # [triton] / [cuda] tests then form the GPU session's correctness step for that (backend, op)
-# pair and verify it (bench/gpu_session.sh; otherwise they only run in its broader suite) (tests/cuda/test_cuda_build.py's [cuda]
-# kernel tests: by test name, below)
+# pair and verify it (bench/gpu_session.sh; otherwise they only run in its broader suite).
+# tests/cuda/test_cuda_build.py's [cuda] kernel tests: by test name, below.
 TEST_FILE_OPS = {"test_lora.py": "lora_linear", "test_glora.py": "glora_linear",
                  "test_quant.py": "lora_linear", "test_dora.py": "dora_linear",
                  "test_multi_lora.py": "multi_lora_linear",

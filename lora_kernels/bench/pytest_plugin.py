@@ -126,6 +126,9 @@ def install_recorder(out_dir: Path, worker: str) -> None:
 
 
 def pytest_configure(config):
+    # an xdist worker reports to the controller, which writes (the environment variable
+    # PYTEST_XDIST_WORKER would also be inherited by a pytest started from inside a worker)
+    _STATE["worker"] = hasattr(config, "workerinput")
     rec = os.environ.get("LORA_KERNELS_RECORD_LAUNCHES")
     if rec:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -152,7 +155,7 @@ def _write_plan(ids: list[str]) -> None:
     """The step's planned ids, before any result (``check.read_results``: the first plan of a
     step counts, so the session's own, written ahead by ``session_plan --select``, wins)."""
     path = os.environ.get("LORA_KERNELS_RESULTS_JSONL")
-    if not path or os.environ.get("PYTEST_XDIST_WORKER") or _STATE.get("planned"):
+    if not path or _STATE.get("worker") or _STATE.get("planned"):
         return
     _STATE["planned"] = True
     with open(path, "a") as fh:
@@ -179,7 +182,7 @@ def pytest_runtest_logreport(report):
     path = os.environ.get("LORA_KERNELS_RESULTS_JSONL")
     if not path or report.when == "teardown" and report.passed:
         return
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if _STATE.get("worker"):
         return  # the controller writes (it receives every worker's reports)
     if report.when == "setup" and report.passed:
         return

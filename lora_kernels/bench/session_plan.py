@@ -51,6 +51,10 @@ SESSION_S = 600           # the device tool's limit for one command
 LIMITS_BUDGET_S = 540     # the steps' limits together (the rest: start, copying, summary)
 SHARE = 0.8               # a step's estimate may use at most this share of its limit
 STEP_NAMES = ("build", "correctness", "memcheck", "headline", "suite")
+# steps that get SIGINT at a deadline MARGIN seconds before their limit (pytest, the benchmark);
+# build and memcheck have only their limit
+DEADLINE_STEPS = ("correctness", "headline", "suite")
+MARGIN_S = 45
 PAIR_BACKENDS = ("triton", "cuda")
 # name fragments of tests that go to the broader suite (step 5) even when they test a pair:
 # torch.compile / opcheck (Inductor compiles on a GPU: ~10 s each), CPU-emulation and
@@ -456,7 +460,8 @@ def make_plan(limits: dict[str, float], workers_here: int = 2) -> tuple[list[Ste
     rec_ids = [t for t in steps["correctness"] + steps["suite"] if "triton" in t]
     cache = ROOT / "runs" / "session-plan" / f"recording-{_sources_hash()}.json"
     t0 = time.time()
-    if cache.exists() and os.environ.get("LORA_KERNELS_PLAN_CACHE", "1") != "0":
+    cached_run = cache.exists() and os.environ.get("LORA_KERNELS_PLAN_CACHE", "1") != "0"
+    if cached_run:
         recs, mem_recs = json.loads(cache.read_text())
     else:
         recs, _ = record_tests(rec_ids, workers_here)
@@ -482,15 +487,20 @@ def make_plan(limits: dict[str, float], workers_here: int = 2) -> tuple[list[Ste
     p5, _ = plan_tests("suite", steps["suite"], by_test, costs, cached, limits["suite"], extra)
     plans.append(p5)
     meta = {"recorded_tests": len(rec_ids), "recording_s": round(rec_wall, 1),
+            "recording_cached": str(cache.relative_to(ROOT)) if cached_run else None,
             "collect_here_s": round(collect_wall, 1),
             "costs": {k: v for k, v in vars(costs).items() if k not in ("compile_s", "basis")},
             "basis": costs.basis}
     return plans, meta
 
 
-def problems(plans: list[StepPlan]) -> list[str]:
+def problems(plans: list[StepPlan], margin: float = MARGIN_S) -> list[str]:
     """What breaks the session's budget (empty: nothing)."""
     out = []
+    for p in plans:
+        if p.name in DEADLINE_STEPS and p.estimate_s > p.limit_s - margin:
+            out.append(f"step {p.name}: estimate {p.estimate_s:.0f} s > its deadline "
+                       f"{p.limit_s - margin:.0f} s (limit {p.limit_s:.0f} s - {margin:.0f} s)")
     total = sum(p.limit_s for p in plans)
     if total > LIMITS_BUDGET_S:
         out.append(f"the step limits add up to {total:.0f} s > {LIMITS_BUDGET_S} s")
@@ -512,8 +522,9 @@ def render(plans: list[StepPlan], meta: dict) -> str:
                      f"{p.estimate_s / p.limit_s:>7.0%}  {p.detail}")
     first = sum(p.estimate_s for p in plans if p.name in ("build", "correctness"))
     lines.append(f"correctness pass alone (steps 1-2): {first:.0f} s estimated")
-    lines.append(f"recorded on CPU: {meta['recorded_tests']} tests that launch Triton, in "
-                 f"{meta['recording_s']} s")
+    how = (f"read from {meta['recording_cached']} (same sources)" if meta.get("recording_cached")
+           else f"in {meta['recording_s']} s")
+    lines.append(f"recorded on CPU: {meta['recorded_tests']} tests that launch Triton, {how}")
     E = sum(p.estimate_s for p in plans)
     L = sum(p.limit_s for p in plans)
     lines.append(f"planned: {E:.0f} s estimated, {L:.0f} s at the step limits, of {SESSION_S} s")
@@ -538,6 +549,8 @@ def main(argv=None) -> int:
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limits", help="step=seconds,... (bench/gpu_session.sh passes its own)")
+    ap.add_argument("--margin", type=float, default=MARGIN_S,
+                    help="seconds between a step's deadline (SIGINT) and its limit (SIGKILL)")
     ap.add_argument("--json", help="also write the plan here")
     ap.add_argument("--workers", type=int, default=2, help="CPU workers for the recording run")
     ap.add_argument("--select", choices=("correctness", "suite"),
@@ -574,7 +587,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"steps": [vars(p) for p in plans], **meta},
                                               indent=1))
-    bad = problems(plans)
+    bad = problems(plans, args.margin)
     for b in bad:
         print(f"OVER BUDGET: {b}")
     print(render(plans, meta))
