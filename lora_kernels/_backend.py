@@ -27,8 +27,8 @@ def _load_verified() -> tuple[frozenset[tuple[str, str]], dict[str, str]]:
     the multi-LoRA prefill path), from ``lora_kernels/verified_gpu.json``, which only
     ``python -m lora_kernels.check --apply RESULTS_DIR`` writes from a committed GPU session's
     results (a pair counts only when all of its planned tests ran and passed). Empty: no GPU run
-    has been made yet (README "What is verified where"). Explicit backend="triton" / "cuda" still runs those
-    kernels. A package without the file (it ships in the wheel) verifies nothing."""
+    has been made yet (README "What is verified where"). Explicit backend="triton" / "cuda" still
+    runs those kernels. A package without the file (it ships in the wheel) verifies nothing."""
     import json
     from pathlib import Path
 

@@ -31,6 +31,24 @@ TILE_CONSTEXPRS = frozenset({"BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "GROUP_
 _STATE: dict = {"test": None, "out": None, "autotuners": None}
 
 
+def spec_class(v):
+    """What Triton's specialiser distinguishes in an argument encoded by
+    :func:`lora_kernels.bench.static.encode` (see ``static.jit_specialization``): pointers by
+    dtype and 16-byte alignment, integers as 1 / multiple of 16 / other (and width), floats and
+    bools by type. Two launches with equal classes compile to the same kernel."""
+    if isinstance(v, dict) and "tensor" in v:
+        return ["*" + v["tensor"], v["align16"]]
+    if isinstance(v, dict) and "float" in v:
+        return "fp32"
+    if isinstance(v, dict) and "tdesc" in v:
+        return ["tdesc", v["tdesc"], v["block"]]
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v if not isinstance(v, bool) else "u1"
+    if isinstance(v, int):
+        return 1 if v == 1 else ["i32" if -(2**31) <= v < 2**31 else "i64", v % 16 == 0]
+    return v
+
+
 def _constexpr_names(fn) -> frozenset[str]:
     import inspect
 
@@ -65,7 +83,7 @@ def launch_record(kernel, args: tuple, kwargs: dict) -> dict:
     16-byte alignment, integer 1 / multiple of 16 / other — and its constexprs without
     :data:`TILE_CONSTEXPRS`), and, when an autotuner wraps the kernel, the autotune key and the
     candidates its ``early_config_prune`` keeps at these arguments."""
-    from .static import encode, spec_class
+    from .static import encode
 
     fn = kernel.fn
     names = kernel.arg_names

@@ -46,6 +46,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .pytest_plugin import spec_class
+
 ROOT = Path(__file__).resolve().parents[2]
 SESSION_S = 600           # the device tool's limit for one command
 LIMITS_BUDGET_S = 540     # the steps' limits together (the rest: start, copying, summary)
@@ -372,7 +374,7 @@ def launch_compiles(launches: list[dict]) -> list[tuple[str, dict, dict, dict]]:
     out, seen = [], set()
     for ln in launches:
         for const, opts, _ in static.variants(ln):
-            spec = {n: static.spec_class(v) for n, v in ln["args"].items() if n not in const}
+            spec = {n: spec_class(v) for n, v in ln["args"].items() if n not in const}
             key = json.dumps([ln["module"], ln["name"], spec, const, opts], sort_keys=True,
                              default=str)
             if key not in seen:
