@@ -161,7 +161,7 @@ def pytest_collection_modifyitems(config, items):
     path = os.environ.get("LORA_KERNELS_SELECT")
     if not path:
         return
-    want = set(Path(path).read_text().split())
+    want = {ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()}
     keep = [i for i in items if i.nodeid in want]
     drop = [i for i in items if i.nodeid not in want]
     if drop:

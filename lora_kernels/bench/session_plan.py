@@ -112,7 +112,7 @@ def collect(gpu_like: bool, timeout: float = 300) -> tuple[list[str], float]:
                         "tests"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=timeout)
     wall = time.time() - t0
-    ids = [ln.strip() for ln in r.stdout.splitlines() if "::" in ln and " " not in ln.strip()]
+    ids = [ln.strip() for ln in r.stdout.splitlines() if ln.startswith("tests/") and "::" in ln]
     if not ids:
         raise RuntimeError(f"collection found no tests (rc {r.returncode}):\n{r.stdout[-2000:]}"
                            f"\n{r.stderr[-2000:]}")
