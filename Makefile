@@ -30,12 +30,13 @@ gpu-plan:
 
 # The CPU suite under the GPU image's versions (torch 2.11 cu130 wheel, Triton 3.6,
 # transformers 5.17, numpy < 2.4 for Triton 3.6's interpreter; no bitsandbytes), from a copy of
-# the tracked files in a throw-away venv, network cut (unshare -n) as on the GPU machine. Not in
+# the tracked files in a throw-away venv, network cut (unshare -n; loopback up for the gloo
+# tests) as on the GPU machine. Not in
 # CI (~4 GB of wheels, the suite once more). Outputs under build/gpu-image/ (ignored).
 GPU_IMAGE := build/gpu-image
 GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4" peft==0.21.2 \
 	safetensors pytest pytest-xdist pytest-timeout pytest-benchmark hypothesis pybind11 \
-	"cmake>=3.24" "setuptools>=64" wheel
+	"cmake>=3.24" "setuptools>=64" wheel matplotlib
 test-gpu-image:
 	rm -rf $(GPU_IMAGE)/src && mkdir -p $(GPU_IMAGE)/src
 	git ls-files -z | xargs -0 cp --parents -t $(GPU_IMAGE)/src
@@ -45,8 +46,9 @@ test-gpu-image:
 	cd $(GPU_IMAGE)/src && ../venv/bin/python -c "import torch, triton, transformers; \
 	print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', \
 	transformers.__version__)"
-	cd $(GPU_IMAGE)/src && unshare -n env TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 \
-	../venv/bin/python -m pytest -q -n 2 --benchmark-disable -p no:cacheprovider tests
+	cd $(GPU_IMAGE)/src && unshare -n sh -c 'ip link set lo up && TRITON_INTERPRET=1 \
+	HF_HUB_OFFLINE=1 ../venv/bin/python -m pytest -q -n 2 --benchmark-disable \
+	-p no:cacheprovider tests' 
 
 # On a GPU machine: the whole suite on CUDA for every backend, results under bench/results/.
 check-gpu:
