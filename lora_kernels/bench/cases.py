@@ -684,7 +684,8 @@ def gpu_cases(device, quick: bool) -> list[Case]:
     point (~18 autotuned Triton GEMM configs plus ~20 s of Inductor compile for the
     ``torch.compile`` baseline, its last implementation), the other shapes after them and the
     methods cases (the most autotuning) last. The JSON is rewritten after every implementation on
-    a GPU, so a run cut short by a time limit (``bench/gpu_session.sh`` gives ``--quick`` 150 s)
+    a GPU, so a run cut short by a time limit (``bench/gpu_session.sh`` runs ``--headline``:
+    these three points alone, under its own limit)
     keeps every headline row it finished. ``--quick`` leaves the methods case out: its
     autotuning alone (GLoRA's own GEMM, forward and dX: ~28 more Triton compiles, ~40-50 s)
     would leave no margin; ``--only methods`` runs it.
