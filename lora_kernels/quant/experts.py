@@ -23,14 +23,13 @@ in)``. ``tensors()`` / ``from_tensors`` flatten it for a registered op.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .formats import FORMATS, NF4_BLOCKSIZES, QuantizedWeight, check_fp8_device
+from .formats import FORMATS, NF4_BLOCKSIZES, QuantizedBuffers, QuantizedWeight
 
 FMTS = ("nf4", "int8", "fp8")
 
 
-class QuantizedExperts(nn.Module):
+class QuantizedExperts(QuantizedBuffers):
     """E frozen quantized expert weights of one format (see the module doc). Buffers only."""
 
     def __init__(self, fmt: str, shape, tensors: dict, *, blocksize: int | None = None,
@@ -118,28 +117,8 @@ class QuantizedExperts(nn.Module):
 
     # ------------------------------------------------------------------------------ read
     @property
-    def shape(self) -> torch.Size:
-        """``(E, out, in)``."""
-        return self._shape
-
-    @property
     def num_experts(self) -> int:
         return self._shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.buffers())).device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def dim(self) -> int:
-        return 3
 
     def narrow(self, start: int, length: int) -> QuantizedExperts:
         """Experts ``[start, start + length)`` as a QuantizedExperts (views, no copy)."""
@@ -167,19 +146,9 @@ class QuantizedExperts(nn.Module):
         """Dense ``(E, out, in)``."""
         return torch.stack([self.expert(e).dequantize(dtype) for e in range(self._shape[0])])
 
-    def double(self) -> torch.Tensor:
-        return self.dequantize(torch.float64)
-
     def _apply(self, fn, recurse=True):
-        probe = fn(torch.empty(0, dtype=self._dtype, device=self.device))
-        if probe.device.type == "cuda" and self.fmt == "fp8":
-            check_fp8_device(probe.device)
-        for name, b in list(self._buffers.items()):
-            if b is not None and b.device != probe.device:
-                self._buffers[name] = b.to(probe.device)
-        if probe.dtype.is_floating_point:
-            self._dtype = probe.dtype
-        self._experts = {}
+        super()._apply(fn, recurse)
+        self._experts = {}   # expert(e) views of the old buffers
         return self
 
     def extra_repr(self) -> str:

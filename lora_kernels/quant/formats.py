@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["FP8Weight", "Int8Weight", "NF4Weight", "QuantizedWeight", "is_quantized",
-           "quantize", "NF4_CODE", "NF4_BLOCKSIZES", "dynamic_code"]
+__all__ = ["FP8Weight", "Int8Weight", "NF4Weight", "QuantizedBuffers", "QuantizedWeight",
+           "is_quantized", "quantize", "NF4_CODE", "NF4_BLOCKSIZES", "dynamic_code"]
 
 # bitsandbytes' NF4 code (functional.get_4bit_type("nf4")), sorted ascending.
 NF4_CODE = (
@@ -73,30 +73,17 @@ def _compute_dtype(dtype, default) -> torch.dtype:
     return dtype
 
 
-class QuantizedWeight(nn.Module):
-    """Base of the quantized weight types (see the module doc). Not trainable: it has buffers
-    only, and the ops never return a gradient for it."""
+class QuantizedBuffers(nn.Module):
+    """Base of :class:`QuantizedWeight` (2-D) and ``QuantizedExperts`` (3-D): frozen buffers
+    with a dense ``shape`` (``self._shape``) and a compute dtype (``self._dtype``) that
+    subclasses set. Not trainable: the ops never return a gradient for it."""
 
     fmt: str = ""
 
-    def __init__(self, shape, dtype: torch.dtype):
-        super().__init__()
-        self._shape = torch.Size(int(s) for s in shape)
-        self._dtype = _compute_dtype(dtype, torch.float32)
-
-    # -- interface -------------------------------------------------------------------------
     @property
     def shape(self) -> torch.Size:
-        """``(out_features, in_features)`` of the dense weight."""
+        """Shape of the dense weight: ``(out, in)``, or ``(E, out, in)`` for experts."""
         return self._shape
-
-    @property
-    def out_features(self) -> int:
-        return self._shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self._shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -113,12 +100,49 @@ class QuantizedWeight(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def dim(self) -> int:
-        return 2
+        return len(self._shape)
 
     def double(self) -> torch.Tensor:
         """The dense float64 weight (as ``w.double()`` of a dense one: merges and references
         read the base this way). Unlike ``nn.Module.double`` this returns a tensor."""
         return self.dequantize(torch.float64)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight in ``dtype`` (default :attr:`dtype`)."""
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to / .cuda / .half reach here. Codes and scales keep their dtypes (a bf16
+        # absmax would no longer be bnb's); only the device moves, and a float dtype
+        # conversion changes the compute dtype.
+        probe = fn(torch.empty(0, dtype=self._dtype, device=self.device))
+        if probe.device.type == "cuda" and self.fmt == "fp8":
+            check_fp8_device(probe.device)
+        for name, b in list(self._buffers.items()):
+            if b is not None and b.device != probe.device:
+                self._buffers[name] = b.to(probe.device)
+        if probe.dtype.is_floating_point:
+            self._dtype = probe.dtype
+        return self
+
+
+class QuantizedWeight(QuantizedBuffers):
+    """Base of the quantized weight types (see the module doc). Not trainable: it has buffers
+    only, and the ops never return a gradient for it."""
+
+    def __init__(self, shape, dtype: torch.dtype):
+        super().__init__()
+        self._shape = torch.Size(int(s) for s in shape)
+        self._dtype = _compute_dtype(dtype, torch.float32)
+
+    # -- interface -------------------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return self._shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self._shape[1]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ``(out, in)`` weight in ``dtype`` (default :attr:`dtype`)."""
@@ -140,20 +164,6 @@ class QuantizedWeight(nn.Module):
         else:
             raise ValueError(f"dim must be 0 or 1, got {dim}")
         return w.to(self._dtype)
-
-    def _apply(self, fn, recurse=True):
-        # nn.Module.to / .cuda / .half reach here. Codes and scales keep their dtypes (a bf16
-        # absmax would no longer be bnb's); only the device moves, and a float dtype
-        # conversion changes the compute dtype.
-        probe = fn(torch.empty(0, dtype=self._dtype, device=self.device))
-        if probe.device.type == "cuda" and self.fmt == "fp8":
-            check_fp8_device(probe.device)
-        for name, b in list(self._buffers.items()):
-            if b is not None and b.device != probe.device:
-                self._buffers[name] = b.to(probe.device)
-        if probe.dtype.is_floating_point:
-            self._dtype = probe.dtype
-        return self
 
     def extra_repr(self) -> str:
         return (f"shape={tuple(self._shape)}, dtype={self._dtype}, "
