@@ -1,4 +1,9 @@
-"""Test utilities: relative error against float64, poisoning, non-contiguous copies."""
+"""Test utilities: relative error against float64, poisoning, non-contiguous copies, tiny
+transformers models, PEFT adapters and their files, a short AdamW run."""
+
+import copy
+import json
+import warnings
 
 import torch
 
@@ -81,6 +86,103 @@ def tiny_gpt2(seed: int = 1):
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg).to(DEVICE).eval()
 
+
+
+def tiny_causal_lm(kind: str = "llama", vocab: int = 64, seed: int = 1):
+    """A randomly initialised 2-layer causal LM on DEVICE, in eval mode: ``"gpt2"``
+    (:func:`tiny_gpt2`, vocab 64 only), ``"llama"``, ``"llama_tied"`` (lm_head tied to the
+    embedding) or ``"qwen2"`` (q/k/v biases)."""
+    import transformers
+
+    if kind == "gpt2":
+        if vocab != 64:
+            raise ValueError(f"tiny gpt2 has vocab 64, got {vocab}")
+        return tiny_gpt2(seed)
+    if kind not in ("llama", "llama_tied", "qwen2"):
+        raise ValueError(f"kind must be gpt2/llama/llama_tied/qwen2, got {kind!r}")
+    cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}.get(
+        kind, (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    cfg = cls[0](vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                 tie_word_embeddings=kind == "llama_tied")
+    torch.manual_seed(seed)
+    return cls[1](cfg).to(DEVICE).eval()
+
+
+def token_ids(n: int = 3, length: int = 7, seed: int = 0, vocab: int = 64) -> torch.Tensor:
+    """``(n, length)`` random token ids in ``[0, vocab)`` on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).to(DEVICE)
+
+
+def random_peft(base, config, seed: int, *, scale: float = 0.2, select=None, add=False):
+    """``peft.get_peft_model`` of a copy of ``base`` (its warnings silenced), in eval mode, with
+    every parameter that ``select(name, p)`` picks (default: the trainable ones) set to (or,
+    with ``add``, moved by) ``scale * N(0, 1)`` from generator ``seed``, so that no adapter term
+    is trivially zero."""
+    import peft
+
+    select = select or (lambda n, p: p.requires_grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if select(n, p):
+                d = torch.randn(p.shape, generator=g).to(p) * scale
+                p.add_(d) if add else p.copy_(d)
+    return pm.eval()
+
+
+def save_peft(pm, path) -> str:
+    """``pm.save_pretrained(path)`` with its warnings silenced; ``str(path)``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(path))
+    return str(path)
+
+
+def train_adamw(model, params=None, steps: int = 3, batch=None) -> list[float]:
+    """``steps`` AdamW steps (lr 1e-2) of the causal-LM loss on ``params`` (default: the
+    trainable parameters of ``model``), step s on ids ``batch(s)`` (default
+    ``token_ids(4, 9, seed=s)``); the losses."""
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    batch = batch or (lambda step: token_ids(4, 9, seed=step))
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for step in range(steps):
+        ids = batch(step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def adapter_files(path):
+    """A saved PEFT adapter folder: ``(adapter_config.json as a dict, its safetensors)``, the
+    ``target_modules`` list sorted (PEFT keeps a set: its order is hash-seeded)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    return cfg, load_file(str(path / "adapter_model.safetensors"))
+
+
+def assert_same_adapter_files(a, b, tol=1e-5):
+    """Two saved adapter folders: equal configs, same tensor names, shapes and dtypes, values
+    within ``tol`` relative error."""
+    ca, ta = adapter_files(a)
+    cb, tb = adapter_files(b)
+    assert ca == cb
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].shape == tb[k].shape and ta[k].dtype == tb[k].dtype
+        assert rel_err(ta[k], tb[k]) < tol, k
 
 CPU_STRATEGIES = ("dense_add_", "runs_add_", "sorted_add_", "gather_add_")
 

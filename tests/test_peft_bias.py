@@ -11,48 +11,15 @@ import torch
 
 import lora_kernels as lk
 
-from conftest import DEVICE
-from helpers import rel_err, tiny_gpt2, tiny_llama
+from helpers import random_peft, rel_err, save_peft, tiny_causal_lm, token_ids, train_adamw
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-def _qwen2():
-    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(1)
-    return transformers.Qwen2ForCausalLM(cfg).to(DEVICE).eval()
-
-
-def _base(kind):
-    return {"qwen2": _qwen2, "llama": tiny_llama, "gpt2": tiny_gpt2}[kind]()
-
-
 def _peft(base, seed, **cfg):
     """A PEFT adapter with every trainable tensor (factors and biases) random."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.2)
-    return pm.eval()
-
-
-def _save(pm, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm.save_pretrained(str(path))
-    return str(path)
-
-
-def _ids(n=3, length=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 64, (n, length), generator=g).to(DEVICE)
+    return random_peft(base, peft.LoraConfig(r=4, lora_alpha=8, **cfg), seed)
 
 
 CONFIGS = {
@@ -66,14 +33,14 @@ CONFIGS = {
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_biased_adapters_served_in_mixed_batch(kind, tmp_path):
-    base = _base(kind)
+    base = tiny_causal_lm(kind)
     pms = {f"a{i}": _peft(base, 5 + i, **c) for i, c in enumerate(CONFIGS[kind])}
     srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], max_rank=4)
     for n, pm in pms.items():
-        srv.load_peft(n, _save(pm, tmp_path / n))
+        srv.load_peft(n, save_peft(pm, tmp_path / n))
     names = [*pms, None, "a0"]
-    ids = _ids(len(names))
+    ids = token_ids(len(names))
     with torch.no_grad():
         out = srv(ids, adapters=names).logits
         for b, n in enumerate(names):
@@ -92,20 +59,6 @@ def test_biased_adapters_served_in_mixed_batch(kind, tmp_path):
                if hasattr(lay, "bias_delta"))
 
 
-def _train(model, steps=3):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for step in range(steps):
-        ids = _ids(4, 9, seed=step)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("how", ["inject_adapter", "patch_peft"])
 @pytest.mark.parametrize("kind,cfg", [
     ("qwen2", dict(target_modules=["q_proj", "v_proj"], bias="all", lora_bias=True)),
@@ -113,7 +66,7 @@ def _train(model, steps=3):
     ("llama", dict(target_modules=["q_proj"], lora_bias=True)),
 ])
 def test_biased_adapter_trains_step_for_step_like_peft(kind, cfg, how, tmp_path):
-    base = _base(kind)
+    base = tiny_causal_lm(kind)
     pm = _peft(base, 3, **cfg).train()
     if how == "patch_peft":
         ours = copy.deepcopy(pm)
@@ -122,13 +75,13 @@ def test_biased_adapter_trains_step_for_step_like_peft(kind, cfg, how, tmp_path)
             lk.patch_peft(ours)
     else:
         ours = copy.deepcopy(base).requires_grad_(False)
-        lk.inject_adapter(ours, lk.load_peft_adapter(_save(pm, tmp_path / "a")))
+        lk.inject_adapter(ours, lk.load_peft_adapter(save_peft(pm, tmp_path / "a")))
         ours.train()
     n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     assert n_ours == sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    l_ref, l_ours = _train(pm), _train(ours)
+    l_ref, l_ours = train_adamw(pm), train_adamw(ours)
     assert max(abs(a - b) for a, b in zip(l_ref, l_ours)) < 1e-4, (l_ref, l_ours)
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         assert rel_err(ours.eval()(ids).logits, pm.eval()(ids).logits) < 1e-4
 
@@ -138,11 +91,11 @@ def test_biased_adapter_trains_step_for_step_like_peft(kind, cfg, how, tmp_path)
     ("gpt2", dict(target_modules=["c_attn"], bias="lora_only", fan_in_fan_out=True)),
 ])
 def test_biased_files_both_ways_and_merge(kind, cfg, tmp_path):
-    base = _base(kind)
+    base = tiny_causal_lm(kind)
     pm = _peft(base, 4, **cfg)
     ours = lk.inject_adapter(copy.deepcopy(base).requires_grad_(False),
-                             lk.load_peft_adapter(_save(pm, tmp_path / "a")))
-    ids = _ids()
+                             lk.load_peft_adapter(save_peft(pm, tmp_path / "a")))
+    ids = token_ids()
     with torch.no_grad():
         want = pm(ids).logits
         lk.save_peft_adapter(ours, tmp_path / "b")
@@ -154,9 +107,9 @@ def test_biased_files_both_ways_and_merge(kind, cfg, tmp_path):
 
 
 def test_bias_of_an_unserved_module_refused(tmp_path):
-    base = _base("gpt2")
+    base = tiny_causal_lm("gpt2")
     pm = _peft(base, 2, target_modules=["c_attn"], bias="all", fan_in_fan_out=True)
     srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=["c_attn", "c_proj", "c_fc"])
     with pytest.raises(ValueError, match=r"trains the bias of 'transformer\.h\.0\.ln_1'"):
-        srv.load_peft("a", _save(pm, tmp_path / "a"))
+        srv.load_peft("a", save_peft(pm, tmp_path / "a"))
     assert srv.adapters() == []

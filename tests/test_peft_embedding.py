@@ -11,27 +11,12 @@ import torch
 
 import lora_kernels as lk
 
-from conftest import DEVICE
-from helpers import rel_err, tiny_gpt2, tiny_llama
+from helpers import random_peft, rel_err, save_peft, tiny_causal_lm, token_ids, train_adamw
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 KINDS = ["llama", "llama_tied", "qwen2", "gpt2"]
-
-
-def _base(kind, vocab=64):
-    if kind == "gpt2" and vocab == 64:
-        return tiny_gpt2()
-    if kind == "llama" and vocab == 64:
-        return tiny_llama()
-    cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}.get(
-        kind, (transformers.LlamaConfig, transformers.LlamaForCausalLM))
-    cfg = cls[0](vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                 tie_word_embeddings=kind == "llama_tied")
-    torch.manual_seed(1)
-    return cls[1](cfg).to(DEVICE).eval()
 
 
 def _targets(kind, i):
@@ -42,43 +27,23 @@ def _targets(kind, i):
 def _peft(base, kind, i, seed):
     """PEFT adapter ``i`` (0: embedding + one linear, rank 4; 1: + lm_head, rank 6) with random
     factors (so no term is trivially zero)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-            r=4 + 2 * i, lora_alpha=8, target_modules=_targets(kind, i),
-            fan_in_fan_out=kind == "gpt2"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.2)
-    return pm.eval()
-
-
-def _save(pm, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm.save_pretrained(str(path))
-    return str(path)
-
-
-def _ids(n=3, length=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 64, (n, length), generator=g).to(DEVICE)
+    cfg = peft.LoraConfig(r=4 + 2 * i, lora_alpha=8, target_modules=_targets(kind, i),
+                          fan_in_fan_out=kind == "gpt2")
+    return random_peft(base, cfg, seed, select=lambda n, p: "lora_" in n)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_peft_adapters_served_in_mixed_batch(kind, tmp_path):
-    base = _base(kind)
+    base = tiny_causal_lm(kind)
     pms = {f"a{i}": _peft(base, kind, i, seed=10 + i) for i in range(2)}
     srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=sorted(
         set(_targets(kind, 0) + _targets(kind, 1))), max_rank=8)
     for n, pm in pms.items():
-        srv.load_peft(n, _save(pm, tmp_path / n))
+        srv.load_peft(n, save_peft(pm, tmp_path / n))
     assert type(srv.layers[[n for n in srv.layers if n.endswith(("embed_tokens", "wte"))][0]]) \
         is lk.serving.ServingEmbedding
     names = ["a1", None, "a0", "a1"]
-    ids = _ids(len(names))
+    ids = token_ids(len(names))
     with torch.no_grad():
         out = srv(ids, adapters=names).logits
         for b, n in enumerate(names):
@@ -94,25 +59,12 @@ def test_peft_adapters_served_in_mixed_batch(kind, tmp_path):
             assert torch.equal(gen[b:b + 1], ref), (kind, n)
 
 
-def _train(model, params, steps=3):
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for step in range(steps):
-        ids = _ids(4, 9, seed=step)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("how", ["inject_adapter", "patch_peft"])
 def test_trains_step_for_step_like_peft(kind, how, tmp_path):
-    base = _base(kind)
+    base = tiny_causal_lm(kind)
     pm = _peft(base, kind, 1, seed=3).train()
-    path = _save(pm, tmp_path / "a")
+    path = save_peft(pm, tmp_path / "a")
     if how == "patch_peft":
         ours = copy.deepcopy(pm)
         with warnings.catch_warnings():
@@ -129,12 +81,12 @@ def test_trains_step_for_step_like_peft(kind, how, tmp_path):
         params = [p for p in ours.parameters() if p.requires_grad]
     ref_params = [p for p in pm.parameters() if p.requires_grad]
     assert len(params) == len(ref_params)
-    l_ref, l_ours = _train(pm, ref_params), _train(ours, params)
+    l_ref, l_ours = train_adamw(pm, ref_params), train_adamw(ours, params)
     assert max(abs(a - b) for a, b in zip(l_ref, l_ours)) < 1e-4, (l_ref, l_ours)
     # the trained factors, compared through the files each side writes
-    _save(pm, tmp_path / "ref")
+    save_peft(pm, tmp_path / "ref")
     if how == "patch_peft":
-        _save(ours, tmp_path / "ours")
+        save_peft(ours, tmp_path / "ours")
     else:
         lk.save_peft_adapter(ours, tmp_path / "ours")
     a, b = (lk.load_peft_adapter(tmp_path / d) for d in ("ref", "ours"))
@@ -145,7 +97,7 @@ def test_trains_step_for_step_like_peft(kind, how, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama_tied", "gpt2"])
 def test_files_both_ways_and_merge(kind, tmp_path):
-    base = _base(kind)
+    base = tiny_causal_lm(kind)
     ours = lk.inject(copy.deepcopy(base), "lora", target_modules=_targets(kind, 1), r=5,
                      alpha=10)
     assert isinstance(ours.get_submodule(
@@ -154,7 +106,7 @@ def test_files_both_ways_and_merge(kind, tmp_path):
         for n, p in ours.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn_like(p) * 0.2)
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         want = ours(ids).logits
     lk.save_peft_adapter(ours, tmp_path / "a")
@@ -164,7 +116,7 @@ def test_files_both_ways_and_merge(kind, tmp_path):
     with torch.no_grad():
         assert rel_err(pm(ids).logits, want) < 1e-5
         back = lk.inject_adapter(copy.deepcopy(base),
-                                 lk.load_peft_adapter(_save(pm, tmp_path / "b")))
+                                 lk.load_peft_adapter(save_peft(pm, tmp_path / "b")))
         assert rel_err(back(ids).logits, want) < 1e-5
         merged = lk.merge_and_unload(ours)
         assert not any(isinstance(m, lk.AdapterLinear) for m in merged.modules())
@@ -172,10 +124,10 @@ def test_files_both_ways_and_merge(kind, tmp_path):
 
 
 def test_adapter_for_another_vocabulary_refused(tmp_path):
-    path = _save(_peft(_base("llama_tied"), "llama_tied", 0, seed=1), tmp_path / "a")
+    path = save_peft(_peft(tiny_causal_lm("llama_tied"), "llama_tied", 0, seed=1), tmp_path / "a")
     ad = lk.load_peft_adapter(path)
     assert isinstance(ad["model.embed_tokens"], lk.peft_io.EmbeddingFactors)
-    other = _base("llama_tied", vocab=70)
+    other = tiny_causal_lm("llama_tied", vocab=70)
     before = {n: type(m) for n, m in other.named_modules()}
     with pytest.raises(ValueError, match="base weight for 'model.embed_tokens'"):
         lk.inject_adapter(other, ad)
@@ -187,7 +139,7 @@ def test_adapter_for_another_vocabulary_refused(tmp_path):
         srv.add("a", dict(ad))
     assert srv.adapters() == []
     # the same vocabulary but a different base table (PEFT saved its embed_tokens table)
-    moved = _base("llama_tied")
+    moved = tiny_causal_lm("llama_tied")
     with torch.no_grad():
         moved.model.embed_tokens.weight[3] += 1
     with pytest.raises(ValueError, match="differs from the model's"):
@@ -198,7 +150,7 @@ def test_adapter_for_another_vocabulary_refused(tmp_path):
 def test_tied_lm_head_lora_trains_like_peft(how, tmp_path):
     """PEFT's ensure_weight_tying on a tied model: lm_head's LoRA is the embedding LoRA
     transposed (one storage, two parameters); ours ties them the same way."""
-    base = _base("llama_tied")
+    base = tiny_causal_lm("llama_tied")
 
     def make():   # (a PEFT model with tied LoRA parameters cannot be deep-copied: built twice)
         with warnings.catch_warnings():
@@ -214,7 +166,7 @@ def test_tied_lm_head_lora_trains_like_peft(how, tmp_path):
         return pm.train()
 
     pm = make()
-    path = _save(pm.train(), tmp_path / "a")
+    path = save_peft(pm.train(), tmp_path / "a")
     ad = lk.load_peft_adapter(path)
     assert ad.tied == {"lm_head": "model.embed_tokens"}
     if how == "patch_peft":
@@ -228,7 +180,7 @@ def test_tied_lm_head_lora_trains_like_peft(how, tmp_path):
     params = [p for p in ours.parameters() if p.requires_grad]
     ref_params = [p for p in pm.parameters() if p.requires_grad]
     assert len(params) == len(ref_params) == 8
-    l_ref, l_ours = _train(pm, ref_params), _train(ours, params)
+    l_ref, l_ours = train_adamw(pm, ref_params), train_adamw(ours, params)
     assert max(abs(a - b) for a, b in zip(l_ref, l_ours)) < 1e-4, (l_ref, l_ours)
     if how == "inject_adapter":
         lk.save_peft_adapter(ours, tmp_path / "b")
@@ -237,7 +189,7 @@ def test_tied_lm_head_lora_trains_like_peft(how, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pb = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "b")).eval()
-        ids = _ids()
+        ids = token_ids()
         with torch.no_grad():
             assert rel_err(pb(ids).logits, ours.eval()(ids).logits) < 1e-5
             assert rel_err(pb(ids).logits, pm.eval()(ids).logits) < 1e-4
@@ -248,7 +200,7 @@ def test_served_embedding_on_triton_kernels(tmp_path):
 
     if "triton" not in backends():
         pytest.skip("Triton needs TRITON_INTERPRET=1 on CPU")
-    base = _base("llama")
+    base = tiny_causal_lm("llama")
     pms = {}
     for i in range(2):
         with warnings.catch_warnings():
@@ -263,9 +215,9 @@ def test_served_embedding_on_triton_kernels(tmp_path):
     srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=["embed_tokens"], max_rank=4,
                                backend="triton")
     for n, pm in pms.items():
-        srv.load_peft(n, _save(pm, tmp_path / n))
+        srv.load_peft(n, save_peft(pm, tmp_path / n))
     names = ["e1", None, "e0"]
-    ids = _ids(3)
+    ids = token_ids(3)
     with torch.no_grad():
         out = srv(ids, adapters=names).logits
         for b, n in enumerate(names):

@@ -14,24 +14,12 @@ import torch
 import lora_kernels as lk
 
 from conftest import DEVICE
-from helpers import rel_err, snapshot, tiny_gpt2
+from helpers import random_peft, rel_err, save_peft, snapshot, tiny_causal_lm, train_adamw
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 INV = [7, 8]
-
-
-def _base(kind):
-    if kind == "gpt2":
-        return tiny_gpt2()
-    cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}.get(
-        kind, (transformers.LlamaConfig, transformers.LlamaForCausalLM))
-    cfg = cls[0](vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                 tie_word_embeddings=kind == "llama_tied")
-    torch.manual_seed(1)
-    return cls[1](cfg).to(DEVICE).eval()
 
 
 def _config(kind, what):
@@ -46,22 +34,8 @@ def _config(kind, what):
 
 
 def _peft(base, kind, what, seed):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base), _config(kind, what))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n or "trainable_tokens_delta" in n or "modules_to_save" in n:
-                p.add_(torch.randn(p.shape, generator=g).to(p) * 0.3)
-    return pm.eval()
-
-
-def _save(pm, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm.save_pretrained(str(path))
-    return str(path)
+    return random_peft(base, _config(kind, what), seed, scale=0.3, add=True, select=lambda n, p: (
+        "lora_" in n or "trainable_tokens_delta" in n or "modules_to_save" in n))
 
 
 def _ids():
@@ -81,13 +55,13 @@ KINDS = ["llama_tied", "qwen2", "gpt2"]
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_served_in_mixed_batch_like_each_peft_model(kind, tmp_path):
-    base = _base(kind)
+    base = tiny_causal_lm(kind)
     whats = ["tt", "mts", "alora", "plain"]
     pms = {w: _peft(base, kind, w, seed=10 + i) for i, w in enumerate(whats)}
     q, v = ("c_attn", "c_proj") if kind == "gpt2" else ("q_proj", "v_proj")
     srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=[q, v], max_rank=8)
     for w, pm in pms.items():
-        srv.load_peft(w, _save(pm, tmp_path / w))
+        srv.load_peft(w, save_peft(pm, tmp_path / w))
     assert srv.store.extra_bytes("mts") > 64 * 32 * 4 and srv.store.extra_bytes("plain") == 0
     names = ["alora", "tt", None, "alora", "mts", "alora"]
     ids = _ids()
@@ -121,11 +95,11 @@ def test_served_in_mixed_batch_like_each_peft_model(kind, tmp_path):
 
 
 def test_files_both_ways(tmp_path):
-    base = _base("llama_tied")
+    base = tiny_causal_lm("llama_tied")
     ids = _ids()
     for what in ("tt", "mts", "alora"):
         pm = _peft(base, "llama_tied", what, seed=4)
-        ad = lk.load_peft_adapter(_save(pm, tmp_path / what))
+        ad = lk.load_peft_adapter(save_peft(pm, tmp_path / what))
         lk.save_peft_adapter(ad, tmp_path / f"{what}_ours")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -140,8 +114,8 @@ def test_files_both_ways(tmp_path):
 
 
 def test_memory_limit_and_bad_input_refused(tmp_path):
-    base = _base("llama_tied")
-    path = _save(_peft(base, "llama_tied", "mts", seed=1), tmp_path / "m")
+    base = tiny_causal_lm("llama_tied")
+    path = save_peft(_peft(base, "llama_tied", "mts", seed=1), tmp_path / "m")
     srv = lk.MultiAdapterModel(copy.deepcopy(base), target_modules=["v_proj"],
                                max_extra_bytes=1000)
     before = snapshot(srv)
@@ -152,7 +126,7 @@ def test_memory_limit_and_bad_input_refused(tmp_path):
     for what, field, value, msg in (
             ("tt", "trainable_token_indices", [3, 5, 99], "out of range"),
             ("alora", "alora_invocation_tokens", [7] * 65, "longer than the model's context")):
-        p = _save(_peft(base, "llama_tied", what, seed=2), tmp_path / what)
+        p = save_peft(_peft(base, "llama_tied", what, seed=2), tmp_path / what)
         cfg = json.load(open(f"{p}/adapter_config.json"))
         cfg[field] = value
         json.dump(cfg, open(f"{p}/adapter_config.json", "w"))
@@ -176,35 +150,27 @@ def test_memory_limit_and_bad_input_refused(tmp_path):
         lk.load_peft_adapter(p)
 
 
-def _train(model, params, steps=3):
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for step in range(steps):
-        g = torch.Generator().manual_seed(step)
-        ids = torch.randint(0, 64, (3, 9), generator=g)
-        ids[:, 1] = 3
-        ids[step % 3, 4:6] = torch.tensor(INV)
-        ids = ids.to(DEVICE)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+def _train_batch(step):
+    """Training ids of step ``step``: token 3 (trainable) in every row, the invocation in one."""
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(0, 64, (3, 9), generator=g)
+    ids[:, 1] = 3
+    ids[step % 3, 4:6] = torch.tensor(INV)
+    return ids.to(DEVICE)
 
 
 @pytest.mark.parametrize("kind,what", [("llama_tied", "tt"), ("gpt2", "tt"), ("gpt2", "mts"),
                                        ("llama_tied", "alora"), ("gpt2", "alora")])
 @pytest.mark.parametrize("how", ["inject_adapter", "patch_peft"])
 def test_trains_step_for_step_like_peft(kind, what, how, tmp_path, monkeypatch):
-    base = _base(kind)
+    base = tiny_causal_lm(kind)
     fused = []
     real = lk.peft_extras.patched_alora
     monkeypatch.setattr(lk.peft_extras, "patched_alora",
                         lambda *a, **k: (lambda y: (fused.append(y is not None), y)[1])(
                             real(*a, **k)))
     pm = _peft(base, kind, what, seed=3).train()
-    path = _save(pm, tmp_path / "a")
+    path = save_peft(pm, tmp_path / "a")
     if how == "patch_peft":
         ours = copy.deepcopy(pm)
         with warnings.catch_warnings():
@@ -217,7 +183,8 @@ def test_trains_step_for_step_like_peft(kind, what, how, tmp_path, monkeypatch):
     params = [p for p in ours.parameters() if p.requires_grad]
     ref_params = [p for p in pm.parameters() if p.requires_grad]
     assert len(params) == len(ref_params)
-    l_ref, l_ours = _train(pm, ref_params), _train(ours, params)
+    l_ref = train_adamw(pm, ref_params, batch=_train_batch)
+    l_ours = train_adamw(ours, params, batch=_train_batch)
     assert max(abs(a - b) for a, b in zip(l_ref, l_ours)) < 1e-4, (l_ref, l_ours)
     if how == "patch_peft" and what == "alora":     # aLoRA layers ran on the fused op
         assert fused and all(fused)
@@ -233,9 +200,9 @@ def test_trains_step_for_step_like_peft(kind, what, how, tmp_path, monkeypatch):
             for m in (ours, copy.deepcopy(ours)):
                 assert torch.equal(m.generate(input_ids=ids, max_new_tokens=4, do_sample=False,
                                               pad_token_id=0), want)
-    _save(pm, tmp_path / "ref")
+    save_peft(pm, tmp_path / "ref")
     if how == "patch_peft":
-        _save(ours, tmp_path / "ours")
+        save_peft(ours, tmp_path / "ours")
     else:
         lk.save_peft_adapter(ours, tmp_path / "ours")
     a, b = (lk.load_peft_adapter(tmp_path / d) for d in ("ref", "ours"))
@@ -273,7 +240,7 @@ def test_classifier_head_modules_to_save_served(tmp_path):
                 if "lora_" in n or "modules_to_save" in n:
                     p.add_(torch.randn_like(p) * 0.3)
         pms[f"c{i}"] = pm.eval()
-        srv.load_peft(f"c{i}", _save(pm, tmp_path / f"c{i}"))
+        srv.load_peft(f"c{i}", save_peft(pm, tmp_path / f"c{i}"))
     assert set(lk.load_peft_adapter(tmp_path / "c0").modules_to_save) == {"score"}
     names = ["c1", None, "c0", "c2"]
     ids = _ids()[:4]

@@ -3,7 +3,6 @@ PEFT's parameters; a patched PEFT model trains step for step like the unpatched 
 transformers' Trainer), for Llama- and GPT-2-shaped tiny models (no downloads)."""
 
 import copy
-import json
 import warnings
 
 import pytest
@@ -13,7 +12,14 @@ import lora_kernels as lk
 import lora_kernels.ops.lora as lora_ops
 
 from conftest import DEVICE
-from helpers import rel_err, tiny_gpt2, tiny_llama
+from helpers import (
+    assert_same_adapter_files,
+    rel_err,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+    train_adamw,
+)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -31,11 +37,6 @@ def _model(kind, **cfg):
     return pm
 
 
-def _batch(n=4, length=9, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 64, (n, length), generator=g).to(DEVICE)
-
-
 @pytest.fixture
 def calls(monkeypatch):
     """Counts calls of the fused op made by patched layers."""
@@ -50,39 +51,6 @@ def calls(monkeypatch):
     return n
 
 
-def _train(model, steps: int) -> list[float]:
-    """``steps`` AdamW steps (lr 1e-2) on the trainable parameters; the losses."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(steps):
-        ids = _batch(seed=step)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-def _files(path):
-    from safetensors.torch import load_file
-
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    if isinstance(cfg.get("target_modules"), list):  # PEFT keeps a set: its order is hash-seeded
-        cfg["target_modules"] = sorted(cfg["target_modules"])
-    return cfg, load_file(str(path / "adapter_model.safetensors"))
-
-
-def _assert_same_files(a, b, tol=1e-5):
-    ca, ta = _files(a)
-    cb, tb = _files(b)
-    assert ca == cb
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert ta[k].shape == tb[k].shape and ta[k].dtype == tb[k].dtype
-        assert rel_err(ta[k], tb[k]) < tol, k
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_patched_trains_like_unpatched(kind, tmp_path, calls):
     ref = _model(kind, lora_dropout=0.0, use_rslora=kind == "gpt2").train()
@@ -92,7 +60,7 @@ def test_patched_trains_like_unpatched(kind, tmp_path, calls):
     assert n_layers == 6
     losses = {}
     for name, m in (("ref", ref), ("pat", pat)):
-        losses[name] = _train(m, 4)
+        losses[name] = train_adamw(m, steps=4)
         m.save_pretrained(tmp_path / name)
     assert calls["fused"] == 4 * n_layers  # every patched layer ran fused in every step
     for a, b in zip(losses["ref"], losses["pat"]):
@@ -103,7 +71,7 @@ def test_patched_trains_like_unpatched(kind, tmp_path, calls):
     for k in sa:
         if "lora_" in k:
             assert rel_err(sb[k], sa[k]) < 1e-5, k
-    _assert_same_files(tmp_path / "ref", tmp_path / "pat")
+    assert_same_adapter_files(tmp_path / "ref", tmp_path / "pat")
 
 
 def test_patched_trains_like_unpatched_with_trainer(tmp_path, calls):
@@ -114,7 +82,7 @@ def test_patched_trains_like_unpatched_with_trainer(tmp_path, calls):
             return 8
 
         def __getitem__(self, i):
-            ids = _batch(1, 9, seed=100 + i)[0].cpu()
+            ids = token_ids(1, 9, seed=100 + i)[0].cpu()
             return {"input_ids": ids, "labels": ids}
 
     logs, models = {}, {}
@@ -134,7 +102,7 @@ def test_patched_trains_like_unpatched_with_trainer(tmp_path, calls):
     assert len(logs["ref"]) == 3 and calls["fused"] > 0
     for a, b in zip(logs["ref"], logs["pat"]):
         assert abs(a - b) <= 1e-5 * abs(a), (logs["ref"], logs["pat"])
-    _assert_same_files(tmp_path / "ref", tmp_path / "pat")
+    assert_same_adapter_files(tmp_path / "ref", tmp_path / "pat")
 
 
 def test_adapter_state_respected(calls):
@@ -143,7 +111,7 @@ def test_adapter_state_respected(calls):
                                              use_rslora=True, init_lora_weights=False))
     ref = copy.deepcopy(pm)
     lk.patch_peft(pm)
-    ids = _batch()
+    ids = token_ids(4, 9)
 
     def both(fn):
         with torch.no_grad():
@@ -187,7 +155,7 @@ def test_dropout_fused_in_training_only(calls, monkeypatch):
     real = lora_ops.lora_linear
     monkeypatch.setattr(lora_ops, "lora_linear",
                         lambda *a, **k: seen.append(a[6]) or real(*a, **k))
-    ids = _batch()
+    ids = token_ids(4, 9)
     pm.train()
     with torch.no_grad():
         y_train = pm(ids).logits
@@ -216,7 +184,7 @@ def test_dora_patched_trains_like_unpatched(kind, calls, monkeypatch):
         lk.patch_peft(pat)
     losses = {}
     for name, m in (("ref", ref), ("pat", pat)):
-        losses[name] = _train(m, 3)
+        losses[name] = train_adamw(m, steps=3)
     assert n["dora"] == 3 * 6 and calls["fused"] == 0
     for a, b in zip(losses["ref"], losses["pat"]):
         assert abs(a - b) <= 1e-5 * abs(a), (losses["ref"], losses["pat"])
@@ -238,7 +206,7 @@ def test_dora_with_dropout_eval_and_multi_adapter_fallback():
     ref = copy.deepcopy(pm).eval()
     lk.patch_peft(pm)
     pm.eval()
-    ids = _batch()
+    ids = token_ids(4, 9)
     with torch.no_grad():
         assert rel_err(pm(ids).logits, ref(ids).logits) < 1e-5
         # DoRA together with another active adapter: PEFT's own forward (same result)
@@ -262,7 +230,7 @@ def test_unfusable_left_to_peft_with_one_warning():
     msg = str(w[0].message)
     assert "'d'" in msg and "embed_tokens" not in msg  # MiCA variant: PEFT's; embeddings fused
     assert lk.peft_patch.is_patched(pm.base_model.model.model.embed_tokens)
-    ids = _batch()
+    ids = token_ids(4, 9)
     for adapter in ("default", "d"):
         pm.set_adapter(adapter)
         ref.set_adapter(adapter)
@@ -297,7 +265,7 @@ def test_patched_triton_backend_interpreter():
     pm = _model("gpt2", init_lora_weights=False).eval()
     ref = copy.deepcopy(pm)
     lk.patch_peft(pm, backend="triton")
-    ids = _batch(2, 5)
+    ids = token_ids(2, 5)
     with torch.no_grad():
         assert rel_err(pm(ids).logits, ref(ids).logits) < 1e-5
 
