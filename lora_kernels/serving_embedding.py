@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._backend import resolve_backend
+from .layers.embedding import check_plain_embedding
 from .ops.embedding import multi_lora_embedding
 
 
@@ -27,14 +28,7 @@ class ServingEmbedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding, pool, state, backend: str | None = None):
         super().__init__()
-        if type(embedding).forward is not nn.Embedding.forward:
-            # e.g. Gemma's scaled embedding (forward multiplies by embed_scale)
-            raise ValueError(f"embedding is a {type(embedding).__name__} with its own forward; "
-                             "only plain nn.Embedding lookups are supported")
-        for attr in ("max_norm", "scale_grad_by_freq", "sparse"):
-            if getattr(embedding, attr):
-                raise ValueError(f"embedding.{attr}={getattr(embedding, attr)!r} is not supported "
-                                 "for a served embedding")
+        check_plain_embedding(embedding, "for a served embedding")
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
         self.in_features, self.out_features = self.num_embeddings, self.embedding_dim
         self.padding_idx = embedding.padding_idx

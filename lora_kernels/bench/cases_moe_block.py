@@ -27,12 +27,25 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .cases import dt, esize, gen, randn
 from .cases_moe import moe_counts
 from .harness import Case, Impl
 
 GROUP = "moe_block"
+
+
+class ExpertsHolder(nn.Module):
+    """A model whose one submodule ``experts`` is the experts module (what PEFT's
+    ``target_parameters`` and the server wrap): ``forward(h, idx, w) = experts(h, idx, w)``."""
+
+    def __init__(self, ex):
+        super().__init__()
+        self.experts = ex
+
+    def forward(self, h, idx, w):
+        return self.experts(h, idx, w)
 
 
 def block_key(T, k, E, H, inter, r, dtype) -> str:
@@ -102,22 +115,13 @@ def _impl_hf_lora() -> Impl:
 def _impl_peft() -> Impl:
     def prepare(sets, device):
         import peft
-        from torch import nn
 
         from ..peft_moe import to_peft
-
-        class Holder(nn.Module):
-            def __init__(self, ex):
-                super().__init__()
-                self.experts = ex
-
-            def forward(self, h, idx, w):
-                return self.experts(h, idx, w)
 
         r = sets[0]["Agu"].shape[1]
         models = []
         for d in sets:
-            pm = peft.get_peft_model(Holder(experts_module(d, device)), peft.LoraConfig(
+            pm = peft.get_peft_model(ExpertsHolder(experts_module(d, device)), peft.LoraConfig(
                 r=r, lora_alpha=d["s"] * r, target_modules=[],
                 target_parameters=["gate_up_proj", "down_proj"]))
             outer = pm.base_model.model.experts          # ParamWrapper(down(gate_up(experts)))
@@ -215,23 +219,13 @@ def _decode_inputs(T, k, E, H, inter, r, n_adapters, dtype):
 
 def _impl_served() -> Impl:
     def prepare(sets, device):
-        from torch import nn
-
         from ..moe import ExpertFactors
         from ..serving import MultiAdapterModel
-
-        class Holder(nn.Module):
-            def __init__(self, ex):
-                super().__init__()
-                self.experts = ex
-
-            def forward(self, h, idx, w):
-                return self.experts(h, idx, w)
 
         servers = []
         for d in sets:
             n = len(d["adapters"])
-            srv = MultiAdapterModel(Holder(experts_module(d, device)), None, max_adapters=n,
+            srv = MultiAdapterModel(ExpertsHolder(experts_module(d, device)), None, max_adapters=n,
                                     max_rank=d["Agu"].shape[1],
                                     target_parameters=["gate_up_proj", "down_proj"])
             for j, ad in enumerate(d["adapters"]):

@@ -12,6 +12,20 @@ from ..ops.embedding import lora_embedding
 from .base import AdapterLinear, same
 
 
+def check_plain_embedding(embedding: nn.Embedding, by: str) -> None:
+    """``ValueError`` unless ``embedding`` is a plain ``nn.Embedding`` lookup: its own
+    ``forward`` (e.g. Gemma's ``* embed_scale``) or ``max_norm`` / ``scale_grad_by_freq`` /
+    ``sparse`` (PEFT would renormalise or rescale its gathered LoRA rows) are not supported
+    ``by`` the caller (the end of the message)."""
+    if type(embedding).forward is not nn.Embedding.forward:
+        raise ValueError(f"embedding is a {type(embedding).__name__} with its own forward; "
+                         "only plain nn.Embedding lookups are supported")
+    for attr in ("max_norm", "scale_grad_by_freq", "sparse"):
+        if getattr(embedding, attr):
+            raise ValueError(f"embedding.{attr}={getattr(embedding, attr)!r} is not supported "
+                             f"{by}")
+
+
 class LoRAEmbedding(AdapterLinear):
     """``y = W[ids] + scaling * A[:, ids]^T B^T`` over a frozen ``nn.Embedding`` table.
 
@@ -59,14 +73,7 @@ class LoRAEmbedding(AdapterLinear):
         would renormalise or rescale its gathered LoRA rows; not implemented)."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
-        if type(embedding).forward is not nn.Embedding.forward:
-            # e.g. Gemma's scaled embedding (forward multiplies by embed_scale)
-            raise ValueError(f"embedding is a {type(embedding).__name__} with its own forward; "
-                             "only plain nn.Embedding lookups are supported")
-        for attr in ("max_norm", "scale_grad_by_freq", "sparse"):
-            if getattr(embedding, attr):
-                raise ValueError(f"embedding.{attr}={getattr(embedding, attr)!r} is not supported "
-                                 "by LoRAEmbedding")
+        check_plain_embedding(embedding, "by LoRAEmbedding")
         V.scalar("dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
         return cls(embedding.weight, r, alpha, use_rslora, embedding.padding_idx, backend)
 

@@ -161,6 +161,31 @@ def selected(request, world: int) -> list[str]:
             if getattr(it, "originalname", None) == fn and it.module is request.module]
 
 
+def pytest_entry(module: str, tag: str):
+    """The pytest entry of scenario module ``module`` (its ``__name__``), at its end:
+    ``test_world2, test_world4, world2, world4 = pytest_entry(__name__, tag)``: one test per
+    scenario and world size (2, 4), each world launched once per module (outputs in a
+    ``tag<world>`` temporary folder) running only the selected scenarios."""
+
+    @pytest.mark.parametrize("name", params(2, module))
+    def test_world2(world2, name):
+        check(world2, name)
+
+    @pytest.mark.parametrize("name", params(4, module))
+    def test_world4(world4, name):
+        check(world4, name)
+
+    @pytest.fixture(scope="module")
+    def world2(request, tmp_path_factory):
+        return launch(2, str(tmp_path_factory.mktemp(f"{tag}2")), module, selected(request, 2))
+
+    @pytest.fixture(scope="module")
+    def world4(request, tmp_path_factory):
+        return launch(4, str(tmp_path_factory.mktemp(f"{tag}4")), module, selected(request, 4))
+
+    return test_world2, test_world4, world2, world4
+
+
 def names_of(world, module: str | None = None):
     return [n for n, (fn, ws) in SCENARIOS.items()
             if world in ws and (module is None or fn.__module__ == module)]

@@ -19,7 +19,7 @@ from torch import nn
 
 import lora_kernels
 
-from dist_harness import check, launch, params, scenario, selected
+from dist_harness import pytest_entry, scenario
 
 TOL = 1e-5  # fp32 rounding: different summation order only
 
@@ -631,21 +631,4 @@ def tp_bad_mesh(ctx):
 # ----------------------------------------------------------------------------- pytest entry
 
 
-@pytest.mark.parametrize("name", params(2, __name__))
-def test_world2(world2, name):
-    check(world2, name)
-
-
-@pytest.mark.parametrize("name", params(4, __name__))
-def test_world4(world4, name):
-    check(world4, name)
-
-
-@pytest.fixture(scope="module")
-def world2(request, tmp_path_factory):
-    return launch(2, str(tmp_path_factory.mktemp("dist2")), __name__, selected(request, 2))
-
-
-@pytest.fixture(scope="module")
-def world4(request, tmp_path_factory):
-    return launch(4, str(tmp_path_factory.mktemp("dist4")), __name__, selected(request, 4))
+test_world2, test_world4, world2, world4 = pytest_entry(__name__, "dist")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import lora_kernels as lk
 from lora_kernels.expert_parallel import ExpertParallel, ep_moe_lora_linear
 
-from dist_harness import check, launch, params, scenario, selected
+from dist_harness import pytest_entry, scenario
 
 TOL = 1e-5
 
@@ -164,21 +164,4 @@ def ep_bad_ids_raise_everywhere(ctx):
         ExpertParallel(ctx.pg, ctx.world - 1)
 
 
-@pytest.mark.parametrize("name", params(2, __name__))
-def test_world2(world2, name):
-    check(world2, name)
-
-
-@pytest.mark.parametrize("name", params(4, __name__))
-def test_world4(world4, name):
-    check(world4, name)
-
-
-@pytest.fixture(scope="module")
-def world2(request, tmp_path_factory):
-    return launch(2, str(tmp_path_factory.mktemp("ep2")), __name__, selected(request, 2))
-
-
-@pytest.fixture(scope="module")
-def world4(request, tmp_path_factory):
-    return launch(4, str(tmp_path_factory.mktemp("ep4")), __name__, selected(request, 4))
+test_world2, test_world4, world2, world4 = pytest_entry(__name__, "ep")
