@@ -38,6 +38,7 @@ from torch import nn
 
 from . import _validate as V
 from .ops.moe_lora import expert_plan, moe_lora_linear
+from .quant import QuantizedExperts
 
 #: the 3-D expert parameters a LoRA can target, in transformers' registration order (PEFT nests
 #: its wrappers in that order: the first registered one innermost)
@@ -62,6 +63,9 @@ def is_experts(mod: nn.Module) -> bool:
 def expert_dims(mod: nn.Module, param: str) -> tuple[int, int, int]:
     """``(E, in, out)`` of the GEMM of expert parameter ``param`` of experts module ``mod``."""
     w = getattr(mod, param)
+    if isinstance(w, QuantizedExperts):      # always stored (E, out, in), either layout
+        E, out_f, in_f = w.shape
+        return E, in_f, out_f
     E, a, b = w.shape
     return (E, a, b) if getattr(mod, "is_transposed", False) else (E, b, a)
 
@@ -69,6 +73,8 @@ def expert_dims(mod: nn.Module, param: str) -> tuple[int, int, int]:
 def _weight_view(mod: nn.Module, param: str) -> torch.Tensor:
     """``(E, out, in)`` view of the expert parameter (no copy)."""
     w = getattr(mod, param)
+    if isinstance(w, QuantizedExperts):
+        return w
     return w.transpose(1, 2) if getattr(mod, "is_transposed", False) else w
 
 
@@ -113,10 +119,24 @@ class LoRAExperts(nn.Module):
     ``is_transposed`` flag are used as they are); ``lora_A[p] (E, r, in)``, ``lora_B[p] (E, out,
     r)`` and ``scaling[p]`` per targeted parameter ``p``. ``forward(hidden (T, H), top_k_index
     (T, k), top_k_weights (T, k)) -> (T, H)`` as the base module's (index ``E``, transformers'
-    mask id, and ``-1`` are skipped choices)."""
+    mask id, and ``-1`` are skipped choices).
+
+    ``quantize``: freeze the base experts quantized (QLoRA on experts; CPU / torch path only:
+    ``moe_lora_linear`` runs quantized experts on ``backend='torch'``). ``"nf4"`` (``blocksize``
+    64 default), ``"int8"`` (per output channel), ``"fp8"`` (per output channel, or per 128x128
+    block with ``block_size=128``): both ``gate_up_proj`` and ``down_proj`` are quantized expert by
+    expert in the ``(E, out, in)`` orientation (gpt-oss's ``(E, in, out)`` parameters are
+    transposed once before quantizing) by :meth:`QuantizedExperts.from_float`. Or a mapping
+    ``{param: QuantizedExperts (E, out, in)}`` of already quantized experts. The dense parameter is
+    then replaced in ``base_layer`` by its :class:`~lora_kernels.quant.QuantizedExperts` (a
+    submodule of buffers); biases stay dense. The LoRA factors take the dense weight's dtype.
+    ``ValueError`` for an unknown format or quantized experts of another shape (layout) than
+    ``(E, out, in)`` of the parameter."""
 
     def __init__(self, base: nn.Module, params, r: int = 8, alpha: float = 8.0, *,
-                 use_rslora: bool = False, backend: str | None = None):
+                 use_rslora: bool = False, backend: str | None = None,
+                 quantize: str | Mapping | None = None, blocksize: int = 64,
+                 block_size: int | None = None):
         super().__init__()
         if not is_experts(base):
             raise TypeError(f"base must be a transformers experts module (3-D gate_up_proj / "
@@ -128,6 +148,10 @@ class LoRAExperts(nn.Module):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
         alpha = V.scalar("alpha", alpha)
+        qweights = _quantized_weights(base, quantize, blocksize, block_size)
+        if qweights and backend not in (None, "torch"):
+            raise ValueError(f"quantized experts run on backend='torch' only, got "
+                             f"backend={backend!r}")
         self.base_layer = base
         self.backend = backend
         self.lora_A = nn.ParameterDict()
@@ -144,6 +168,11 @@ class LoRAExperts(nn.Module):
             self.lora_B[p] = nn.Parameter(torch.zeros(E, out_f, r, device=w0.device,
                                                       dtype=w0.dtype))
             self.scaling[p] = alpha / (math.sqrt(r) if use_rslora else r)
+        for p, q in qweights.items():    # checks passed: replace the dense parameter
+            delattr(base, p)
+            setattr(base, p, q)
+        if qweights:
+            self.backend = "torch"
 
     @property
     def num_experts(self) -> int:
@@ -175,6 +204,15 @@ class LoRAExperts(nn.Module):
         base = self.base_layer
         for p in self.lora_A:
             w = getattr(base, p)
+            if isinstance(w, QuantizedExperts):     # (E, out, in): folded into deq(W) dense
+                d = torch.einsum("eor,eri->eoi", self.lora_B[p].detach().double(),
+                                 self.lora_A[p].detach().double()) * self.scaling[p]
+                new = (w.double() + d).to(self.lora_A[p].dtype)
+                if getattr(base, "is_transposed", False):
+                    new = new.transpose(1, 2).contiguous()
+                delattr(base, p)
+                setattr(base, p, nn.Parameter(new, requires_grad=False))
+                continue
             d = torch.einsum("eor,eri->eoi", self.lora_B[p].detach().double(),
                              self.lora_A[p].detach().double()) * self.scaling[p]
             if getattr(base, "is_transposed", False):
@@ -186,6 +224,38 @@ class LoRAExperts(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{p}: r={self.lora_A[p].shape[1]}, scaling={self.scaling[p]:g}"
                          for p in self.lora_A)
+
+
+def _quantized_weights(base: nn.Module, quantize, blocksize: int, block_size) -> dict:
+    """``{param: QuantizedExperts (E, out, in)}`` for ``LoRAExperts(quantize=...)``, checked."""
+    if quantize is None:
+        return {}
+    if isinstance(quantize, str):
+        if quantize not in ("nf4", "int8", "fp8"):
+            raise ValueError(f"quantize must be 'nf4', 'int8', 'fp8' or a mapping {{param: "
+                             f"QuantizedExperts}}, got {quantize!r}")
+        return {p: QuantizedExperts.from_float(_weight_view(base, p).detach(), quantize,
+                                               blocksize=blocksize, block_size=block_size,
+                                               dtype=getattr(base, p).dtype)
+                for p in EXPERT_PARAMS}
+    if not isinstance(quantize, Mapping):
+        raise TypeError(f"quantize must be a format name or a mapping {{param: "
+                        f"QuantizedExperts}}, got {type(quantize).__name__}")
+    out = {}
+    for p, q in quantize.items():
+        if p not in EXPERT_PARAMS:
+            raise ValueError(f"quantize names {p!r}; expert parameters are {list(EXPERT_PARAMS)}")
+        if not isinstance(q, QuantizedExperts):
+            raise TypeError(f"quantize[{p!r}] must be a lora_kernels.quant.QuantizedExperts, got "
+                            f"{type(q).__name__}")
+        E, in_f, out_f = expert_dims(base, p)
+        if tuple(q.shape) != (E, out_f, in_f):
+            raise ValueError(f"quantize[{p!r}] holds experts {tuple(q.shape)}; the model's {p} "
+                             f"{tuple(getattr(base, p).shape)} needs (E={E}, out={out_f}, "
+                             f"in={in_f}) (quantized experts are always (E, out, in), also for "
+                             f"is_transposed layouts: quantize W.transpose(1, 2))")
+        out[p] = q
+    return out
 
 
 def _gemm(base: nn.Module, factors: Mapping, p: str, x: torch.Tensor, plan, backend):
