@@ -630,8 +630,7 @@ def _mode_of(style) -> str:
 def _pool_desc(pool) -> dict:
     return {"in": pool.in_features, "out": pool.out_features, "max_adapters": pool.max_adapters,
             "max_rank": pool.max_rank, "dtype": str(pool.dtype),
-            "adapters": sorted((n, s, pool._rank_at[s], pool._scaling_at[s])
-                               for n, s in pool._slot_of.items())}
+            "adapters": pool.occupancy()}
 
 
 class ShardedAdapterPool(AdapterPool):
@@ -730,11 +729,7 @@ def shard_adapter_pool(pool, mesh_or_group, style, *, _checked: bool = False):
     new.lora_Bt.copy_(bt)
     new.ranks.copy_(pool.ranks)
     new.scalings.copy_(pool.scalings)
-    new._slot_of = dict(pool._slot_of)
-    new._name_at = list(pool._name_at)
-    new._rank_at = list(pool._rank_at)
-    new._scaling_at = list(pool._scaling_at)
-    new._occupied = pool._occupied.clone()
+    new.copy_host_state(pool)
     return new
 
 

@@ -292,6 +292,82 @@ class AdapterPool:
         self._occupied[slot] = False
         return slot
 
+    # ------------------------------------------------------------------ an owner's access
+    @property
+    def owner(self) -> str | None:
+        """Who owns every slot (an :class:`~lora_kernels.store.AdapterStore`), or None."""
+        return self._owner
+
+    def claim(self, owner: str) -> None:
+        """Hand every slot to ``owner``: ``add`` / ``remove`` then refuse (the owner writes
+        through :meth:`swap_slot`, so its name map and the pool's agree)."""
+        if self._owner is not None:
+            raise ValueError(f"this pool is already owned by {self._owner}")
+        self._owner = owner
+
+    def occupancy(self) -> list[tuple[str, int, int, float]]:
+        """``(name, slot, rank, scaling)`` of every loaded adapter, sorted; host-side."""
+        return sorted((n, s, self._rank_at[s], self._scaling_at[s])
+                      for n, s in self._slot_of.items())
+
+    def copy_host_state(self, other: AdapterPool) -> None:
+        """Take ``other``'s host mirror (names, slots, ranks, scalings, occupancy) as this
+        pool's; the device tensors are the caller's to fill (e.g. a tensor-parallel shard)."""
+        self._slot_of = dict(other._slot_of)
+        self._name_at = list(other._name_at)
+        self._rank_at = list(other._rank_at)
+        self._scaling_at = list(other._scaling_at)
+        self._occupied = other._occupied.clone()
+
+    @torch.no_grad()
+    def swap_slot(self, s: int, old: str | None, new: str | None, entry) -> None:
+        """The owning store's write (:class:`~lora_kernels.store.AdapterStore`). Slot ``s``:
+        ``old`` (if it is there) leaves, ``new`` enters with ``entry = (A (r, in), Bt (r, out),
+        scaling)`` already on the pool's device and dtype (validated by the store), or nothing
+        (``entry=None``: the slot is left empty).
+
+        Writes only what changes: the new rows ``[0, r)``, zeros over the old occupant's rows
+        ``[r, r_old)`` (rows past ``r_old`` are zero already: the pool layout's invariant), the
+        slot's rank and scaling; then the pool's host mirror (what ``add`` / ``remove``
+        keep: name <-> slot, rank, scaling, occupied), so the pool answers ``slot`` / ``ids`` /
+        ``check_ids`` as if ``remove(old)`` + ``add(new, slot=s)`` had run, with 2-4 copies or fills
+        instead of their ~12 device ops."""
+        here = old is not None and self._name_at[s] == old
+        r_old = self._rank_at[s] if here else 0
+        if entry is None and not here:
+            return
+        if type(self)._prepare is not AdapterPool._prepare:
+            # a pool with its own add (e.g. parallel.ShardedAdapterPool: slices the unsharded
+            # factors, agrees with the other ranks) is written through its public API
+            self._owner_writes += 1
+            try:
+                if here:
+                    self.remove(old)
+                if entry is not None:
+                    self.add(new, entry[0], entry[1].t(), entry[2], slot=s)
+            finally:
+                self._owner_writes -= 1
+            return
+        r = 0
+        if entry is not None:
+            a, bt, sc = entry
+            r = a.shape[0]
+            self.lora_A[s, :r].copy_(a)
+            self.lora_Bt[s, :r].copy_(bt)
+        if r_old > r:
+            self.lora_A[s, r:r_old].zero_()
+            self.lora_Bt[s, r:r_old].zero_()
+        self.ranks[s] = r
+        self.scalings[s] = sc if entry is not None else 0.0
+        if here:
+            del self._slot_of[old]
+        if entry is not None:
+            self._slot_of[new] = s
+        self._name_at[s] = new if entry is not None else None
+        self._rank_at[s] = r
+        self._scaling_at[s] = sc if entry is not None else 0.0
+        self._occupied[s] = entry is not None
+
     def _check_owner(self, what: str) -> None:
         if self._owner is not None and not self._owner_writes:
             raise ValueError(f"this pool's slots are owned by {self._owner}: {what} adapters "

@@ -239,58 +239,9 @@ def _check_pools(pools) -> dict:
         if len(p):
             raise ValueError(f"pools[{k!r}] already holds adapters {p.names()}: the store must "
                              "own every slot")
-        if p._owner is not None:
-            raise ValueError(f"pools[{k!r}] is already owned by {p._owner}")
+        if p.owner is not None:
+            raise ValueError(f"pools[{k!r}] is already owned by {p.owner}")
     return dict(pools)
-
-
-@torch.no_grad()
-def _swap_slot(pool, s: int, old: str | None, new: str | None, entry) -> None:
-    """Slot ``s`` of ``pool``: ``old`` (if it is there) leaves, ``new`` enters with ``entry =
-    (A (r, in), Bt (r, out), scaling)`` already on the pool's device and dtype (validated by
-    :meth:`AdapterStore.add`), or nothing (``entry=None``: the slot is left empty).
-
-    Writes only what changes: the new rows ``[0, r)``, zeros over the old occupant's rows
-    ``[r, r_old)`` (rows past ``r_old`` are zero already: the pool layout's invariant), the
-    slot's rank and scaling; then the pool's host mirror (what ``pool.add`` / ``pool.remove``
-    keep: name <-> slot, rank, scaling, occupied), so the pool answers ``slot`` / ``ids`` /
-    ``check_ids`` as if ``remove(old)`` + ``add(new, slot=s)`` had run, with 2-4 copies or fills
-    instead of their ~12 device ops."""
-    here = old is not None and pool._name_at[s] == old
-    r_old = pool._rank_at[s] if here else 0
-    if entry is None and not here:
-        return
-    if type(pool)._prepare is not AdapterPool._prepare:
-        # a pool with its own add (e.g. parallel.ShardedAdapterPool: slices the unsharded
-        # factors, agrees with the other ranks) is written through its public API
-        pool._owner_writes += 1
-        try:
-            if here:
-                pool.remove(old)
-            if entry is not None:
-                pool.add(new, entry[0], entry[1].t(), entry[2], slot=s)
-        finally:
-            pool._owner_writes -= 1
-        return
-    r = 0
-    if entry is not None:
-        a, bt, sc = entry
-        r = a.shape[0]
-        pool.lora_A[s, :r].copy_(a)
-        pool.lora_Bt[s, :r].copy_(bt)
-    if r_old > r:
-        pool.lora_A[s, r:r_old].zero_()
-        pool.lora_Bt[s, r:r_old].zero_()
-    pool.ranks[s] = r
-    pool.scalings[s] = sc if entry is not None else 0.0
-    if here:
-        del pool._slot_of[old]
-    if entry is not None:
-        pool._slot_of[new] = s
-    pool._name_at[s] = new if entry is not None else None
-    pool._rank_at[s] = r
-    pool._scaling_at[s] = sc if entry is not None else 0.0
-    pool._occupied[s] = entry is not None
 
 
 class AdapterStore:
@@ -307,7 +258,7 @@ class AdapterStore:
     def __init__(self, pools, *, policy=None, engine=None):
         self.pools = _check_pools(pools)
         for p in self.pools.values():       # pool.add / remove now refuse (the store's slots)
-            p._owner = f"an AdapterStore of {len(self.pools)} pool(s)"
+            p.claim(f"an AdapterStore of {len(self.pools)} pool(s)")
         first = next(iter(self.pools.values()))
         self.num_slots = first.max_adapters
         self.device = first.device
@@ -491,8 +442,9 @@ class AdapterStore:
 
     def _submit(self, s: int, old: str | None, new: str | None) -> None:
         """One job on the copy engine: slot ``s`` of every pool leaves ``old`` and gets ``new``
-        (its host buffer staged to the device in one copy, then :func:`_swap_slot` per pool:
-        rows >= rank and modules ``new`` does not cover stay zero, as the pool layout requires)."""
+        (its host buffer staged to the device in one copy, then :meth:`AdapterPool.swap_slot` per
+        pool: rows >= rank and modules ``new`` does not cover stay zero, as the pool layout
+        requires)."""
         pools = self.pools
         h = self._host[new] if new is not None else None
         engine, dev = self.engine, self.device
@@ -508,7 +460,7 @@ class AdapterStore:
                     entry = (d[a.storage_offset():a.storage_offset() + a.numel()].view(a.shape),
                              d[bt.storage_offset():bt.storage_offset() + bt.numel()]
                              .view(bt.shape), sc)
-                _swap_slot(pool, s, old, new, entry)
+                pool.swap_slot(s, old, new, entry)
 
         self._gen[s] += 1
         self._load_ev[s] = engine.submit(job, self._after(s))

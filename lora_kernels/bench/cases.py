@@ -644,7 +644,7 @@ def served_case(n_layers, batch, seq, hidden, r, n_adapters, *, dtype, device,
         from lora_kernels.ops.multi_lora import plan as mp
 
         server = build(dev)
-        slots = torch.tensor([server._slots[n] for n in names]).repeat_interleave(seq)
+        slots = torch.tensor([server.store.resident()[n] for n in names]).repeat_interleave(seq)
         old = _PerLayerPlan(server.model, slots)
         b0 = mp.builds()
         old(sets[0]["x"])
